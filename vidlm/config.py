@@ -1,0 +1,117 @@
+"""Typed job configuration: one YAML file plus ``key=value`` overrides, validated at load.
+
+Every job (``vidlm features``, later ``recaption``, ``serve``, ``train``...) has one pydantic model,
+a subclass of :class:`JobConfig`. Defaults live only on the model fields; shipped YAML files state
+the recipe's own choices. Loading is one way::
+
+    YAML file  ->  dict  ->  overrides applied (dotted keys)  ->  model_validate  ->  frozen config
+
+Errors name the field: ``ConfigError: sampling.num_frames: Input should be greater than 0 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = ["ConfigError", "JobConfig", "Section", "apply_overrides", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded: unknown field, bad value or contradictory settings.
+
+    The message names every offending field by its dotted path.
+    """
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobConfig(Section):
+    """Base for a job's top-level config."""
+
+
+C = TypeVar("C", bound=JobConfig)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse the right-hand side of ``key=value`` as YAML (``16`` -> int, ``[1, 2]`` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted ``key=value`` overrides applied.
+
+    Args:
+        data: the nested mapping read from YAML.
+        overrides: strings such as ``"sampling.num_frames=8"``; values are parsed as YAML.
+
+    Raises:
+        ConfigError: an override without ``=``, or one that descends into a non-mapping.
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. sampling.num_frames=8")
+        node = out
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{loc}: {e['msg']}{got}")
+    return "; ".join(lines)
+
+
+def validate_config(cls: type[C], data: dict[str, Any]) -> C:
+    """Validate a mapping into ``cls``; raises :class:`ConfigError` naming each bad field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{cls.__name__}: {_format_validation_error(err)}") from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load a job config from a YAML file (optional) and dotted overrides.
+
+    Args:
+        cls: the job's config model.
+        path: YAML file; ``None`` starts from the model's defaults.
+        overrides: ``key=value`` strings applied after the file.
+
+    Raises:
+        ConfigError: missing file, YAML that is not a mapping, or a field that fails validation.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    return validate_config(cls, apply_overrides(data, overrides or []))

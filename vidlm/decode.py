@@ -1,0 +1,240 @@
+"""Decode the sampled frames of one clip window, resized to the encoder's input inside the decoder.
+
+``decode_clip`` is the one function every job uses (features, recaption, serving, eval), so the
+frames a model is trained on and the frames it is served are produced the same way:
+
+1. ``probe`` reads the container header with PyAV and classifies bad files (missing, empty, not a
+   video, truncated, audio only, unknown codec) into :class:`~vidlm.clips.ClipError`.
+2. frame indices come from :func:`vidlm.sampling.sample_frame_indices`.
+3. frames are decoded with decord -- by seeking to each index (``seek``) or by reading the window
+   front to back (``sequential``) -- or with PyAV (``pyav``), the fallback when decord fails on a
+   file. The scaler of the decoder itself (libswscale) resizes each frame so its short side is
+   ``size``; a centre crop makes it ``size x size`` (CLIP's resize + centre-crop), so
+   full-resolution frames never leave this function.
+
+``auto`` picks ``sequential`` when the sampled frames are dense in the window (stride at most
+:data:`SEQUENTIAL_MAX_STRIDE` frames) and ``seek`` otherwise; ``bench/features.py`` measures the
+three strategies on short/long and 360p/4K videos, which is where that threshold comes from.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+
+from vidlm.clips import ClipError, ErrorType
+from vidlm.sampling import EmptyWindowError, SamplingConfig, sample_frame_indices
+
+__all__ = [
+    "SEQUENTIAL_MAX_STRIDE",
+    "DecodeStrategy",
+    "DecodedClip",
+    "VideoInfo",
+    "decode_clip",
+    "probe",
+]
+
+DecodeStrategy = Literal["auto", "seek", "sequential", "pyav"]
+
+SEQUENTIAL_MAX_STRIDE = 8
+"""``auto``: read sequentially when sampled frames are at most this many frames apart on average."""
+
+# Signatures of container formats; a file that starts like one but does not open is truncated.
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide")  # ISO-BMFF: bytes 4..8
+_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"FLV", b"\x00\x00\x01\xba", b"OggS")  # mkv/webm, avi, flv, mpeg-ps, ogg
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Header facts about a video file (from PyAV, no frame decoded)."""
+
+    num_frames: int  # frames in the video stream (estimated from duration x fps if not indexed)
+    fps: float  # average frame rate, frames per second
+    width: int  # pixels
+    height: int  # pixels
+    codec: str  # decoder name, e.g. "h264"
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    """The frames of one clip window."""
+
+    frames: np.ndarray  # (T, size, size, 3) uint8, RGB
+    frame_times_s: np.ndarray  # (T,) float64, seconds from the start of the video
+    start_s: float  # window start after clamping, seconds
+    end_s: float  # window end after clamping, seconds
+    info: VideoInfo
+    backend: str  # "decord-seek", "decord-sequential" or "pyav"
+
+
+def _looks_like_container(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(12)
+    return head[4:8] in _MP4_BOXES or head.startswith(_MAGIC)
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read a video's header and classify files that cannot be decoded.
+
+    Raises:
+        ClipError: ``missing_file``, ``empty_file``, ``not_a_video``, ``truncated``,
+            ``no_video_stream`` or ``unknown_codec``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ClipError(ErrorType.MISSING_FILE, f"no such file: {p}")
+    if p.stat().st_size == 0:
+        raise ClipError(ErrorType.EMPTY_FILE, f"file is empty (0 bytes): {p}")
+    try:
+        container = av.open(str(p))
+    except av.FFmpegError as err:
+        if _looks_like_container(p):
+            raise ClipError(ErrorType.TRUNCATED, f"container header present but unreadable ({err}): {p}") from None
+        raise ClipError(ErrorType.NOT_A_VIDEO, f"not a video container ({err}): {p}") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise ClipError(ErrorType.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)}): {p}")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context  # None when the demuxer maps the stream to no known codec
+        if ctx is None or not ctx.width:
+            raise ClipError(ErrorType.UNKNOWN_CODEC, f"video stream #{stream.index} has a codec no decoder knows: {p}")
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if fps <= 0:
+            raise ClipError(ErrorType.CORRUPT_STREAM, f"video stream reports no frame rate: {p}")
+        num_frames = stream.frames
+        if not num_frames:
+            duration = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6
+            num_frames = int(round(float(duration) * fps))
+        return VideoInfo(int(num_frames), fps, ctx.width, ctx.height, ctx.codec.name)
+
+
+def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the short side equal to ``size`` and the aspect ratio kept."""
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def _centre_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    # (T, h, w, 3) -> (T, size, size, 3)
+    h, w = frames.shape[1:3]
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(frames[:, top : top + size, left : left + size])
+
+
+def _decode_decord(path: str, indices: np.ndarray, scaled: tuple[int, int], sequential: bool) -> np.ndarray:
+    import decord  # imported here: decord is optional at import time of vidlm
+
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=scaled[0], height=scaled[1], num_threads=1)
+    last_available = len(vr) - 1
+    indices = np.minimum(indices, last_available)  # container frame counts can be off by one at the end
+    if not sequential:
+        return vr.get_batch(indices.tolist()).asnumpy()
+    unique = np.unique(indices)
+    vr.seek_accurate(int(unique[0]))
+    wanted, frames = set(unique.tolist()), {}
+    for i in range(int(unique[0]), int(unique[-1]) + 1):
+        frame = vr.next().asnumpy()
+        if i in wanted:
+            frames[i] = frame
+    return np.stack([frames[int(i)] for i in indices])
+
+
+def _decode_pyav(path: str, indices: np.ndarray, info: VideoInfo, scaled: tuple[int, int]) -> np.ndarray:
+    unique = np.unique(indices)
+    frames: dict[int, np.ndarray] = {}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start_time = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        first_t = unique[0] / info.fps + start_time
+        if unique[0] > 0:
+            container.seek(int(first_t / stream.time_base), stream=stream, backward=True, any_frame=False)
+        pos = 0
+        wanted = unique.tolist()
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            idx = int(round((float(frame.pts * stream.time_base) - start_time) * info.fps))
+            while pos < len(wanted) and wanted[pos] <= idx:
+                # the first decoded frame at or after a wanted index stands for it
+                frames[wanted[pos]] = frame.to_ndarray(format="rgb24", width=scaled[0], height=scaled[1])
+                pos += 1
+            if pos == len(wanted):
+                break
+    if not frames:
+        raise ClipError(ErrorType.CORRUPT_STREAM, f"no frame could be decoded in the window: {path}")
+    last = max(frames)  # the stream ended early: clamp the window to what exists
+    return np.stack([frames[min(int(i), last)] if int(i) in frames else frames[last] for i in indices])
+
+
+def _clip_rng(config: SamplingConfig, clip_key: str) -> np.random.Generator:
+    return np.random.default_rng([config.seed, zlib.crc32(clip_key.encode())])
+
+
+def decode_clip(
+    path: str | os.PathLike,
+    sampling: SamplingConfig,
+    size: int,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    strategy: DecodeStrategy = "auto",
+    clip_key: str = "",
+) -> DecodedClip:
+    """Decode the sampled frames of the window ``[start_s, end_s)`` of one video.
+
+    Args:
+        path: video file.
+        sampling: which frames (see :mod:`vidlm.sampling`).
+        size: output side in pixels (the encoder's input size, e.g. 224 or 336).
+        start_s, end_s: window in seconds; ``None`` for the start / end of the video. Clamped.
+        strategy: ``seek``, ``sequential``, ``pyav``, or ``auto`` (see module docstring).
+        clip_key: makes ``random`` sampling reproducible per clip (seeded by ``sampling.seed`` and this).
+
+    Returns:
+        A :class:`DecodedClip` with ``frames`` ``(T, size, size, 3) uint8``.
+
+    Raises:
+        ClipError: with the ``error_type`` of the failure (see :class:`~vidlm.clips.ErrorType`).
+    """
+    info = probe(path)
+    try:
+        indices = sample_frame_indices(
+            sampling, info.num_frames, info.fps, start_s, end_s, _clip_rng(sampling, clip_key)
+        )
+    except EmptyWindowError as err:
+        raise ClipError(ErrorType.EMPTY_WINDOW, f"{err}: {path}") from None
+    scaled = _scaled_size(info.width, info.height, size)
+    if strategy == "auto":
+        stride = (indices[-1] - indices[0] + 1) / len(indices)
+        strategy = "sequential" if stride <= SEQUENTIAL_MAX_STRIDE else "seek"
+    frames = None
+    backend = "pyav"
+    if strategy != "pyav":
+        import decord
+
+        try:
+            frames = _decode_decord(str(path), indices, scaled, sequential=strategy == "sequential")
+            backend = f"decord-{strategy}"
+        except (decord.DECORDError, RuntimeError, IndexError, StopIteration):
+            frames = None  # decord cannot read this file: PyAV below
+    if frames is None:
+        try:
+            frames = _decode_pyav(str(path), indices, info, scaled)
+        except av.FFmpegError as err:
+            raise ClipError(ErrorType.CORRUPT_STREAM, f"decoding failed ({err}): {path}") from None
+    frames = _centre_crop(frames, size)
+    times = indices / info.fps
+    window_start = max(0.0, start_s or 0.0)
+    window_end = info.duration_s if end_s is None else min(end_s, info.duration_s)
+    return DecodedClip(frames, times.astype(np.float64), window_start, window_end, info, backend)

@@ -1,0 +1,1 @@
+"""The vidlm model family: vision tower -> projector -> token compressor -> language model."""

@@ -1,0 +1,144 @@
+"""Vision tower: a CLIP image encoder applied frame by frame.
+
+Per frame it gives the two things the papers use:
+
+- the pooled, projected CLIP embedding ``(D,)`` -- TOPA feeds these global features (TOPA §3.2);
+- the patch features ``(h*w, Dv)`` of one transformer layer, before the final norm -- LLaVA and PLLaVA
+  feed the penultimate layer's patch tokens to their projector (LLaVA-1.5 §4, PLLaVA §3.1).
+
+Both come from one forward pass (``open_clip``'s ``forward_intermediates``).
+
+The tower is an ``open_clip`` model named by its architecture (``ViT-L-14-336``...) with weights from a
+local checkpoint file. With no checkpoint the weights are random, seeded by ``seed``: this is what the
+tests and the demo use (``vidlm-tiny``, shipped in ``open_clip_configs/``). Nothing is ever fetched
+from a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from vidlm.config import Section
+
+__all__ = ["VisionTower", "VisionTowerConfig", "image_size"]
+
+_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
+
+
+class VisionTowerConfig(Section):
+    """Which CLIP encoder runs on the frames."""
+
+    name: str = "vidlm-tiny"
+    """open_clip architecture, e.g. ``ViT-L-14-336`` (PLLaVA), ``ViT-L-14`` (TOPA), or ``vidlm-tiny``."""
+    checkpoint: str | None = None
+    """Local weights file (open_clip ``.pt`` / ``.safetensors``); ``None``: random weights seeded by ``seed``."""
+    feature_layer: int = -2
+    """Transformer block whose patch tokens are the patch features; ``-2`` is the penultimate (LLaVA)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    seed: int = Field(0, ge=0)
+    """Seed of the random weights when there is no checkpoint."""
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(_CONFIG_DIR)
+
+
+def image_size(config: VisionTowerConfig) -> int:
+    """Input side in pixels of the tower, from its architecture alone (no weights built).
+
+    Raises:
+        ValueError: ``config.name`` is not an open_clip architecture.
+    """
+    import open_clip
+
+    _register_configs()
+    arch = open_clip.get_model_config(config.name)
+    if arch is None:
+        raise ValueError(f"tower name {config.name!r} is not an open_clip architecture")
+    size = arch["vision_cfg"]["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+class VisionTower(torch.nn.Module):
+    """A CLIP image encoder that turns uint8 frames into embeddings and patch features.
+
+    Args:
+        config: which architecture and weights.
+        device: torch device string (``"cpu"``, ``"cuda"``).
+
+    Raises:
+        FileNotFoundError: ``config.checkpoint`` does not exist.
+        RuntimeError: ``config.name`` is not an open_clip architecture (raised by open_clip).
+    """
+
+    def __init__(self, config: VisionTowerConfig, device: str = "cpu"):
+        super().__init__()
+        import open_clip
+
+        _register_configs()
+        if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+            raise FileNotFoundError(f"vision tower checkpoint not found: {config.checkpoint}")
+        torch.manual_seed(config.seed)
+        model = open_clip.create_model(config.name, pretrained=config.checkpoint, device=device)
+        pre = open_clip.get_model_preprocess_cfg(model)
+        self.visual = model.visual.eval().requires_grad_(False)
+        del model  # the text tower is not needed here
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = {
+            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+        }[config.precision]
+        self.visual.to(self.device, self.dtype)
+        self.image_size = int(pre["size"][0])
+        num_layers = len(self.visual.transformer.resblocks)
+        self.feature_index = config.feature_layer % num_layers
+        self.register_buffer("mean", torch.tensor(pre["mean"], device=self.device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre["std"], device=self.device).view(1, 3, 1, 1))
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the width of the projected embedding."""
+        return int(self.visual.output_dim)
+
+    @property
+    def num_patches(self) -> int:
+        """N = h*w patch tokens per frame."""
+        return int(np.prod(self.visual.grid_size))
+
+    @torch.inference_mode()
+    def forward(
+        self, frames: torch.Tensor | np.ndarray, with_patches: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode frames.
+
+        Args:
+            frames: ``(N, S, S, 3) uint8`` RGB, ``S`` = ``image_size`` (decode already resized them).
+            with_patches: also return the patch features of ``feature_layer``.
+
+        Returns:
+            ``embeddings (N, D)`` and ``patch_features (N, h*w, Dv)`` (or ``None``), in the tower's dtype.
+
+        Raises:
+            ValueError: frames of another shape or dtype.
+        """
+        frames = torch.as_tensor(frames)
+        s = self.image_size
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != (s, s, 3):
+            raise ValueError(f"expected frames (N, {s}, {s}, 3) uint8, got {tuple(frames.shape)} {frames.dtype}")
+        x = frames.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (N, S, S, 3) -> (N, 3, S, S)
+        x = ((x - self.mean) / self.std).to(self.dtype)
+        if not with_patches:
+            return self.visual(x), None
+        out = self.visual.forward_intermediates(x, indices=[self.feature_index], output_fmt="NLC")
+        return out["image_features"], out["image_intermediates"][0]  # (N, D), (N, h*w, Dv)

@@ -1,0 +1,129 @@
+"""Synthetic videos for tests and benchmarks, written with PyAV (no ffmpeg binary needed).
+
+``write_video`` can stamp each frame with its own index (frame ``i`` is a flat grey of level
+:func:`index_level` ``(i)``), so a test can tell from the decoded pixels which frames were sampled.
+``write_bad_inputs`` writes one file for every kind of bad input the pipelines must turn into an
+error row, with the ``error_type`` each must get.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+
+from vidlm.clips import ErrorType
+
+__all__ = ["index_level", "write_bad_inputs", "write_video"]
+
+
+def index_level(i: int) -> int:
+    """Grey level (0..255) of frame ``i`` in an ``index`` pattern video; 8 levels apart, period 32."""
+    return 4 + 8 * (i % 32)
+
+
+def write_video(
+    path: str | os.PathLike,
+    seconds: float,
+    fps: int = 25,
+    width: int = 320,
+    height: int = 240,
+    pattern: Literal["index", "texture"] = "index",
+    codec: str = "libx264",
+    gop: int | None = None,
+) -> Path:
+    """Write an H.264 mp4 (or ``codec``) of ``round(seconds * fps)`` frames.
+
+    Args:
+        pattern: ``index``: flat frames of grey :func:`index_level` ``(i)``; ``texture``: moving noise, as
+            costly to decode as camera footage.
+        gop: keyframe interval in frames (the encoder's default when ``None``).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    n = round(seconds * fps)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(height + n, width, 3), dtype=np.uint8) if pattern == "texture" else None
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
+        for i in range(n):
+            flat = base is None
+            img = np.full((height, width, 3), index_level(i), np.uint8) if flat else base[i : i + height]  # scrolls
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _write_audio_only(path: Path, seconds: float = 1.0) -> None:
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        samples = int(seconds * 16000)
+        tone = (0.1 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 16000)).astype(np.float32)
+        for start in range(0, samples, 1024):
+            chunk = tone[start : start + 1024][None, :]
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _mdat_span(data: bytes) -> tuple[int, int]:
+    """Byte offsets of the payload of the top-level ``mdat`` box of an mp4."""
+    pos = 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        header = 8
+        if size == 1:
+            size, header = int.from_bytes(data[pos + 8 : pos + 16], "big"), 16
+        if kind == b"mdat":
+            return pos + header, pos + size
+        pos += size
+    raise ValueError("no mdat box")
+
+
+def write_bad_inputs(folder: str | os.PathLike) -> dict[str, tuple[Path, ErrorType]]:
+    """Write one file per bad-input kind into ``folder``.
+
+    Returns:
+        ``name -> (path, expected error_type)``; ``missing`` names a path that does not exist.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    good = write_video(folder / "_good.mp4", seconds=2.0, width=64, height=64, pattern="texture")
+    data = good.read_bytes()
+    out: dict[str, tuple[Path, ErrorType]] = {}
+
+    def put(name: str, payload: bytes | None, kind: ErrorType) -> None:
+        p = folder / name
+        if payload is not None:
+            p.write_bytes(payload)
+        out[p.stem] = (p, kind)
+
+    put("missing.mp4", None, ErrorType.MISSING_FILE)
+    put("empty.mp4", b"", ErrorType.EMPTY_FILE)
+    put("not_a_video.mp4", b"this is a text file, not a video\n" * 20, ErrorType.NOT_A_VIDEO)
+    put("truncated.mp4", data[: len(data) // 3], ErrorType.TRUNCATED)  # moov (at the end) cut off
+    _write_audio_only(folder / "audio_only.mp4")
+    out["audio_only"] = (folder / "audio_only.mp4", ErrorType.NO_VIDEO_STREAM)
+    start, end = _mdat_span(data)
+    put("corrupt_stream.mp4", data[:start] + bytes(end - start) + data[end:], ErrorType.CORRUPT_STREAM)
+    # a Matroska file whose CodecID names a codec no decoder knows (same length, so offsets hold)
+    mkv = write_video(folder / "_good.mkv", seconds=1.0, width=64, height=64).read_bytes()
+    put("unknown_codec.mkv", mkv.replace(b"V_MPEG4/ISO/AVC", b"V_VIDLM/UNKNOWN", 1), ErrorType.UNKNOWN_CODEC)
+    good.unlink()
+    (folder / "_good.mkv").unlink()
+    return out
