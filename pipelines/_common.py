@@ -11,6 +11,7 @@ so a rerun of a finished job writes nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -23,13 +24,18 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
+from pydantic import Field
 from ray.data import DataContext
 from ray.data.checkpoint import CheckpointConfig
 
 from vidlm.clips import ManifestConfig, clips_table
+from vidlm.config import Section
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "JobSummary",
+    "OutputConfig",
     "check_cpu_budget",
     "exactly_once",
     "init_ray",
@@ -37,6 +43,17 @@ __all__ = [
     "read_output_columns",
     "stage_clips",
 ]
+
+
+class OutputConfig(Section):
+    """How a job writes its parquet."""
+
+    min_rows_per_file: int = Field(64, gt=0)
+    """Rows gathered before a file is written (fewer files; at most this many clips redone after a kill)."""
+    max_rows_per_file: int = Field(1000, gt=0)
+    """Upper bound of rows per parquet file."""
+    write_num_cpus: float = Field(0.25, gt=0)
+    """CPUs reserved per write task: small, so writes run beside decode and encode instead of after them."""
 
 
 def stage_clips(manifest: str | Path, cfg: ManifestConfig, out: Path, min_files: int) -> int:
@@ -75,12 +92,30 @@ def exactly_once(out: Path) -> Iterator[None]:
         ctx.checkpoint_config = previous
 
 
-def read_output_columns(folder: Path, columns: list[str]) -> pa.Table:
-    """Read some plain columns of every parquet file a job wrote (empty table if none)."""
+def read_output_columns(folder: Path, columns: list[str], skip_unreadable: bool = False) -> pa.Table:
+    """Read some plain columns of every parquet file a job wrote (empty table if none).
+
+    Args:
+        skip_unreadable: skip files that do not open -- a run killed mid-write leaves them, and the
+            next run's checkpoint recovery deletes them.
+
+    Raises:
+        pyarrow.ArrowInvalid: an unreadable file when ``skip_unreadable`` is false.
+    """
     files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    if skip_unreadable:
+        files = [f for f in files if _readable(f)]
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return True
 
 
 @dataclass
@@ -124,38 +159,48 @@ CHECKPOINT_FILTER_CPUS = 1.0
 """CPUs that Ray Data's checkpoint-filter actor reserves on a resumed run (its default for actors)."""
 
 
-def init_ray() -> None:
+def init_ray() -> bool:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local one.
+
+    Returns:
+        True when the cluster is local to this process (started here, or by the caller's ``ray.init``
+        without an address), False for a remote cluster, which may still autoscale.
 
     A local cluster gets one logical CPU more than the machine has: on a resumed run, Ray Data's
     checkpoint filter holds an actor with one CPU reserved that does almost no work, and on a
     2-core laptop that reservation plus one encode actor would leave no CPU for decoding.
     """
+    remote = bool(os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
+        return not remote
+    if remote:
         ray.init()
     else:
         ray.init(num_cpus=(os.cpu_count() or 1) + int(CHECKPOINT_FILTER_CPUS))
+    return not remote
 
 
-def check_cpu_budget(stages: dict[str, float]) -> None:
+def check_cpu_budget(stages: dict[str, float], strict: bool) -> None:
     """Refuse a plan whose stages cannot all hold their CPUs at once (Ray would wait forever).
 
     Args:
         stages: CPUs each stage holds at the same time, e.g. ``{"encode actors": 2, "one decode task": 1}``.
+        strict: raise (a fixed local cluster); otherwise only warn (a remote cluster may autoscale).
 
     Raises:
-        ValueError: the cluster has fewer CPUs than the stages plus the checkpoint filter need.
+        ValueError: ``strict`` and the cluster has fewer CPUs than the stages plus the checkpoint filter need.
     """
     have = ray.cluster_resources().get("CPU", 0)
     need = {**stages, "Ray Data checkpoint filter": CHECKPOINT_FILTER_CPUS}
     if sum(need.values()) > have:
         parts = ", ".join(f"{k} {v:g}" for k, v in need.items())
-        raise ValueError(
+        message = (
             f"the cluster has {have:g} CPUs but this job holds {sum(need.values()):g} at once ({parts}); "
             "lower encode.num_actors / encode.num_cpus / decode.num_cpus, or add CPUs"
         )
+        if strict:
+            raise ValueError(message)
+        logger.warning("%s (continuing: the cluster may scale up)", message)
 
 
 def num_gpus_in_cluster() -> int:

@@ -32,6 +32,7 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipelines._common import (
     JobSummary,
+    OutputConfig,
     check_cpu_budget,
     exactly_once,
     init_ray,
@@ -85,8 +86,7 @@ class FeaturesConfig(JobConfig):
     sampling: SamplingConfig = SamplingConfig()
     decode: DecodeConfig = DecodeConfig()
     encode: EncodeConfig = EncodeConfig()
-    rows_per_file: int = Field(1000, gt=0)
-    """Upper bound of rows per output parquet file."""
+    output: OutputConfig = OutputConfig()
 
 
 def decode_frames(batch: dict[str, np.ndarray], *, sampling: SamplingConfig, size: int, strategy: str) -> dict:
@@ -218,17 +218,20 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     """
     out = Path(out).resolve()
     size = image_size(config.encode.tower)
-    init_ray()
+    local = init_ray()
     gpus = num_gpus_in_cluster()
     actors = config.encode.num_actors or max(1, gpus)
-    check_cpu_budget({"encode actors": actors * config.encode.num_cpus, "one decode task": config.decode.num_cpus})
+    stages = {"encode actors": actors * config.encode.num_cpus, "one decode task": config.decode.num_cpus}
+    check_cpu_budget(stages, strict=local)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
     features_dir = out / "features"
-    before = set(read_output_columns(features_dir, ["clip_id"]).column("clip_id").to_pylist())
+    before = set(read_output_columns(features_dir, ["clip_id"], skip_unreadable=True).column("clip_id").to_pylist())
     started = time.perf_counter()
     with exactly_once(out):
         ds = ray.data.read_parquet(str(out / "clips"))
+        # Ray Data coalesces small files into one read block; split it so decode runs in parallel tasks.
+        ds = ds.repartition(target_num_rows_per_block=config.decode.clips_per_task)
         ds = ds.map_batches(
             decode_frames,
             fn_kwargs={"sampling": config.sampling, "size": size, "strategy": config.decode.strategy},
@@ -244,7 +247,12 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
             num_gpus=1 if gpus else 0,
             num_cpus=config.encode.num_cpus,
         )
-        ds.write_parquet(str(features_dir), max_rows_per_file=config.rows_per_file)
+        ds.write_parquet(
+            str(features_dir),
+            min_rows_per_file=config.output.min_rows_per_file,
+            max_rows_per_file=config.output.max_rows_per_file,
+            ray_remote_args={"num_cpus": config.output.write_num_cpus},
+        )
     summary = JobSummary.collect(features_dir, before, started, {"frames/s": "num_frames"})
     (out / "summary.json").write_text(json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
     return summary

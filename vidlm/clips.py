@@ -177,7 +177,10 @@ def _parse_error(source: str, line: int, message: str, video_id: str = "") -> di
 
 
 def _literal_list(value: str, column: str) -> list:
-    parsed = ast.literal_eval(value) if isinstance(value, str) else value
+    try:
+        parsed = ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{column} is not a list literal: {value!r}") from None
     if not isinstance(parsed, (list, tuple)):
         raise ValueError(f"{column} is not a list literal: {value!r}")
     return list(parsed)

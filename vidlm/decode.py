@@ -32,6 +32,7 @@ from vidlm.clips import ClipError, ErrorType
 from vidlm.sampling import EmptyWindowError, SamplingConfig, sample_frame_indices
 
 __all__ = [
+    "DECORD_MIN_SIDE",
     "SEQUENTIAL_MAX_STRIDE",
     "DecodeStrategy",
     "DecodedClip",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 DecodeStrategy = Literal["auto", "seek", "sequential", "pyav"]
+
+DECORD_MIN_SIDE = 100
+"""decord 0.6 scales to some small sizes (e.g. 48x32) with a wrong row stride -- an error from ``get_batch``,
+silently garbled frames from ``next()``. Below this output side, frames come from PyAV."""
 
 SEQUENTIAL_MAX_STRIDE = 8
 """``auto``: read sequentially when sampled frames are at most this many frames apart on average."""
@@ -220,7 +225,7 @@ def decode_clip(
         strategy = "sequential" if stride <= SEQUENTIAL_MAX_STRIDE else "seek"
     frames = None
     backend = "pyav"
-    if strategy != "pyav":
+    if strategy != "pyav" and min(scaled) >= DECORD_MIN_SIDE:
         import decord
 
         try:

