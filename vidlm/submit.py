@@ -10,11 +10,10 @@ reaches (an absolute path on a shared file system).
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-
-from ray.job_submission import JobStatus, JobSubmissionClient
 
 __all__ = ["WORKING_DIR_EXCLUDES", "entrypoint_for", "submit_job"]
 
@@ -34,7 +33,20 @@ def entrypoint_for(command: list[str]) -> str:
     return shlex.join(command)
 
 
-async def _stream(client: JobSubmissionClient, job_id: str, echo: Callable[[str], None]) -> None:
+def _use_token_auth_if_available() -> None:
+    """Send the cluster's auth token when one is on this machine, as ``ray.init`` does.
+
+    Ray >= 2.5x starts local clusters with token auth and saves the token in ``~/.ray/auth_token``;
+    the Jobs client only sends it when ``RAY_AUTH_MODE=token``. An explicit ``RAY_AUTH_MODE`` wins.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+async def _stream(client, job_id: str, echo: Callable[[str], None]) -> None:
     async for lines in client.tail_job_logs(job_id):
         echo(lines.rstrip("\n"))
 
@@ -67,6 +79,9 @@ def submit_job(
     runtime_env: dict = {"working_dir": str(working_dir.resolve()), "excludes": WORKING_DIR_EXCLUDES}
     if pip:
         runtime_env["pip"] = list(pip)
+    _use_token_auth_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once
+    from ray.job_submission import JobSubmissionClient
+
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint_for(command), runtime_env=runtime_env)
     echo(f"submitted {job_id}: {entrypoint_for(command)}")
@@ -78,4 +93,4 @@ def submit_job(
         asyncio.run(asyncio.sleep(0.5))
         status = client.get_job_status(job_id)
     echo(f"job {job_id}: {status.value}")
-    return status.value if isinstance(status, JobStatus) else str(status)
+    return status.value

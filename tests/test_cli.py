@@ -1,0 +1,58 @@
+"""The `vidlm` command line: doctor, config errors naming the field, submit without a command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from vidlm.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_doctor_reports_engine_and_accelerator_and_passes_here():
+    result = runner.invoke(app, ["doctor"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for needle in ("import vllm", "import open_clip", "import decord", "accelerator", "engine"):
+        assert needle in result.output
+    assert "FAIL" not in result.output
+
+
+def test_doctor_fails_with_a_clear_message_when_an_import_breaks(tmp_path):
+    (tmp_path / "decord.py").write_text("raise ImportError('decord is broken on purpose')\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vidlm", "doctor"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 1
+    assert "environment is broken" in proc.stdout and "decord is broken on purpose" in proc.stdout
+
+
+def test_config_command_resolves_yaml_and_overrides():
+    result = runner.invoke(
+        app, ["config", "features", "-c", str(REPO / "pipelines/configs/features_topa.yaml"), "sampling.num_frames=7"]
+    )
+    assert result.exit_code == 0, result.output
+    resolved = json.loads(result.output)
+    assert resolved["sampling"] == {**resolved["sampling"], "mode": "fixed", "num_frames": 7}
+    assert resolved["encode"]["tower"]["name"] == "ViT-L-14"
+
+
+def test_features_rejects_a_bad_field_before_starting_ray(tmp_path):
+    result = runner.invoke(
+        app, ["features", str(tmp_path), "--out", str(tmp_path / "o"), "sampling.num_frames=-1"], terminal_width=200
+    )
+    assert result.exit_code == 2
+    assert "sampling.num_frames" in result.output and "greater than 0" in result.output
+
+
+def test_submit_needs_a_command_and_an_address():
+    result = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:1"], terminal_width=200)
+    assert result.exit_code == 2 and "nothing to submit" in result.output
+    result = runner.invoke(app, ["submit", "--", "vidlm", "doctor"], env={"RAY_ADDRESS": ""}, terminal_width=200)
+    assert result.exit_code == 2 and "no cluster address" in result.output
