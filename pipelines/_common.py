@@ -180,18 +180,21 @@ def init_ray() -> bool:
     return not remote
 
 
-def check_cpu_budget(stages: dict[str, float], strict: bool) -> None:
+def check_cpu_budget(stages: dict[str, float], strict: bool, out: Path) -> None:
     """Refuse a plan whose stages cannot all hold their CPUs at once (Ray would wait forever).
 
     Args:
         stages: CPUs each stage holds at the same time, e.g. ``{"encode actors": 2, "one decode task": 1}``.
         strict: raise (a fixed local cluster); otherwise only warn (a remote cluster may autoscale).
+        out: the job's output folder: a resumed run (a checkpoint under it) also holds the filter's CPU.
 
     Raises:
         ValueError: ``strict`` and the cluster has fewer CPUs than the stages plus the checkpoint filter need.
     """
     have = ray.cluster_resources().get("CPU", 0)
-    need = {**stages, "Ray Data checkpoint filter": CHECKPOINT_FILTER_CPUS}
+    need = dict(stages)
+    if any((out / "_checkpoint").glob("*")):
+        need["Ray Data checkpoint filter (resumed run)"] = CHECKPOINT_FILTER_CPUS
     if sum(need.values()) > have:
         parts = ", ".join(f"{k} {v:g}" for k, v in need.items())
         message = (

@@ -222,7 +222,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     gpus = num_gpus_in_cluster()
     actors = config.encode.num_actors or max(1, gpus)
     stages = {"encode actors": actors * config.encode.num_cpus, "one decode task": config.decode.num_cpus}
-    check_cpu_budget(stages, strict=local)
+    check_cpu_budget(stages, strict=local, out=out)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
     features_dir = out / "features"

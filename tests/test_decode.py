@@ -94,3 +94,17 @@ def test_bad_inputs_raise_clip_error_of_their_kind(bad_inputs, kind, strategy):
         decode_clip(path, SamplingConfig(num_frames=4), 32, strategy=strategy)
     assert err.value.error_type == expected
     assert str(path) in str(err.value)
+
+
+def test_auto_uses_the_benchmarked_fastest_decoder(stamped):
+    assert decode_clip(stamped, SamplingConfig(num_frames=4), 112).backend == "pyav"
+
+
+def test_pyav_decodes_what_decord_cannot(tmp_path):
+    av1 = write_video(tmp_path / "av1.mkv", seconds=2.0, fps=10, width=128, height=128, codec="libsvtav1")
+    clip = decode_clip(av1, SamplingConfig(mode="fixed", num_frames=3), 112, strategy="seek")
+    assert clip.backend == "pyav"  # decord 0.6 cannot open AV1
+    indices = np.round(clip.frame_times_s * 10).astype(int)
+    assert indices.tolist() == [0, 10, 19]
+    levels = clip.frames.reshape(3, -1).mean(axis=1)
+    assert np.abs(levels - [index_level(i) for i in indices]).max() < 4

