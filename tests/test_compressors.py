@@ -1,0 +1,101 @@
+"""Token compressors and TOPA modality projection: shapes, token counts, the math against references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vidlm.models.compressors import (
+    AdaptiveStructurePooling,
+    CompressorConfig,
+    NFrame,
+    SpatialTemporalMean,
+    build_compressor,
+    num_visual_tokens,
+)
+from vidlm.models.modality_projection import modality_projection
+
+
+@pytest.mark.parametrize("kind", ["nframe", "pllava", "mean"])
+@pytest.mark.parametrize("t", [1, 4, 16, 20])
+def test_output_shape_matches_num_visual_tokens(kind, t):
+    cfg = CompressorConfig(kind=kind, pooling_shape=(4, 3, 3), grid=(6, 6))
+    x = torch.randn(2, t, 6, 6, 8)
+    y = build_compressor(cfg)(x)
+    assert y.shape == (2, num_visual_tokens(cfg, t), 8) and y.dtype == x.dtype
+
+
+def test_token_counts():
+    assert num_visual_tokens(CompressorConfig(kind="pllava"), 16) == 16 * 12 * 12  # PLLaVA default: 2304
+    assert num_visual_tokens(CompressorConfig(kind="nframe", grid=(24, 24)), 16) == 16 * 576
+    assert num_visual_tokens(CompressorConfig(kind="mean", grid=(16, 16)), 100) == 256 + 100
+    with pytest.raises(ValueError):
+        num_visual_tokens(CompressorConfig(), 0)
+
+
+def test_pllava_pooling_equals_adaptive_avg_pool3d_on_a_known_tensor():
+    x = torch.arange(2 * 8 * 6 * 6 * 3, dtype=torch.float32).reshape(2, 8, 6, 6, 3)
+    y = AdaptiveStructurePooling((4, 3, 3))(x)
+    ref = F.adaptive_avg_pool3d(x.permute(0, 4, 1, 2, 3), (4, 3, 3)).permute(0, 2, 3, 4, 1).reshape(2, 36, 3)
+    assert torch.equal(y, ref)
+    # by hand: token 0 averages frames 0-1, rows 0-1, cols 0-1 of channel 0
+    assert y[0, 0, 0] == x[0, :2, :2, :2, 0].mean()
+
+
+def test_pllava_pads_short_videos_by_repeating_frames():
+    x = torch.randn(1, 2, 4, 4, 5)
+    y = AdaptiveStructurePooling((4, 2, 2))(x)
+    repeated = x[:, [0, 0, 1, 1]]
+    assert torch.allclose(y, AdaptiveStructurePooling((4, 2, 2))(repeated))
+    assert torch.allclose(y[:, :4], y[:, 4:8])  # time steps 0 and 1 both come from frame 0
+
+
+def test_nframe_and_mean_by_hand():
+    x = torch.randn(1, 3, 2, 2, 4)
+    assert torch.equal(NFrame()(x), x.reshape(1, 12, 4))
+    y = SpatialTemporalMean()(x)
+    assert torch.allclose(y[0, 0], x[0, :, 0, 0].mean(0)) and torch.allclose(y[0, 4], x[0, 0].mean((0, 1)))
+
+
+def test_bad_input_shape_names_the_expected_layout():
+    with pytest.raises(ValueError, match=r"\(B, T, h, w, D\)"):
+        NFrame()(torch.zeros(2, 3, 4))
+
+
+def test_modality_projection_lies_in_the_span_of_the_memory():
+    g = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    v = torch.randn(7, 16, generator=g)
+    out = modality_projection(v, memory, tau=0.1)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(7), atol=1e-5)
+    coeffs = torch.linalg.lstsq(memory.T, out.T).solution  # (5, 7)
+    assert torch.allclose(memory.T @ coeffs, out.T, atol=1e-5)  # exactly representable by the memory rows
+
+
+def test_modality_projection_tends_to_the_nearest_neighbour_as_tau_falls():
+    g = torch.Generator().manual_seed(1)
+    memory = F.normalize(torch.randn(50, 32, generator=g), dim=-1)
+    v = torch.randn(10, 32, generator=g)
+    nearest = memory[(F.normalize(v, dim=-1) @ memory.T).argmax(-1)]
+    errors = [
+        (modality_projection(v, memory, tau=tau) - nearest).norm(dim=-1).max().item() for tau in (1.0, 0.1, 1e-4)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3
+
+
+def test_modality_projection_chunked_equals_direct_softmax():
+    g = torch.Generator().manual_seed(2)
+    memory = torch.randn(1000, 24, generator=g)
+    v = torch.randn(3, 4, 24, generator=g)
+    mem_n = F.normalize(memory, dim=-1)
+    direct = F.normalize(torch.softmax(F.normalize(v, dim=-1) @ mem_n.T / 0.05, dim=-1) @ mem_n, dim=-1)
+    for chunk in (7, 128, 5000):
+        assert torch.allclose(modality_projection(v, memory, tau=0.05, chunk_size=chunk), direct, atol=1e-5)
+
+
+def test_modality_projection_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="memory"):
+        modality_projection(torch.randn(2, 8), torch.randn(3, 9))
+    with pytest.raises(ValueError, match="tau"):
+        modality_projection(torch.randn(2, 8), torch.randn(3, 8), tau=0)
