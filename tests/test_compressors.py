@@ -78,9 +78,7 @@ def test_modality_projection_tends_to_the_nearest_neighbour_as_tau_falls():
     memory = F.normalize(torch.randn(50, 32, generator=g), dim=-1)
     v = torch.randn(10, 32, generator=g)
     nearest = memory[(F.normalize(v, dim=-1) @ memory.T).argmax(-1)]
-    errors = [
-        (modality_projection(v, memory, tau=tau) - nearest).norm(dim=-1).max().item() for tau in (1.0, 0.1, 1e-4)
-    ]
+    errors = [(modality_projection(v, memory, tau=tau) - nearest).norm(dim=-1).max().item() for tau in (1.0, 0.1, 1e-4)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3
 
 

