@@ -162,9 +162,9 @@ def bench_pipeline(tower_name: str, n: int) -> dict[str, float | str]:
         "sampling.num_frames=16",
         f"encode.num_cpus={encode_cores}",
         "encode.clips_per_batch=2",
-        # ~8 output files give the steady-state timestamps; tiny files would measure write overhead
-        f"output.min_rows_per_file={max(2, n // 8)}",
-        f"output.max_rows_per_file={max(2, n // 8)}",
+        # ~16 output files give the steady-state timestamps
+        f"output.min_rows_per_file={max(2, n // 16)}",
+        f"output.max_rows_per_file={max(2, n // 16)}",
     ]
     out = WORK / f"job-{tower_name}"
     shutil.rmtree(out, ignore_errors=True)
