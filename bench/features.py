@@ -123,14 +123,18 @@ def _decode_one(args) -> np.ndarray:
     return decode_clip(path, SamplingConfig(num_frames=16), size, start, end).frames
 
 
-def bench_pipeline(tower_name: str, n: int) -> dict[str, float | str]:
+def bench_pipeline(tower_name: str, n: int, fused: bool) -> dict[str, float | str]:
     size = image_size(VisionTowerConfig(name=tower_name))
     clips = _clip_list(n)
     work = [(c["path"], c["start_s"], c["end_s"], size) for c in clips]
-    # The job's split of the cores: an encode-bound tower's actor gets them all (torch threads), a light
-    # one a single core; decode tasks get what is left, at least one core.
-    encode_cores = CORES if tower_name != "vidlm-tiny" else 1
-    decode_cores = max(1, CORES - encode_cores)
+    # The job's split of the cores. Separate stages: an encode-bound tower's actor gets them all (torch
+    # threads), a light one a single core; decode tasks get what is left, at least one core. Decode in
+    # the encode actors (`decode.in_encode_actors`): both stages share every core.
+    if fused:
+        encode_cores = decode_cores = CORES
+    else:
+        encode_cores = CORES if tower_name != "vidlm-tiny" else 1
+        decode_cores = max(1, CORES - encode_cores)
 
     # decode alone, with the job's decode cores (one process each)
     with ProcessPoolExecutor(decode_cores) as pool:
@@ -160,13 +164,14 @@ def bench_pipeline(tower_name: str, n: int) -> dict[str, float | str]:
     overrides = [
         f"encode.tower.name={tower_name}",
         "sampling.num_frames=16",
-        f"encode.num_cpus={encode_cores}",
+        f"decode.in_encode_actors={fused}",
+        f"encode.num_cpus={1 if fused else encode_cores}",
         "encode.clips_per_batch=2",
         # ~16 output files give the steady-state timestamps
         f"output.min_rows_per_file={max(2, n // 16)}",
         f"output.max_rows_per_file={max(2, n // 16)}",
     ]
-    out = WORK / f"job-{tower_name}"
+    out = WORK / f"job-{tower_name}-{fused}"
     shutil.rmtree(out, ignore_errors=True)
     started = time.time()
     run_features(_write_manifest(clips, WORK / f"manifest-{n}.csv"), out, load_config(FeaturesConfig, None, overrides))
@@ -194,8 +199,12 @@ def steady_rate(folder: Path, started: float) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--towers", default="vidlm-tiny,ViT-B-32", help="open_clip architectures (random weights)")
-    parser.add_argument("--clips", default="128,32", help="clips per tower")
+    parser.add_argument(
+        "--towers",
+        default="vidlm-tiny,vidlm-tiny+fused,ViT-B-32",
+        help="open_clip architectures (random weights); +fused: decode inside the encode actors",
+    )
+    parser.add_argument("--clips", default="128,128,32", help="clips per tower")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per decode-strategy timing")
     parser.add_argument("--skip-strategies", action="store_true")
     args = parser.parse_args()
@@ -212,7 +221,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     for tower, n in zip(args.towers.split(","), (int(x) for x in args.clips.split(",")), strict=True):
         console.print(f"benchmarking {tower} on {n} clips ...")
-        r = bench_pipeline(tower, n)
+        r = bench_pipeline(tower.removesuffix("+fused"), n, fused=tower.endswith("+fused"))
         slower = min(r["decode alone"], r["encode alone"])
         table.add_row(
             tower,

@@ -41,6 +41,7 @@ __all__ = [
     "init_ray",
     "num_gpus_in_cluster",
     "read_output_columns",
+    "resuming",
     "stage_clips",
 ]
 
@@ -159,6 +160,15 @@ CHECKPOINT_FILTER_CPUS = 1.0
 """CPUs that Ray Data's checkpoint-filter actor reserves on a resumed run (its default for actors)."""
 
 
+READ_TASK_CPUS = 1.0
+"""CPUs a Ray Data read task reserves (its default for tasks)."""
+
+
+def resuming(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint of an earlier run (so Ray Data will start its checkpoint filter)."""
+    return any((out / "_checkpoint").glob("*"))
+
+
 def init_ray() -> bool:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local one.
 
@@ -193,7 +203,7 @@ def check_cpu_budget(stages: dict[str, float], strict: bool, out: Path) -> None:
     """
     have = ray.cluster_resources().get("CPU", 0)
     need = dict(stages)
-    if any((out / "_checkpoint").glob("*")):
+    if resuming(out):
         need["Ray Data checkpoint filter (resumed run)"] = CHECKPOINT_FILTER_CPUS
     if sum(need.values()) > have:
         parts = ", ".join(f"{k} {v:g}" for k, v in need.items())

@@ -31,6 +31,8 @@ from pydantic import Field
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipelines._common import (
+    CHECKPOINT_FILTER_CPUS,
+    READ_TASK_CPUS,
     JobSummary,
     OutputConfig,
     check_cpu_budget,
@@ -38,6 +40,7 @@ from pipelines._common import (
     init_ray,
     num_gpus_in_cluster,
     read_output_columns,
+    resuming,
     stage_clips,
 )
 from vidlm.clips import CLIP_SCHEMA, ClipError, ManifestConfig
@@ -61,6 +64,10 @@ class DecodeConfig(Section):
     memory_gb: float = Field(0.5, gt=0)
     """Memory reserved per decode task (Ray ``memory``). Being a resource the encode actors do not ask
     for, it also keeps Ray Data from fusing decode into the encode actors, so the stages overlap."""
+    in_encode_actors: bool = False
+    """Decode inside the encode actors instead (Ray Data fuses the stages; ``num_cpus`` / ``memory_gb``
+    are then the actors'). For light towers on CPU, where encoding is nearly free and every core should
+    decode; ``encode.num_actors`` then defaults to one actor per CPU, less one for Ray Data's own work."""
 
 
 class EncodeConfig(Section):
@@ -220,10 +227,21 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     size = image_size(config.encode.tower)
     local = init_ray()
     gpus = num_gpus_in_cluster()
-    actors = config.encode.num_actors or max(1, gpus)
-    stages = {"encode actors": actors * config.encode.num_cpus, "one decode task": config.decode.num_cpus}
-    check_cpu_budget(stages, strict=local, out=out)
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    fused = config.decode.in_encode_actors and not gpus
+    if config.encode.num_actors:
+        actors = config.encode.num_actors
+    elif fused:  # every CPU left by a read task (and a resumed run's checkpoint filter) decodes
+        spare = cpus - READ_TASK_CPUS - (CHECKPOINT_FILTER_CPUS if resuming(out) else 0)
+        actors = max(1, int(spare // config.encode.num_cpus))
+    else:
+        actors = max(1, gpus)
+    stages = {"encode actors": actors * config.encode.num_cpus}
+    if fused:
+        stages["one read task"] = READ_TASK_CPUS
+    else:
+        stages["one decode task"] = config.decode.num_cpus
+    check_cpu_budget(stages, strict=local, out=out)
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
     features_dir = out / "features"
     before = set(read_output_columns(features_dir, ["clip_id"], skip_unreadable=True).column("clip_id").to_pylist())
@@ -232,12 +250,16 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
         ds = ray.data.read_parquet(str(out / "clips"))
         # Ray Data coalesces small files into one read block; split it so decode runs in parallel tasks.
         ds = ds.repartition(target_num_rows_per_block=config.decode.clips_per_task)
+        decode_resources = (
+            {"num_cpus": config.encode.num_cpus}  # the same as the actors': Ray Data fuses the two
+            if config.decode.in_encode_actors
+            else {"num_cpus": config.decode.num_cpus, "memory": int(config.decode.memory_gb * 2**30)}
+        )
         ds = ds.map_batches(
             decode_frames,
             fn_kwargs={"sampling": config.sampling, "size": size, "strategy": config.decode.strategy},
             batch_size=config.decode.clips_per_task,
-            num_cpus=config.decode.num_cpus,
-            memory=int(config.decode.memory_gb * 2**30),
+            **decode_resources,
         )
         ds = ds.map_batches(
             EncodeFrames,

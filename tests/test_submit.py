@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,18 +42,45 @@ def test_entrypoint_runs_vidlm_as_a_module():
 
 @pytest.fixture()
 def ray_head():
+    """A Ray head of its own on 127.0.0.1 (``ray start --block`` in a new session, killed as a group).
+
+    Not ``ray stop``: that stops every Ray process on the machine, the test session's cluster too.
+    """
     temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     gcs, dashboard = _free_port(), _free_port()
     start = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
         "--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        # the agents' default ports are taken by the test session's own cluster
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
     ]  # fmt: skip
-    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed below
+    head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline and head.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{address}/api/version", timeout=2).status in (200, 401):
+                break
+        except urllib.error.HTTPError as err:
+            if err.code == 401:  # token auth is on: the dashboard is up
+                break
+        except OSError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail(f"the Ray head did not come up: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

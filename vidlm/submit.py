@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["WORKING_DIR_EXCLUDES", "entrypoint_for", "submit_job"]
+
+AGENT_WAIT_S = 60.0
+"""Seconds to wait for the job agent of a head that has just started ("No available agent")."""
 
 WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 
@@ -75,6 +79,7 @@ def submit_job(
 
     Raises:
         ConnectionError: no Ray dashboard answers at ``address`` (raised by the Ray Jobs SDK).
+        RuntimeError: the cluster refused the job (after waiting up to :data:`AGENT_WAIT_S` for its job agent).
     """
     runtime_env: dict = {"working_dir": str(working_dir.resolve()), "excludes": WORKING_DIR_EXCLUDES}
     if pip:
@@ -83,7 +88,15 @@ def submit_job(
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint_for(command), runtime_env=runtime_env)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint_for(command), runtime_env=runtime_env)
+            break
+        except RuntimeError as err:  # a head that has just started answers 500 until its job agent is up
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     echo(f"submitted {job_id}: {entrypoint_for(command)}")
     if not wait:
         return client.get_job_status(job_id).value
