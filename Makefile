@@ -35,6 +35,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
+	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/features.py
 
 clean:

@@ -10,14 +10,16 @@ from vidlm.models.compressors import (
     AdaptiveStructurePooling,
     CompressorConfig,
     NFrame,
+    SlowFast,
     SpatialTemporalMean,
     build_compressor,
     num_visual_tokens,
+    pooled_grid,
 )
 from vidlm.models.modality_projection import modality_projection
 
 
-@pytest.mark.parametrize("kind", ["nframe", "pllava", "mean"])
+@pytest.mark.parametrize("kind", ["nframe", "pllava", "slowfast", "mean"])
 @pytest.mark.parametrize("t", [1, 4, 16, 20])
 def test_output_shape_matches_num_visual_tokens(kind, t):
     cfg = CompressorConfig(kind=kind, pooling_shape=(4, 3, 3), grid=(6, 6))
@@ -97,3 +99,38 @@ def test_modality_projection_rejects_bad_inputs():
         modality_projection(torch.randn(2, 8), torch.randn(3, 9))
     with pytest.raises(ValueError, match="tau"):
         modality_projection(torch.randn(2, 8), torch.randn(3, 8), tau=0)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 7, 16, 64])
+@pytest.mark.parametrize("side", [6, 8, 9, 24, 27])
+@pytest.mark.parametrize("s", [1, 2, 3])
+@pytest.mark.parametrize("p", [1, 2])
+def test_slowfast_token_count_is_the_papers_formula(t, side, s, p):
+    m = side * side
+    expected = (t // s) * (m // p**2) + (t - t // s) * (m // (4 * p**2))  # LLaVA-Video §3.2
+    cfg = CompressorConfig(kind="slowfast", slow_stride=s, slow_pool=p, grid=(side, side))
+    assert num_visual_tokens(cfg, t) == expected
+    y = SlowFast(s, p)(torch.randn(1, t, side, side, 4))
+    assert y.shape == (1, expected, 4)
+
+
+def test_slowfast_presets_of_llava_video():
+    siglip = {"grid": (27, 27), "kind": "slowfast", "slow_pool": 2}
+    assert num_visual_tokens(CompressorConfig(slow_stride=1, **siglip), 64) == 64 * 182
+    assert num_visual_tokens(CompressorConfig(slow_stride=3, **siglip), 64) == 21 * 182 + 43 * 45
+    assert pooled_grid(27, 27, 2) == (13, 14) and pooled_grid(24, 24, 2) == (12, 12)
+
+
+def test_slowfast_keeps_time_order_and_pools_slow_and_fast_frames():
+    # frame i is constant i+1: every token of frame i must equal i+1, in time order
+    t, side = 5, 8
+    x = (torch.arange(t, dtype=torch.float32) + 1).view(1, t, 1, 1, 1).expand(1, t, side, side, 2)
+    y = SlowFast(slow_stride=2, slow_pool=2)(x)[0, :, 0]
+    slow, fast = 16, 4  # 8x8 pooled 2x2 -> 4x4, 4x4 -> 2x2
+    sizes = [fast, slow, fast, slow, fast]  # frames 1 and 3 are slow ((i+1) % 2 == 0)
+    assert y.numel() == sum(sizes)
+    assert torch.equal(y, torch.cat([torch.full((n,), i + 1.0) for i, n in enumerate(sizes)]))
+    # where the pooling divides the grid it is plain average pooling
+    z = torch.randn(1, 1, 8, 8, 3)
+    ref = F.avg_pool2d(z[0].permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
+    assert torch.allclose(SlowFast(1, 2)(z), ref)

@@ -146,6 +146,70 @@ def show_config(
     console.print_json(json.dumps(cfg.model_dump()))
 
 
+@app.command()
+def model(
+    spec: str = typer.Argument(..., help="preset name (tiny, smol, pllava-7b, ...) or model directory"),
+) -> None:
+    """Show a model: its directory (tiny and smol are built once into the cache) and token arithmetic."""
+    from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
+    from vidlm.models.video_llm import VidlmConfig
+
+    try:
+        if spec in PRESETS and spec not in MATERIALISED:
+            path, config = None, preset_config(spec)
+        else:
+            path = resolve_model(spec)
+            config = VidlmConfig.from_pretrained(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    frames = config.sampling_config.max_frames_per_clip()
+    table = Table(title=f"vidlm model {spec}")
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("directory", str(path) if path else "(configuration only: bring weights with `vidlm convert`)")
+    table.add_row("vision tower", f"{config.vision_config.model_type} {config.image_size}px")
+    table.add_row("llm", f"{config.text_config.model_type} hidden={config.text_config.hidden_size}")
+    table.add_row("compressor", json.dumps(config.compressor))
+    table.add_row("frames", str(frames))
+    table.add_row("visual tokens", str(config.num_visual_tokens(frames)))
+    console.print(table)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="released PLLaVA or llava-hf LLaVA-NeXT-Video checkpoint directory"),
+    out: Path = typer.Argument(..., help="vidlm model directory to write"),
+    layout: str = typer.Option("auto", help="auto, pllava or llava-next-video"),
+    lora_alpha: float = typer.Option(32.0, "--lora-alpha", help="alpha of the LoRA weights found (PLLaVA: 32)"),
+    lora_dir: Path | None = typer.Option(None, "--lora-dir", help="separate peft adapter of the LLM"),
+) -> None:
+    """Convert a released checkpoint into the vidlm format (LoRA weights go to OUT/adapter)."""
+    from vidlm.models.convert import convert_checkpoint
+
+    try:
+        path = convert_checkpoint(src, out, layout=layout, lora_alpha=lora_alpha, lora_dir=lora_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"converted {src} -> {path}" + (" (LoRA adapter in adapter/)" if (path / "adapter").is_dir() else ""))
+
+
+@app.command()
+def merge(
+    model_dir: Path = typer.Argument(..., help="base vidlm model directory (its adapter in MODEL_DIR/adapter)"),
+    out: Path = typer.Argument(..., help="merged model directory to write"),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha to merge at (PLLaVA infers at 4)"),
+    adapter: Path | None = typer.Option(None, "--adapter", help="peft adapter directory, if not MODEL_DIR/adapter"),
+) -> None:
+    """Merge a LoRA adapter at a chosen alpha: W = W0 + (alpha/r) B A (PLLaVA §3.4)."""
+    from vidlm.models.lora import merge_lora
+
+    try:
+        path = merge_lora(model_dir, out, alpha=alpha, adapter_dir=adapter)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"merged -> {path}")
+
+
 def main() -> None:  # pragma: no cover - python -m vidlm
     app(prog_name="vidlm")
 

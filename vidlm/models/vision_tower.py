@@ -8,10 +8,17 @@ Per frame it gives the two things the papers use:
 
 Both come from one forward pass (``open_clip``'s ``forward_intermediates``).
 
-The tower is an ``open_clip`` model named by its architecture (``ViT-L-14-336``...) with weights from a
-local checkpoint file. With no checkpoint the weights are random, seeded by ``seed``: this is what the
-tests and the demo use (``vidlm-tiny``, shipped in ``open_clip_configs/``). Nothing is ever fetched
-from a hub.
+Two kinds of tower:
+
+- :class:`VisionTower`, an ``open_clip`` model named by its architecture (``ViT-L-14-336``...) with weights
+  from a local checkpoint file, for the feature job. With no checkpoint the weights are random, seeded by
+  ``seed``: this is what the tests and the demo use (``vidlm-tiny``, shipped in ``open_clip_configs/``).
+- :class:`HFVisionTower`, transformers' ``CLIPVisionModel`` / ``SiglipVisionModel``, the towers inside
+  LLaVA-NeXT, PLLaVA and LLaVA-Video checkpoints, for the video LLM. Its parameters are named
+  ``vision_model.*`` as in those checkpoints; CLIP's ``visual_projection`` is kept when the config has a
+  ``projection_dim`` so the pooled embedding lies in CLIP's joint space (TOPA's modality projection needs it).
+
+Nothing is ever fetched from a hub.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pydantic import Field
 
 from vidlm.config import Section
 
-__all__ = ["VisionTower", "VisionTowerConfig", "image_size"]
+__all__ = ["HFVisionTower", "VisionTower", "VisionTowerConfig", "image_size"]
 
 _CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
 
@@ -142,3 +149,67 @@ class VisionTower(torch.nn.Module):
             return self.visual(x), None
         out = self.visual.forward_intermediates(x, indices=[self.feature_index], output_fmt="NLC")
         return out["image_features"], out["image_intermediates"][0]  # (N, D), (N, h*w, Dv)
+
+
+class HFVisionTower(torch.nn.Module):
+    """transformers CLIP or SigLIP vision encoder giving pooled embeddings and the patch-feature grid.
+
+    Args:
+        config: a ``CLIPVisionConfig`` or ``SiglipVisionConfig``.
+        feature_layer: hidden-state index of the patch features (``-2``: penultimate, LLaVA; ``-1`` last).
+        projection_dim: CLIP only: width of ``visual_projection`` for the pooled embedding; ``0``: none.
+
+    Raises:
+        ValueError: another kind of vision config.
+    """
+
+    def __init__(self, config, feature_layer: int = -2, projection_dim: int = 0):
+        super().__init__()
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        kinds = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+        if config.model_type not in kinds:
+            raise ValueError(f"vision tower must be one of {sorted(kinds)}, got {config.model_type!r}")
+        self.has_cls = config.model_type == "clip_vision_model"  # CLIP prepends a CLS token; SigLIP has none
+        self.vision_model = kinds[config.model_type](config)
+        self.visual_projection = (
+            torch.nn.Linear(config.hidden_size, projection_dim, bias=False) if self.has_cls and projection_dim else None
+        )
+        self.feature_layer = feature_layer
+        self.grid = config.image_size // config.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the pooled embedding."""
+        return self.visual_projection.out_features if self.visual_projection is not None else self.patch_dim
+
+    @property
+    def patch_dim(self) -> int:
+        """Dv, width of the patch features."""
+        return int(self.vision_model.config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode frames.
+
+        Args:
+            pixel_values: ``(N, 3, S, S)`` normalised frames (:func:`vidlm.models.processing.preprocess_frames`).
+
+        Returns:
+            ``pooled (N, D)`` and ``patch_features (N, h, w, Dv)``, in the tower's dtype.
+
+        Raises:
+            ValueError: ``pixel_values`` of another shape.
+        """
+        s = self.grid * self.vision_model.config.patch_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected pixel_values (N, 3, {s}, {s}), got {tuple(pixel_values.shape)}")
+        dtype = next(self.vision_model.parameters()).dtype
+        out = self.vision_model(pixel_values.to(dtype), output_hidden_states=True)
+        patches = out.hidden_states[self.feature_layer]  # (N, [1 +] h*w, Dv)
+        if self.has_cls:
+            patches = patches[:, 1:]  # LLaVA's "default" feature selection drops CLS
+        pooled = out.pooler_output  # (N, Dv): CLIP post-LN CLS, SigLIP attention-pool head
+        if self.visual_projection is not None:
+            pooled = self.visual_projection(pooled)  # (N, Dv) -> (N, D), CLIP's joint space
+        n = pixel_values.shape[0]
+        return pooled, patches.reshape(n, self.grid, self.grid, -1)  # (N, h*w, Dv) -> (N, h, w, Dv)

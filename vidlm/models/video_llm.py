@@ -1,0 +1,327 @@
+"""The video LLM: vision tower -> projector -> token compressor -> any transformers causal LM.
+
+One definition of the family of the three papers (PLLaVA, LLaVA-Video, TOPA); which paper a model follows
+is configuration (:class:`VidlmConfig`):
+
+- PLLaVA: penultimate-layer patch features of CLIP ViT-L/14-336, LLaVA's ``mlp2x_gelu`` projector, then
+  adaptive structure pooling to ``(16, 12, 12)`` (PLLaVA §3.3, eq. 2); LoRA on the LLM (§3.4).
+- LLaVA-Video: SigLIP-so400m patch features, ``mlp2x_gelu``, then SlowFast pooling (LLaVA-Video §3.2).
+- TOPA: one pooled CLIP embedding per frame, optionally modality-projected onto a memory of CLIP text
+  features (TOPA eq. 2), then a linear projection plus temporal embedding (TOPA §3.2).
+
+The prompt holds one video placeholder token; :func:`vidlm.models.processing.expand_video_tokens` repeats
+it ``num_visual_tokens`` times and :meth:`VidlmForConditionalGeneration.forward` writes the visual tokens
+over those positions (llava-hf's scheme, which vLLM's prompt replacement reproduces). The vLLM class in
+:mod:`vidlm.models.vllm_model` reuses the tower, projector and compressor modules of this file's config,
+so the two paths differ only in the LLM's kernels.
+
+Checkpoints are ordinary ``save_pretrained`` directories: ``config.json`` (``model_type: vidlm``),
+safetensors, and the tokenizer with the placeholder added.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto import CONFIG_MAPPING
+
+from vidlm.models.compressors import CompressorConfig, build_compressor, num_visual_tokens
+from vidlm.models.modality_projection import modality_projection
+from vidlm.models.processing import preprocess_frames
+from vidlm.models.projector import ProjectorConfig, build_projector
+from vidlm.models.vision_tower import HFVisionTower
+from vidlm.sampling import SamplingConfig
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "VidlmConfig",
+    "VidlmForConditionalGeneration",
+    "build_video_parts",
+    "encode_videos",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _sub_config(value, default_type: str) -> PreTrainedConfig | None:
+    if isinstance(value, dict):
+        value = dict(value)
+        return CONFIG_MAPPING[value.pop("model_type", default_type)](**value)
+    return value
+
+
+class VidlmConfig(PreTrainedConfig):
+    """Configuration of a vidlm video LLM (``model_type: vidlm``).
+
+    Args:
+        vision_config: ``CLIPVisionConfig`` / ``SiglipVisionConfig`` (or its dict).
+        text_config: the causal LM's config (Llama, Qwen2, Yi, SmolLM2...), or its dict.
+        vision_feature_layer: hidden-state index of the patch features (LLaVA / PLLaVA: -2).
+        projection_dim: CLIP's ``visual_projection`` width for pooled embeddings (TOPA: 768); 0: none.
+        projector: ``mlp2x_gelu`` (LLaVA) or ``topa_linear`` (TOPA).
+        pool_before_projector: compress the patch features before the projector (llava-hf LLaVA-NeXT-Video's
+            order) instead of after it (PLLaVA §3.3 and LLaVA-Video's ``get_2dPool``).
+        compressor: :class:`~vidlm.models.compressors.CompressorConfig` fields except ``grid``, which comes
+            from the tower (``image_size // patch_size``).
+        sampling: :class:`~vidlm.sampling.SamplingConfig` fields: how many frames of a clip the model sees.
+        video_token: the placeholder string in prompts.
+        video_token_index: its token id (a token of the tokenizer, so the LLM has an embedding row for it).
+        image_mean, image_std: the tower's pixel statistics.
+        modality_memory_size: TOPA: rows ``K`` of the memory of CLIP text features (a buffer
+            ``modality_memory (K, D)`` saved with the weights); 0: no modality projection.
+        modality_temperature: TOPA eq. 2's tau (the reference hard-codes 0.01).
+        system_prompt: the system message of the chat template (``None``: the template's own).
+    """
+
+    model_type = "vidlm"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        vision_feature_layer: int = -2,
+        projection_dim: int = 0,
+        projector: str = "mlp2x_gelu",
+        pool_before_projector: bool = False,
+        compressor: dict | None = None,
+        sampling: dict | None = None,
+        video_token: str = "<video>",
+        video_token_index: int = 0,
+        image_mean: tuple[float, float, float] = CLIP_MEAN,
+        image_std: tuple[float, float, float] = CLIP_STD,
+        modality_memory_size: int = 0,
+        modality_temperature: float = 0.01,
+        system_prompt: str | None = None,
+        **kwargs,
+    ):
+        self.vision_config = _sub_config(vision_config, "clip_vision_model")
+        self.text_config = _sub_config(text_config, "llama")
+        self.vision_feature_layer = vision_feature_layer
+        self.projection_dim = projection_dim
+        self.projector = projector
+        self.pool_before_projector = pool_before_projector
+        self.compressor = dict(compressor or {})
+        self.sampling = dict(sampling or {})
+        self.video_token = video_token
+        self.video_token_index = video_token_index
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.modality_memory_size = modality_memory_size
+        self.modality_temperature = modality_temperature
+        self.system_prompt = system_prompt
+        if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
+            kwargs.setdefault("tie_word_embeddings", True)  # the LLM's own choice, as LlavaConfig does
+        super().__init__(**kwargs)
+        if self.vision_config is not None:
+            self.validate_parts()
+
+    def validate_parts(self) -> None:
+        """Check that the parts fit together.
+
+        Raises:
+            ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or
+                the other way round), or a modality memory without pooled embeddings.
+        """
+        kind = self.compressor_config.kind
+        if (kind == "global") != (self.projector == "topa_linear"):
+            raise ValueError(
+                f"compressor.kind={kind!r} needs projector='topa_linear' and vice versa (got {self.projector!r})"
+            )
+        if self.modality_memory_size and kind != "global":
+            raise ValueError("modality_memory_size > 0 needs compressor.kind='global' (TOPA)")
+
+    @property
+    def image_size(self) -> int:
+        """S, the tower's input side in pixels."""
+        return int(self.vision_config.image_size)
+
+    @property
+    def compressor_config(self) -> CompressorConfig:
+        """The compressor, with the tower's patch grid."""
+        g = self.vision_config.image_size // self.vision_config.patch_size
+        return CompressorConfig(**{**self.compressor, "grid": (g, g)})
+
+    @property
+    def sampling_config(self) -> SamplingConfig:
+        """How frames are sampled from a clip window for this model."""
+        return SamplingConfig(**self.sampling)
+
+    @property
+    def projector_config(self) -> ProjectorConfig:
+        """The projector, with widths from the tower and the LLM."""
+        if self.projector == "topa_linear":
+            vision_dim = self.projection_dim or self.vision_config.hidden_size
+        else:
+            vision_dim = self.vision_config.hidden_size
+        return ProjectorConfig(
+            kind=self.projector,
+            vision_dim=vision_dim,
+            llm_dim=self.text_config.hidden_size,
+            max_frames=self.sampling_config.max_frames_per_clip(),
+        )
+
+    def num_visual_tokens(self, num_frames: int) -> int:
+        """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
+        return num_visual_tokens(self.compressor_config, num_frames)
+
+
+def encode_videos(
+    parts: nn.Module, config: VidlmConfig, videos: torch.Tensor | list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The visual tokens of each video: tower -> [modality projection] -> projector -> compressor.
+
+    The one implementation behind the transformers model and the vLLM model (``parts`` is either; it has
+    ``vision_tower``, ``projector``, ``compressor`` and ``modality_memory``).
+
+    Args:
+        videos: ``(B, T, 3, S, S)`` or a list of ``(T_i, 3, S, S)`` float pixel values.
+
+    Returns:
+        one ``(num_visual_tokens(T_i), Dl)`` tensor per video, in the parts' dtype.
+
+    Raises:
+        ValueError: a video of another shape.
+    """
+    videos = list(videos)
+    lengths = [v.shape[0] for v in videos]
+    pooled, patches = parts.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
+    kind = config.compressor_config.kind
+    out = []
+    for emb, grid in zip(pooled.split(lengths), patches.split(lengths), strict=True):
+        if kind == "global":
+            if parts.modality_memory is not None:  # TOPA eq. 2, at inference
+                emb = modality_projection(emb, parts.modality_memory, tau=config.modality_temperature)
+            tokens = parts.projector(emb[None])  # (1, T, D) -> (1, T, Dl)
+        elif config.pool_before_projector:
+            tokens = parts.projector(parts.compressor(grid[None]))  # (1, T, h, w, Dv) -> (1, N, Dl)
+        else:
+            tokens = parts.compressor(parts.projector(grid[None]))  # (1, T, h, w, Dl) -> (1, N, Dl)
+        out.append(tokens[0])
+    return out
+
+
+def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
+    """Create ``vision_tower``, ``projector``, ``compressor`` and ``modality_memory`` on ``parts``."""
+    parts.vision_tower = HFVisionTower(config.vision_config, config.vision_feature_layer, config.projection_dim)
+    parts.projector = build_projector(config.projector_config)
+    parts.compressor = build_compressor(config.compressor_config)
+    if config.modality_memory_size:
+        parts.register_buffer("modality_memory", torch.zeros(config.modality_memory_size, parts.vision_tower.embed_dim))
+    else:
+        parts.modality_memory = None
+
+
+class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Vision tower -> projector -> compressor -> causal LM, with ``generate()`` from transformers.
+
+    Parameters are named ``vision_tower.*``, ``projector.*``, ``language_model.*`` (the LLM's own names,
+    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``) and, for TOPA, ``modality_memory``.
+    """
+
+    config_class = VidlmConfig
+    base_model_prefix = "vidlm"
+    main_input_name = "input_ids"
+    input_modalities = ("video", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = []
+
+    def __init__(self, config: VidlmConfig):
+        super().__init__(config)
+        build_video_parts(self, config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Each part initialises itself (torch defaults, the LLM's own _init_weights on from_config).
+        return
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def preprocess(self, frames) -> torch.Tensor:
+        """RGB ``uint8 (T, H, W, 3)`` frames -> ``(T, 3, S, S) float32`` pixel values for this model."""
+        c = self.config
+        return preprocess_frames(frames, c.image_size, c.image_mean, c.image_std)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """Visual tokens of each video.
+
+        Args:
+            pixel_values_videos: ``(B, T, 3, S, S)`` or a list of ``(T_i, 3, S, S)``, float.
+
+        Returns:
+            one ``(num_visual_tokens(T_i), Dl)`` tensor per video, in the LLM's dtype.
+
+        Raises:
+            ValueError: a video of another shape.
+        """
+        return encode_videos(self, self.config, pixel_values_videos)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values_videos=None) -> torch.Tensor:
+        """Token embeddings ``(B, L, Dl)`` with the visual tokens written over the placeholder positions.
+
+        Raises:
+            ValueError: the placeholders of a sequence do not match its video's token count.
+        """
+        embeds = self.get_input_embeddings()(input_ids)  # (B, L, Dl)
+        if pixel_values_videos is None:
+            return embeds
+        features = self.get_video_features(pixel_values_videos)
+        mask = input_ids == self.config.video_token_index  # (B, L)
+        for b, f in enumerate(features):
+            if int(mask[b].sum()) != f.shape[0]:
+                raise ValueError(
+                    f"sequence {b} holds {int(mask[b].sum())} video placeholders, its video gives {f.shape[0]} tokens"
+                )
+        visual = torch.cat(features).to(embeds.dtype)  # (sum N, Dl)
+        return embeds.masked_scatter(mask[..., None].expand_as(embeds), visual)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """Run the LLM on text with videos.
+
+        Args:
+            input_ids: ``(B, L) int64``, each sequence with its placeholder expanded to its video's tokens.
+            pixel_values_videos: ``(B, T, 3, S, S) float`` or a list of ``(T_i, 3, S, S)``; only at prefill.
+            attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
+
+        Returns:
+            the causal LM's output (``logits (B, L, V) float``, ``loss`` when ``labels`` are given).
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values_videos)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+AutoConfig.register("vidlm", VidlmConfig, exist_ok=True)

@@ -1,0 +1,165 @@
+"""The vidlm family as a vLLM model: same parts, vLLM's LLM kernels, paged KV cache and batching.
+
+Registered through the ``vllm.general_plugins`` entry point (:mod:`vidlm.vllm_plugin`), so every vLLM
+process -- the engine core, its workers, and the engines inside Ray Data and Ray Serve actors -- knows
+``VidlmForConditionalGeneration`` and ``model_type: vidlm``.
+
+- Inputs: ``multi_modal_data={"video": frames}`` with frames ``uint8 (T, H, W, 3)`` (pre-decoded by the
+  Ray jobs), or ``video_url`` chat parts that vLLM decodes. :func:`vidlm.models.processing.preprocess_frames`
+  turns them into pixel values, exactly as the transformers path does.
+- The prompt's one ``<video>`` placeholder is replaced by ``num_visual_tokens(T)`` copies (vLLM's
+  ``PromptReplacement``); :meth:`embed_multimodal` returns the visual tokens from
+  :func:`vidlm.models.video_llm.encode_videos`, the function the transformers model calls.
+- The LLM is vLLM's own implementation of ``text_config``'s architecture (Llama, Qwen2...), so weights
+  named ``language_model.*`` load unchanged.
+
+Parity (greedy tokens identical, top-5 logprobs within 1e-3) is a test: ``tests/test_vllm_parity.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems, VideoProcessorItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+from vllm.sequence import IntermediateTensors
+
+from vidlm.models.processing import preprocess_frames
+from vidlm.models.video_llm import VidlmConfig, build_video_parts, encode_videos
+
+__all__ = ["VidlmForConditionalGeneration"]
+
+
+class VidlmProcessingInfo(BaseProcessingInfo):
+    """What vLLM needs to know about a vidlm checkpoint's inputs."""
+
+    def get_hf_config(self) -> VidlmConfig:
+        return self.ctx.get_hf_config(VidlmConfig)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"video": 1}
+
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        return {"text_kwargs": set(), "videos_kwargs": set()}  # no HF processor: nothing to pass through
+
+    def max_frames(self) -> int:
+        return self.get_hf_config().sampling_config.max_frames_per_clip()
+
+
+class VidlmDummyInputsBuilder(BaseDummyInputsBuilder[VidlmProcessingInfo]):
+    """Profiling input: one video of the most frames the model's sampling gives."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return self.info.get_hf_config().video_token * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
+        size = self.info.get_hf_config().image_size
+        videos = self._get_dummy_videos(
+            width=size,
+            height=size,
+            num_frames=self.info.max_frames(),
+            num_videos=mm_counts.get("video", 0),
+            overrides=(mm_options or {}).get("video"),
+        )
+        return {"video": videos}
+
+
+def _frames(item):
+    return item[0] if isinstance(item, tuple) else item  # vLLM's loader gives (frames, metadata)
+
+
+class VidlmMultiModalProcessor(BaseMultiModalProcessor[VidlmProcessingInfo]):
+    """Frames -> pixel values with vidlm's own preprocessing; ``<video>`` -> ``num_visual_tokens`` placeholders."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        config = self.info.get_hf_config()
+        videos = [
+            preprocess_frames(_frames(v), config.image_size, config.image_mean, config.image_std)
+            for v in hf_data.get("videos", [])
+        ]  # each (T, H, W, 3) uint8 -> (T, 3, S, S) float32
+        return BatchFeature({"pixel_values_videos": videos})
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        config = self.info.get_hf_config()
+
+        def replacement(item_idx: int) -> list[int]:
+            videos = mm_items.get_items("video", VideoProcessorItems)
+            return [config.video_token_index] * config.num_visual_tokens(videos.get_num_frames(item_idx))
+
+        return [PromptReplacement(modality="video", target=[config.video_token_index], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VidlmMultiModalProcessor, info=VidlmProcessingInfo, dummy_inputs=VidlmDummyInputsBuilder
+)
+class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
+    """vLLM implementation of :class:`vidlm.models.video_llm.VidlmForConditionalGeneration`."""
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError(f"vidlm models take videos only, got {modality!r}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config: VidlmConfig = vllm_config.model_config.hf_config
+        self.config = config
+        with self._mark_tower_model(vllm_config, "video"):
+            build_video_parts(self, config)  # the same modules as the transformers model
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config, hf_config=config.text_config, prefix=maybe_prefix(prefix, "language_model")
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """One ``(num_visual_tokens(T), Dl)`` tensor per video in ``pixel_values_videos``."""
+        videos = kwargs.pop("pixel_values_videos", None)
+        if videos is None:
+            return []
+        if isinstance(videos, torch.Tensor):
+            videos = list(videos)  # (B, T, 3, S, S) -> B x (T, 3, S, S)
+        return encode_videos(self, self.config, videos)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)
