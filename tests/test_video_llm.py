@@ -113,3 +113,18 @@ def test_smol_generates_fluent_text():
     caption = tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True)
     words = caption.split()
     assert len(words) >= 5 and sum(w.strip(".,").isalpha() for w in words) >= 0.8 * len(words), caption
+
+
+def test_siglip_tower_has_no_cls_and_gives_the_full_grid():
+    from vidlm.models._builders import siglip_vision_config
+    from vidlm.models.vision_tower import HFVisionTower
+
+    torch.manual_seed(0)
+    tower = HFVisionTower(siglip_vision_config(56, 14, 32, 2, 2, 64), feature_layer=-1).eval()
+    with torch.no_grad():
+        pooled, patches = tower(torch.randn(3, 3, 56, 56))
+        hidden = tower.vision_model(torch.randn(1, 3, 56, 56), output_hidden_states=True).hidden_states[-1]
+    assert pooled.shape == (3, 32) and patches.shape == (3, 4, 4, 32)
+    assert hidden.shape[1] == 16  # 4x4 patches, no CLS token to drop
+    with pytest.raises(ValueError, match="pixel_values"):
+        tower(torch.randn(1, 3, 64, 64))
