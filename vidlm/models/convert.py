@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidlm.models.lora import ADAPTER_DIR, LoraSettings, lora_config
-from vidlm.models.video_llm import VidlmConfig
+from vidlm.models.video_llm import CLIP_MEAN, CLIP_STD, VidlmConfig
 
 __all__ = ["convert_checkpoint", "detect_layout"]
 
@@ -161,10 +161,7 @@ def convert_checkpoint(
         if (src / "preprocessor_config.json").is_file()
         else {}
     )
-    defaults = VidlmConfig()
-    config = _vidlm_config(
-        src_config, layout, pre.get("image_mean", defaults.image_mean), pre.get("image_std", defaults.image_std)
-    )
+    config = _vidlm_config(src_config, layout, pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD))
 
     base: dict[str, torch.Tensor] = {}
     lora: dict[str, torch.Tensor] = {}

@@ -15,7 +15,6 @@ in ``adapter/`` inside the model directory it was trained from.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -118,8 +117,5 @@ def merge_lora(model_dir: str | Path, out_dir: str | Path, alpha: float | None =
     base = VidlmForConditionalGeneration.from_pretrained(model_dir)
     merged = PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()
     merged.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
-    for extra in ("chat_template.jinja",):
-        if (model_dir / extra).is_file() and not (out_dir / extra).is_file():
-            shutil.copy(model_dir / extra, out_dir / extra)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)  # with its chat template
     return out_dir

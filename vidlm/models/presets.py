@@ -20,7 +20,6 @@ checkpoints into this format. ``tiny`` and ``smol`` are materialised into ``cach
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,24 +28,28 @@ from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 from vidlm.models._builders import (
     build_video_llm,
     cache_dir,
-    clip_vision_config,
-    siglip_vision_config,
     smollm2_dir,
+    vision_config,
+    write_once,
 )
+from vidlm.models.lora import LoraSettings
 from vidlm.models.video_llm import VidlmConfig
 
 __all__ = ["PRESETS", "preset_config", "resolve_model"]
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-PLLAVA_LORA = {"r": 128, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _clip(*sizes: int):
+    return vision_config("clip_vision_model", *sizes)
 
 
 def _vit_l14_336():
-    return clip_vision_config(336, 14, 1024, 24, 16, 4096)
+    return _clip(336, 14, 1024, 24, 16, 4096)
 
 
-def _llama(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int, **kw) -> LlamaConfig:
-    return LlamaConfig(
+def _decoder(cls, hidden: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int, **kw):
+    return cls(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -57,17 +60,12 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, voca
     )
 
 
-def _qwen2(hidden: int, layers: int, heads: int, kv_heads: int, inter: int) -> Qwen2Config:
-    return Qwen2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=inter,
-        vocab_size=152064,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-    )
+def _llama(*sizes: int, **kw) -> LlamaConfig:
+    return _decoder(LlamaConfig, *sizes, **kw)
+
+
+def _qwen2(*sizes: int) -> Qwen2Config:
+    return _decoder(Qwen2Config, *sizes, 152064, max_position_embeddings=32768, rope_theta=1e6)
 
 
 def _pllava(text_config) -> VidlmConfig:
@@ -83,7 +81,7 @@ def _pllava(text_config) -> VidlmConfig:
 
 def _llava_video(text_config, slow_stride: int) -> VidlmConfig:
     return VidlmConfig(
-        vision_config=siglip_vision_config(384, 14, 1152, 27, 16, 4304),
+        vision_config=vision_config("siglip_vision_model", 384, 14, 1152, 27, 16, 4304),
         text_config=text_config,
         compressor={"kind": "slowfast", "slow_stride": slow_stride, "slow_pool": 2},
         sampling={"mode": "fps", "fps": 1.0, "max_frames": 64, "force_sample": True},
@@ -95,7 +93,7 @@ def _llava_video(text_config, slow_stride: int) -> VidlmConfig:
 
 def _topa(text_config) -> VidlmConfig:
     return VidlmConfig(
-        vision_config=clip_vision_config(224, 14, 1024, 24, 16, 4096),
+        vision_config=_clip(224, 14, 1024, 24, 16, 4096),
         text_config=text_config,
         projection_dim=768,
         projector="topa_linear",
@@ -107,7 +105,7 @@ def _topa(text_config) -> VidlmConfig:
 
 def _tiny() -> VidlmConfig:
     return VidlmConfig(
-        vision_config=clip_vision_config(64, 8, 32, 2, 2, 64),  # 8x8 patch grid
+        vision_config=_clip(64, 8, 32, 2, 2, 64),  # 8x8 patch grid
         text_config=_llama(
             128, 2, 2, 1, 256, 49152, tie_word_embeddings=True, max_position_embeddings=4096, initializer_range=0.2
         ),  # wide init: greedy tokens vary, so parity tests compare something
@@ -119,7 +117,7 @@ def _tiny() -> VidlmConfig:
 
 def _smol() -> VidlmConfig:
     return VidlmConfig(
-        vision_config=clip_vision_config(224, 32, 256, 4, 4, 1024),  # 7x7 patch grid
+        vision_config=_clip(224, 32, 256, 4, 4, 1024),  # 7x7 patch grid
         text_config=None,  # SmolLM2-135M-Instruct's own
         compressor={"kind": "pllava", "pooling_shape": (8, 4, 4)},
         sampling={"mode": "uniform", "num_frames": 8},
@@ -139,8 +137,8 @@ PRESETS: dict[str, Callable[[], VidlmConfig]] = {
 }
 """Preset name -> its :class:`VidlmConfig` (a fresh object per call)."""
 
-LORA_PRESETS = {name: PLLAVA_LORA for name in PRESETS if name.startswith("pllava")}
-"""LoRA settings the papers train with, by preset."""
+LORA_PRESETS = {name: LoraSettings() for name in PRESETS if name.startswith("pllava")}
+"""LoRA settings the papers train with, by preset (:class:`LoraSettings`' defaults are PLLaVA's)."""
 
 MATERIALISED = ("tiny", "smol")
 
@@ -189,14 +187,10 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return path
     name = str(spec)
     preset_config(name)  # unknown names raise here
-    out = cache_dir() / "models" / name
-    if (out / "config.json").is_file():
-        return out
-    model, tokenizer = build_preset(name)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model, tokenizer = build_preset(name)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_once(cache_dir() / "models" / name, write)
