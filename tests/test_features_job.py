@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 from pipelines._common import read_output_columns
 from pipelines.features import FeaturesConfig, run_features
 from vidlm.config import load_config
+from vidlm.testing import kill_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -123,7 +123,7 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, 
     deadline = time.time() + 240
     while _count_written(out / "features") < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local cluster die mid-run
+    kill_session(proc.pid)  # the driver and its whole local cluster die mid-run, as with a dead node
     proc.wait()
     written = _count_written(out / "features")
     assert 0 < written < 48, f"the kill must land mid-run (clips written before the kill: {written})"

@@ -3,12 +3,14 @@
 ``write_video`` can stamp each frame with its own index (frame ``i`` is a flat grey of level
 :func:`index_level` ``(i)``), so a test can tell from the decoded pixels which frames were sampled.
 ``write_bad_inputs`` writes one file for every kind of bad input the pipelines must turn into an
-error row, with the ``error_type`` each must get.
+error row, with the ``error_type`` each must get. ``kill_session`` kills a local Ray cluster the way a
+dying node would: all of it at once.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -18,7 +20,7 @@ import numpy as np
 
 from vidlm.clips import ErrorType
 
-__all__ = ["TINY_VARIANTS", "index_level", "write_bad_inputs", "write_video"]
+__all__ = ["TINY_VARIANTS", "index_level", "kill_session", "write_bad_inputs", "write_video"]
 
 
 def index_level(i: int) -> int:
@@ -141,3 +143,32 @@ TINY_VARIANTS = {
     "mean": {"compressor": {"kind": "mean"}},
 }
 """Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling)."""
+
+
+def kill_session(sid: int, timeout_s: float = 30.0) -> None:
+    """SIGKILL every process of session ``sid`` (a driver started with ``start_new_session=True``).
+
+    ``os.killpg`` on the driver is not enough to kill a local Ray cluster: each Ray worker puts itself in
+    its own process group (same session), and survives the kill for a few seconds, long enough to
+    finish writing an output file after the next run's recovery has run.
+
+    Raises:
+        TimeoutError: processes of the session are still alive after ``timeout_s`` seconds.
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid:
+                    proc.kill()
+                    alive.append(proc)
+            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+                continue
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes of session {sid} still alive: {[p.pid for p in alive]}")
+        psutil.wait_procs(alive, timeout=1)
