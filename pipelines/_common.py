@@ -19,7 +19,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -28,15 +30,20 @@ from pydantic import Field
 from ray.data import DataContext
 from ray.data.checkpoint import CheckpointConfig
 
-from vidlm.clips import ManifestConfig, clips_table
+from vidlm.clips import ClipError, ManifestConfig, clips_table
 from vidlm.config import Section
+from vidlm.decode import DecodeStrategy, decode_clip
+from vidlm.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DecodeConfig",
     "JobSummary",
     "OutputConfig",
     "check_cpu_budget",
+    "clean_null",
+    "decode_frames",
     "exactly_once",
     "init_ray",
     "num_gpus_in_cluster",
@@ -55,6 +62,73 @@ class OutputConfig(Section):
     """Upper bound of rows per parquet file."""
     write_num_cpus: float = Field(0.25, gt=0)
     """CPUs reserved per write task: small, so writes run beside decode and encode instead of after them."""
+
+
+class DecodeConfig(Section):
+    """The CPU decode stage."""
+
+    strategy: DecodeStrategy = "auto"
+    """``auto`` (per clip, see vidlm.decode), ``seek``, ``sequential`` or ``pyav``."""
+    clips_per_task: int = Field(2, gt=0)
+    """Clips one decode task handles (Ray Data batch size)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per decode task."""
+    memory_gb: float = Field(0.5, gt=0)
+    """Memory reserved per decode task (Ray ``memory``). Being a resource the model actors do not ask
+    for, it also keeps Ray Data from fusing decode into them, so the stages overlap."""
+
+
+def clean_null(value: Any) -> Any:
+    """Ray's numpy batches carry nulls as None or NaN; arrow wants None."""
+    return None if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)) else value
+
+
+def decode_frames(batch: dict[str, np.ndarray], *, sampling: SamplingConfig, size: int, strategy: str) -> dict:
+    """Ray Data stage (CPU task): decode the sampled frames of each clip in the batch.
+
+    Input columns: those of :data:`vidlm.clips.CLIP_SCHEMA`. Adds ``frames (T, size, size, 3) uint8``,
+    ``frame_times_s (T,) float64``, ``num_frames``, ``decoder``; clamps ``start_s`` / ``end_s`` to the
+    video. A clip that fails gets ``error`` / ``error_type`` and ``T = 0``.
+    """
+    n = len(batch["clip_id"])
+    frames, times, decoders = [], [], []
+    start_s, end_s = list(batch["start_s"]), list(batch["end_s"])
+    error, error_type = [clean_null(e) for e in batch["error"]], [clean_null(e) for e in batch["error_type"]]
+    for i in range(n):
+        clip = None
+        if error_type[i] is None:
+            try:
+                clip = decode_clip(
+                    batch["path"][i],
+                    sampling,
+                    size,
+                    clean_null(start_s[i]),
+                    clean_null(end_s[i]),
+                    strategy=strategy,
+                    clip_key=batch["clip_id"][i],
+                )
+            except ClipError as err:
+                error[i], error_type[i] = str(err), err.error_type.value
+        if clip is None:
+            frames.append(np.zeros((0, size, size, 3), np.uint8))
+            times.append(np.zeros((0,), np.float64))
+            decoders.append(None)
+        else:
+            frames.append(clip.frames)
+            times.append(clip.frame_times_s)
+            decoders.append(clip.backend)
+            start_s[i], end_s[i] = clip.start_s, clip.end_s
+    return {
+        **batch,
+        "start_s": np.asarray(start_s, np.float64),
+        "end_s": np.asarray(end_s, np.float64),
+        "frames": frames,
+        "frame_times_s": times,
+        "num_frames": np.array([len(t) for t in times], np.int64),
+        "decoder": np.array(decoders, dtype=object),
+        "error": np.array(error, dtype=object),
+        "error_type": np.array(error_type, dtype=object),
+    }
 
 
 def stage_clips(manifest: str | Path, cfg: ManifestConfig, out: Path, min_files: int) -> int:
@@ -136,23 +210,31 @@ class JobSummary:
         return {**asdict(self), "out": str(self.out)}
 
     @classmethod
-    def collect(cls, out_dir: Path, before_ids: set[str], started: float, sum_columns: dict[str, str]) -> JobSummary:
+    def collect(
+        cls, out_dir: Path, before_ids: set[str], started: float, sum_columns: dict[str, str | list[str]]
+    ) -> JobSummary:
         """Summarise ``out_dir`` after a run that started at ``started`` (``time.perf_counter``).
 
         Args:
             before_ids: clip ids present before the run (to count this run's clips).
-            sum_columns: ``{"frames/s": "num_frames"}``: rates of column sums over this run's clips.
+            sum_columns: ``{"frames/s": "num_frames"}``: rates of column sums over this run's clips
+                (a list of columns: their sum, e.g. output tokens over several prompt templates).
         """
         seconds = time.perf_counter() - started
-        table = read_output_columns(out_dir, ["clip_id", "error_type", *sum_columns.values()])
+        columns = {name: [cols] if isinstance(cols, str) else list(cols) for name, cols in sum_columns.items()}
+        wanted = list(dict.fromkeys(c for cols in columns.values() for c in cols))
+        table = read_output_columns(out_dir, ["clip_id", "error_type", *wanted])
         ids = table.column("clip_id").to_pylist()
         new_mask = [i not in before_ids for i in ids]
         errors = Counter(e for e in table.column("error_type").to_pylist() if e)
         new = sum(new_mask)
         rates = {"clips/s": new / seconds if seconds > 0 else 0.0}
-        for name, col in sum_columns.items():
-            values = table.column(col).to_pylist()
-            rates[name] = sum(v or 0 for v, m in zip(values, new_mask, strict=True) if m) / seconds
+        for name, cols in columns.items():
+            total = 0
+            for col in cols:
+                values = table.column(col).to_pylist() if table.num_rows else []
+                total += sum(v or 0 for v, m in zip(values, new_mask, strict=True) if m)
+            rates[name] = total / seconds if seconds > 0 else 0.0
         return cls(out_dir, len(ids), len(ids) - sum(errors.values()), dict(errors), new, seconds, rates)
 
 
@@ -179,6 +261,11 @@ def init_ray() -> bool:
     A local cluster gets one logical CPU more than the machine has: on a resumed run, Ray Data's
     checkpoint filter holds an actor with one CPU reserved that does almost no work, and on a
     2-core laptop that reservation plus one encode actor would leave no CPU for decoding.
+
+    A local cluster runs its workers at normal priority (``RAY_worker_niceness=0``, as Ray Jobs run
+    drivers) and without the dashboard unless ``VIDLM_RAY_DASHBOARD=1``. Ray's default nice 15 for
+    workers makes an engine whose OpenMP threads span every core wait on the driver, the dashboard
+    (up to half a core on a laptop) and Ray's own processes.
     """
     remote = bool(os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
@@ -186,7 +273,11 @@ def init_ray() -> bool:
     if remote:
         ray.init()
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + int(CHECKPOINT_FILTER_CPUS))
+        os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this call starts
+        ray.init(
+            num_cpus=(os.cpu_count() or 1) + int(CHECKPOINT_FILTER_CPUS),
+            include_dashboard=os.environ.get("VIDLM_RAY_DASHBOARD") == "1",
+        )
     return not remote
 
 

@@ -18,7 +18,6 @@ A clip that fails anywhere is a row with ``error`` / ``error_type`` and no frame
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,8 @@ from pipelines._common import (
     JobSummary,
     OutputConfig,
     check_cpu_budget,
+    clean_null,
+    decode_frames,
     exactly_once,
     init_ray,
     num_gpus_in_cluster,
@@ -43,27 +44,18 @@ from pipelines._common import (
     resuming,
     stage_clips,
 )
-from vidlm.clips import CLIP_SCHEMA, ClipError, ManifestConfig
+from pipelines._common import DecodeConfig as CommonDecodeConfig
+from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.config import JobConfig, Section
-from vidlm.decode import DecodeStrategy, decode_clip
 from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
 from vidlm.sampling import SamplingConfig
 
 __all__ = ["EncodeFrames", "FeaturesConfig", "decode_frames", "output_table", "run_features"]
 
 
-class DecodeConfig(Section):
+class DecodeConfig(CommonDecodeConfig):
     """The CPU decode stage."""
 
-    strategy: DecodeStrategy = "auto"
-    """``auto`` (per clip, see vidlm.decode), ``seek``, ``sequential`` or ``pyav``."""
-    clips_per_task: int = Field(2, gt=0)
-    """Clips one decode task handles (Ray Data batch size)."""
-    num_cpus: float = Field(1.0, gt=0)
-    """CPUs reserved per decode task."""
-    memory_gb: float = Field(0.5, gt=0)
-    """Memory reserved per decode task (Ray ``memory``). Being a resource the encode actors do not ask
-    for, it also keeps Ray Data from fusing decode into the encode actors, so the stages overlap."""
     in_encode_actors: bool = False
     """Decode inside the encode actors instead (Ray Data fuses the stages; ``num_cpus`` / ``memory_gb``
     are then the actors'). For light towers on CPU, where encoding is nearly free and every core should
@@ -94,54 +86,6 @@ class FeaturesConfig(JobConfig):
     decode: DecodeConfig = DecodeConfig()
     encode: EncodeConfig = EncodeConfig()
     output: OutputConfig = OutputConfig()
-
-
-def decode_frames(batch: dict[str, np.ndarray], *, sampling: SamplingConfig, size: int, strategy: str) -> dict:
-    """Ray Data stage (CPU task): decode the sampled frames of each clip in the batch.
-
-    Input columns: those of :data:`vidlm.clips.CLIP_SCHEMA`. Adds ``frames (T, size, size, 3) uint8``,
-    ``frame_times_s (T,) float64``, ``num_frames``, ``decoder``; clamps ``start_s`` / ``end_s`` to the
-    video. A clip that fails gets ``error`` / ``error_type`` and ``T = 0``.
-    """
-    n = len(batch["clip_id"])
-    frames, times, decoders = [], [], []
-    start_s, end_s = list(batch["start_s"]), list(batch["end_s"])
-    error, error_type = [_clean(e) for e in batch["error"]], [_clean(e) for e in batch["error_type"]]
-    for i in range(n):
-        clip = None
-        if error_type[i] is None:
-            try:
-                clip = decode_clip(
-                    batch["path"][i],
-                    sampling,
-                    size,
-                    _clean(start_s[i]),
-                    _clean(end_s[i]),
-                    strategy=strategy,
-                    clip_key=batch["clip_id"][i],
-                )
-            except ClipError as err:
-                error[i], error_type[i] = str(err), err.error_type.value
-        if clip is None:
-            frames.append(np.zeros((0, size, size, 3), np.uint8))
-            times.append(np.zeros((0,), np.float64))
-            decoders.append(None)
-        else:
-            frames.append(clip.frames)
-            times.append(clip.frame_times_s)
-            decoders.append(clip.backend)
-            start_s[i], end_s[i] = clip.start_s, clip.end_s
-    return {
-        **batch,
-        "start_s": np.asarray(start_s, np.float64),
-        "end_s": np.asarray(end_s, np.float64),
-        "frames": frames,
-        "frame_times_s": times,
-        "num_frames": np.array([len(t) for t in times], np.int64),
-        "decoder": np.array(decoders, dtype=object),
-        "error": np.array(error, dtype=object),
-        "error_type": np.array(error_type, dtype=object),
-    }
 
 
 class EncodeFrames:
@@ -186,11 +130,6 @@ class EncodeFrames:
 OUTPUT_SCALARS = pa.schema([*CLIP_SCHEMA, pa.field("num_frames", pa.int64()), pa.field("decoder", pa.string())])
 
 
-def _clean(value: Any) -> Any:
-    """Ray's numpy batches carry nulls as None or NaN; arrow wants None."""
-    return None if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)) else value
-
-
 def output_table(batch: dict[str, Any], tensors: dict[str, list[np.ndarray]]) -> pa.Table:
     """One block of job output with a fixed schema, whatever nulls or shapes the batch holds.
 
@@ -199,7 +138,7 @@ def output_table(batch: dict[str, Any], tensors: dict[str, list[np.ndarray]]) ->
         tensors: per-clip arrays (e.g. ``embeddings (T, D) float16``), stored as Ray variable-shaped
             tensor columns so clips of different ``T`` (and error rows, ``T = 0``) share one column.
     """
-    columns = {f.name: pa.array([_clean(v) for v in batch[f.name]], f.type) for f in OUTPUT_SCALARS}
+    columns = {f.name: pa.array([clean_null(v) for v in batch[f.name]], f.type) for f in OUTPUT_SCALARS}
     columns["frame_times_s"] = pa.array(
         [np.asarray(t).tolist() for t in batch["frame_times_s"]], pa.list_(pa.float64())
     )

@@ -56,3 +56,26 @@ def test_submit_needs_a_command_and_an_address():
     assert result.exit_code == 2 and "nothing to submit" in result.output
     result = runner.invoke(app, ["submit", "--", "vidlm", "doctor"], env={"RAY_ADDRESS": ""}, terminal_width=200)
     assert result.exit_code == 2 and "no cluster address" in result.output
+
+
+def test_recaption_config_and_bad_input_errors_before_starting_ray(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "config",
+            "recaption",
+            "-c",
+            str(REPO / "pipelines/configs/recaption_bilingual.yaml"),
+            "generation.max_tokens=64",
+        ],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    resolved = json.loads(result.output)
+    assert resolved["prompts"] == {"caption": "pllava_recaption", "caption_zh": "pllava_recaption_zh"}
+    assert resolved["generation"]["max_tokens"] == 64 and resolved["model"] == "smol"
+    result = runner.invoke(app, ["recaption", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "manifest not found" in result.output
+    (tmp_path / "m.txt").write_text("/x.mp4\n")
+    result = runner.invoke(app, ["recaption", str(tmp_path / "m.txt"), "--out", str(tmp_path / "o"), "--model", "nope"])
+    assert result.exit_code == 2 and "unknown preset 'nope'" in result.output

@@ -9,10 +9,11 @@ import pytest
 import yaml
 
 from pipelines.features import FeaturesConfig
+from pipelines.recaption import RecaptionConfig
 from vidlm.config import ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_CONFIGS = {"features": FeaturesConfig}
+JOB_CONFIGS = {"features": FeaturesConfig, "recaption": RecaptionConfig}
 
 
 def _job_yamls() -> list[Path]:
@@ -39,8 +40,9 @@ def test_every_yaml_in_the_repo_parses(path):
     assert docs and all(isinstance(d, dict) for d in docs)
 
 
-def test_rayjob_entrypoint_runs_a_vidlm_job_with_a_shipped_config():
-    spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob-features.yaml").read_text())
+@pytest.mark.parametrize("path", sorted((REPO / "cluster").glob("kuberay-rayjob-*.yaml")), ids=lambda p: p.name)
+def test_rayjob_entrypoint_runs_a_vidlm_job_with_a_shipped_config(path):
+    spec = yaml.safe_load(path.read_text())
     argv = shlex.split(spec["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "vidlm"]
     config = argv[argv.index("--config") + 1]

@@ -15,21 +15,11 @@ from pipelines._common import read_output_columns
 from pipelines.features import FeaturesConfig, run_features
 from vidlm.config import load_config
 from vidlm.testing import kill_session
+from vidlm.testing import write_panda70m_manifest as _manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-WINDOWS = "\"[['0:00:00.000', '0:00:02.000'], ['0:00:02.000', '0:00:04.000']]\""
-
-
-def _manifest(path: Path, videos: dict[str, Path], repeat: int = 1) -> Path:
-    """A Panda-70M CSV with two windows per video (``repeat`` copies under different ids)."""
-    lines = ["videoID,url,timestamp,caption,matching_score,path"]
-    for r in range(repeat):
-        for vid, p in videos.items():
-            lines.append(f"{vid}{'' if r == 0 else f'-r{r}'},u,{WINDOWS},\"['c1', 'c2']\",\"[0.5, 0.6]\",{p}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _cfg(*overrides: str) -> FeaturesConfig:

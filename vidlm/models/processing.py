@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["expand_video_tokens", "preprocess_frames"]
+__all__ = ["expand_video_tokens", "preprocess_frames", "video_prompt_ids"]
 
 
 def preprocess_frames(
@@ -73,3 +73,38 @@ def expand_video_tokens(input_ids: Sequence[int], video_token_id: int, num_token
         raise ValueError(f"a prompt must hold exactly one video placeholder (id {video_token_id}), found {count}")
     i = ids.index(video_token_id)
     return ids[:i] + [video_token_id] * num_tokens + ids[i + 1 :]
+
+
+def video_prompt_ids(
+    tokenizer, text: str, video_token: str, video_token_id: int, system_prompt: str | None
+) -> list[int]:
+    """Token ids of one chat turn about a video, with one (unexpanded) placeholder and the generation prompt.
+
+    The user turn is ``text`` when it holds ``video_token``, else ``video_token + "\\n" + text`` (the
+    video before the question, as LLaVA / PLLaVA prompt). The tokenizer's chat template renders it,
+    after a system turn when ``system_prompt`` is given. The recaption job, the transformers baseline and
+    the endpoint all build prompts here, so the same clip sees the same tokens on every path.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template and ``video_token`` in its vocabulary.
+        text: the instruction, e.g. PLLaVA's recaption prompt.
+        video_token, video_token_id: the placeholder string and its id (``VidlmConfig.video_token*``).
+        system_prompt: the system message, or ``None`` for the template's own.
+
+    Returns:
+        ids (``int``), exactly one of them ``video_token_id``; text tokens = ``len(ids) - 1``.
+
+    Raises:
+        ValueError: the rendered prompt does not hold exactly one placeholder (e.g. the text holds two).
+    """
+    user = text if video_token in text else f"{video_token}\n{text}"
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}
+    ]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    if ids.count(video_token_id) != 1:
+        raise ValueError(
+            f"prompt must hold exactly one {video_token!r} (id {video_token_id}), found {ids.count(video_token_id)}"
+        )
+    return ids
