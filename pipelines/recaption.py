@@ -584,9 +584,12 @@ def run_recaption(
     stop = threading.Event()
     bar = None
     if show_progress:
-        DataContext.get_current().enable_progress_bars = False  # ours instead: clips/s and tokens/s
         bar = threading.Thread(target=_show_progress, args=(progress, max(n_clips - len(before), 0), stop))
         bar.start()
+    # Ray Data's own progress reporting off (ours instead, with tokens/s): measured on 2 cores, its periodic stats
+    # collection in the driver took ~10 % of the engine's throughput (job / bare engine 0.82 -> 0.92).
+    ctx = DataContext.get_current()
+    ray_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     started = time.perf_counter()
     try:
         with exactly_once(out):
@@ -626,6 +629,7 @@ def run_recaption(
                 ray_remote_args={"num_cpus": config.output.write_num_cpus},
             )
     finally:
+        ctx.enable_progress_bars = ray_bars
         stop.set()
         if bar is not None:
             bar.join()
