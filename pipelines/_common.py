@@ -41,6 +41,7 @@ __all__ = [
     "DecodeConfig",
     "JobSummary",
     "OutputConfig",
+    "arrow_table",
     "check_cpu_budget",
     "clean_null",
     "decode_frames",
@@ -48,8 +49,11 @@ __all__ = [
     "init_ray",
     "num_gpus_in_cluster",
     "read_output_columns",
+    "read_staged_clips",
     "resuming",
     "stage_clips",
+    "write_output",
+    "written_clip_ids",
 ]
 
 
@@ -151,6 +155,41 @@ def stage_clips(manifest: str | Path, cfg: ManifestConfig, out: Path, min_files:
     return table.num_rows
 
 
+def read_staged_clips(out: Path, clips_per_block: int) -> ray.data.Dataset:
+    """The clip rows :func:`stage_clips` wrote to ``out/clips``, ``clips_per_block`` rows per block.
+
+    Ray Data coalesces small files into one read block; splitting it lets decode run in parallel tasks.
+    """
+    return ray.data.read_parquet(str(out / "clips")).repartition(target_num_rows_per_block=clips_per_block)
+
+
+def write_output(ds: ray.data.Dataset, folder: Path, config: OutputConfig) -> None:
+    """Write a job's dataset as parquet into ``folder`` with the file sizes and write CPUs of ``config``."""
+    ds.write_parquet(
+        str(folder),
+        min_rows_per_file=config.min_rows_per_file,
+        max_rows_per_file=config.max_rows_per_file,
+        ray_remote_args={"num_cpus": config.write_num_cpus},
+    )
+
+
+def arrow_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """One block of job output with a fixed schema, whatever nulls a batch holds.
+
+    Args:
+        columns: ``name -> per-row values`` for every field of ``schema`` (a numpy batch or lists): nulls as
+            None or NaN (:func:`clean_null`); list fields as per-row arrays (e.g. ``frame_times_s (T,)``).
+    """
+    arrays = []
+    for f in schema:
+        values = columns[f.name]
+        if pa.types.is_list(f.type):
+            arrays.append(pa.array([np.asarray(v).tolist() for v in values], f.type))
+        else:
+            arrays.append(pa.array([clean_null(v) for v in values], f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 @contextlib.contextmanager
 def exactly_once(out: Path) -> Iterator[None]:
     """Run the Ray Data job inside with checkpointing on ``clip_id`` under ``out/_checkpoint``."""
@@ -183,6 +222,11 @@ def read_output_columns(folder: Path, columns: list[str], skip_unreadable: bool 
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+
+
+def written_clip_ids(folder: Path) -> set[str]:
+    """Clip ids in the readable parquet files of ``folder`` (what a run finds before it starts)."""
+    return set(read_output_columns(folder, ["clip_id"], skip_unreadable=True).column("clip_id").to_pylist())
 
 
 def _readable(path: Path) -> bool:

@@ -34,15 +34,17 @@ from pipelines._common import (
     READ_TASK_CPUS,
     JobSummary,
     OutputConfig,
+    arrow_table,
     check_cpu_budget,
-    clean_null,
     decode_frames,
     exactly_once,
     init_ray,
     num_gpus_in_cluster,
-    read_output_columns,
+    read_staged_clips,
     resuming,
     stage_clips,
+    write_output,
+    written_clip_ids,
 )
 from pipelines._common import DecodeConfig as CommonDecodeConfig
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
@@ -127,24 +129,28 @@ class EncodeFrames:
         return output_table(batch, columns)
 
 
-OUTPUT_SCALARS = pa.schema([*CLIP_SCHEMA, pa.field("num_frames", pa.int64()), pa.field("decoder", pa.string())])
+OUTPUT_COLUMNS = pa.schema(
+    [
+        *CLIP_SCHEMA,
+        pa.field("num_frames", pa.int64()),
+        pa.field("decoder", pa.string()),
+        pa.field("frame_times_s", pa.list_(pa.float64())),
+    ]
+)
 
 
 def output_table(batch: dict[str, Any], tensors: dict[str, list[np.ndarray]]) -> pa.Table:
     """One block of job output with a fixed schema, whatever nulls or shapes the batch holds.
 
     Args:
-        batch: numpy batch with the columns of :data:`OUTPUT_SCALARS` and ``frame_times_s``.
+        batch: numpy batch with the columns of :data:`OUTPUT_COLUMNS`.
         tensors: per-clip arrays (e.g. ``embeddings (T, D) float16``), stored as Ray variable-shaped
             tensor columns so clips of different ``T`` (and error rows, ``T = 0``) share one column.
     """
-    columns = {f.name: pa.array([clean_null(v) for v in batch[f.name]], f.type) for f in OUTPUT_SCALARS}
-    columns["frame_times_s"] = pa.array(
-        [np.asarray(t).tolist() for t in batch["frame_times_s"]], pa.list_(pa.float64())
-    )
+    table = arrow_table(batch, OUTPUT_COLUMNS)
     for name, arrays in tensors.items():
-        columns[name] = ArrowVariableShapedTensorArray.from_numpy(list(arrays))
-    return pa.table(columns)
+        table = table.append_column(name, ArrowVariableShapedTensorArray.from_numpy(list(arrays)))
+    return table
 
 
 def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) -> JobSummary:
@@ -183,12 +189,10 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     check_cpu_budget(stages, strict=local, out=out)
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
     features_dir = out / "features"
-    before = set(read_output_columns(features_dir, ["clip_id"], skip_unreadable=True).column("clip_id").to_pylist())
+    before = written_clip_ids(features_dir)
     started = time.perf_counter()
     with exactly_once(out):
-        ds = ray.data.read_parquet(str(out / "clips"))
-        # Ray Data coalesces small files into one read block; split it so decode runs in parallel tasks.
-        ds = ds.repartition(target_num_rows_per_block=config.decode.clips_per_task)
+        ds = read_staged_clips(out, config.decode.clips_per_task)
         decode_resources = (
             {"num_cpus": config.encode.num_cpus}  # the same as the actors': Ray Data fuses the two
             if config.decode.in_encode_actors
@@ -208,12 +212,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
             num_gpus=1 if gpus else 0,
             num_cpus=config.encode.num_cpus,
         )
-        ds.write_parquet(
-            str(features_dir),
-            min_rows_per_file=config.output.min_rows_per_file,
-            max_rows_per_file=config.output.max_rows_per_file,
-            ray_remote_args={"num_cpus": config.output.write_num_cpus},
-        )
+        write_output(ds, features_dir, config.output)
     summary = JobSummary.collect(features_dir, before, started, {"frames/s": "num_frames"})
     (out / "summary.json").write_text(json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
     return summary

@@ -51,14 +51,17 @@ from pipelines._common import (
     DecodeConfig,
     JobSummary,
     OutputConfig,
+    arrow_table,
     check_cpu_budget,
     clean_null,
     decode_frames,
     exactly_once,
     init_ray,
     num_gpus_in_cluster,
-    read_output_columns,
+    read_staged_clips,
     stage_clips,
+    write_output,
+    written_clip_ids,
 )
 from vidlm.clips import CLIP_SCHEMA, ErrorType, ManifestConfig
 from vidlm.config import JobConfig, Section
@@ -380,6 +383,7 @@ class CaptionClips:
             name: video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
             for name, text in config.prompt_texts().items()
         }
+        self._longest = max(self.prompts, key=lambda name: len(self.prompts[name]))  # decides context overflow
         from vllm.usage.usage_lib import UsageContext
 
         args = vllm.AsyncEngineArgs(**engine_args(model_dir, config), disable_log_stats=True)
@@ -420,8 +424,8 @@ class CaptionClips:
 
     def _check_context(self, num_frames: int) -> int:
         visual = self.model_config.num_visual_tokens(num_frames)
-        name, ids = max(self.prompts.items(), key=lambda kv: len(kv[1]))
-        text = len(ids) - 1  # the placeholder itself becomes the visual tokens
+        name = self._longest
+        text = len(self.prompts[name]) - 1  # the placeholder itself becomes the visual tokens
         if visual + text > self.max_model_len:
             raise _Overflow(
                 f"{visual} visual tokens ({num_frames} frames) + {text} prompt tokens (template {name!r}) = "
@@ -489,23 +493,12 @@ class CaptionClips:
         )
         if self.progress is not None:
             await self.progress.batch_done.remote(n, tokens, submitted, time.time())
-        yield _table({**batch, **columns}, output_schema(self.config))
+        yield arrow_table({**batch, **columns}, output_schema(self.config))
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()  # the EngineCore process would outlive the actor with its memory
-
-
-def _table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
-    arrays = []
-    for field in schema:
-        values = columns[field.name]
-        if field.name == "frame_times_s":
-            arrays.append(pa.array([np.asarray(t).tolist() for t in values], field.type))
-        else:
-            arrays.append(pa.array([clean_null(v) for v in values], field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _show_progress(progress, total: int, stop: threading.Event) -> None:
@@ -579,7 +572,7 @@ def run_recaption(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
     captions_dir = out / "captions"
-    before = set(read_output_columns(captions_dir, ["clip_id"], skip_unreadable=True).column("clip_id").to_pylist())
+    before = written_clip_ids(captions_dir)
     progress = RecaptionProgress.remote()
     stop = threading.Event()
     bar = None
@@ -593,8 +586,7 @@ def run_recaption(
     started = time.perf_counter()
     try:
         with exactly_once(out):
-            ds = ray.data.read_parquet(str(out / "clips"))
-            ds = ds.repartition(target_num_rows_per_block=config.decode.clips_per_task)
+            ds = read_staged_clips(out, config.decode.clips_per_task)
             ds = ds.map_batches(
                 decode_for_captions,
                 fn_kwargs={
@@ -622,12 +614,7 @@ def run_recaption(
                 num_gpus=tp if on_gpu else 0,
                 num_cpus=config.engine.num_cpus,
             )
-            ds.write_parquet(
-                str(captions_dir),
-                min_rows_per_file=config.output.min_rows_per_file,
-                max_rows_per_file=config.output.max_rows_per_file,
-                ray_remote_args={"num_cpus": config.output.write_num_cpus},
-            )
+            write_output(ds, captions_dir, config.output)
     finally:
         ctx.enable_progress_bars = ray_bars
         stop.set()

