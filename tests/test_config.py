@@ -10,14 +10,15 @@ import yaml
 
 from pipelines.features import FeaturesConfig
 from pipelines.recaption import RecaptionConfig
+from serving.app import IMPORT_PATH, ServeConfig, serve_config
 from vidlm.config import ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_CONFIGS = {"features": FeaturesConfig, "recaption": RecaptionConfig}
+JOB_CONFIGS = {"features": FeaturesConfig, "recaption": RecaptionConfig, "serve": ServeConfig, "deploy": ServeConfig}
 
 
 def _job_yamls() -> list[Path]:
-    return sorted(p for p in (REPO / "pipelines" / "configs").glob("*.yaml"))
+    return sorted([*(REPO / "pipelines" / "configs").glob("*.yaml"), *(REPO / "serving" / "configs").glob("*.yaml")])
 
 
 def _all_yamls() -> list[Path]:
@@ -47,6 +48,21 @@ def test_rayjob_entrypoint_runs_a_vidlm_job_with_a_shipped_config(path):
     assert argv[:3] == ["python", "-m", "vidlm"]
     config = argv[argv.index("--config") + 1]
     load_config(JOB_CONFIGS[argv[3]], REPO / config)
+
+
+def test_rayservice_serves_the_shipped_gpu_config_through_the_app_builder():
+    spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayservice.yaml").read_text())
+    serve = yaml.safe_load(spec["spec"]["serveConfigV2"])
+    (application,) = serve["applications"]
+    assert application["import_path"] == IMPORT_PATH
+    module, _, name = IMPORT_PATH.partition(":")
+    assert callable(getattr(__import__(module, fromlist=[name]), name))
+    shipped = load_config(ServeConfig, REPO / "serving" / "configs" / "gpu.yaml")
+    assert ServeConfig.model_validate(application["args"]) == shipped
+    # what `vidlm deploy` sends is the same application
+    sent = serve_config(shipped, working_dir=application["runtime_env"]["working_dir"])["applications"][0]
+    assert ServeConfig.model_validate(sent["args"]) == shipped
+    assert {k: v for k, v in sent.items() if k != "args"} == {k: v for k, v in application.items() if k != "args"}
 
 
 def test_overrides_are_parsed_as_yaml_and_nest():

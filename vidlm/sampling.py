@@ -25,7 +25,7 @@ from pydantic import Field
 
 from vidlm.config import Section
 
-__all__ = ["EmptyWindowError", "SamplingConfig", "sample_frame_indices", "window_frame_range"]
+__all__ = ["EmptyWindowError", "SamplingConfig", "request_sampling", "sample_frame_indices", "window_frame_range"]
 
 SamplingMode = Literal["uniform", "random", "fps", "fixed"]
 
@@ -127,3 +127,30 @@ def sample_frame_indices(
         if config.force_sample or len(idx) > config.max_frames:
             idx = np.linspace(first, last, config.max_frames).astype(np.int64)
     return np.asarray(idx, dtype=np.int64)
+
+
+def request_sampling(model: SamplingConfig, num_frames: int | None = None, fps: float | None = None) -> SamplingConfig:
+    """The frame sampling of one endpoint request: the model's own, or the ``num_frames`` / ``fps`` it asks for.
+
+    Serving is deterministic, so the model's ``random`` (training) mode serves as ``uniform`` (PLLaVA
+    evaluates with segment centres). The endpoint checks the frame counts against the model's cap before
+    calling this.
+
+    Args:
+        model: the model's sampling (its ``config.json``), what it was trained on.
+        num_frames: frames asked for (frames); alone: ``uniform`` with that many (``fixed`` stays ``fixed``).
+        fps: frames per second asked for; alone: ``fps`` mode capped at the model's most frames; with
+            ``num_frames``: ``fps`` mode capped at ``num_frames`` (LLaVA-Video ``frames_upbound``).
+
+    Returns:
+        The :class:`SamplingConfig` that :func:`sample_frame_indices` and the decoder use.
+    """
+    mode = "uniform" if model.mode == "random" else model.mode
+    if num_frames is None and fps is None:
+        return model.model_copy(update={"mode": mode})
+    if fps is None:
+        return model.model_copy(
+            update={"mode": mode if mode in ("uniform", "fixed") else "uniform", "num_frames": num_frames}
+        )
+    cap = num_frames if num_frames is not None else model.max_frames_per_clip()
+    return model.model_copy(update={"mode": "fps", "fps": fps, "max_frames": cap, "force_sample": False})

@@ -11,8 +11,10 @@ __all__ = ["register"]
 
 
 def register() -> None:
-    """Register ``model_type: vidlm`` with transformers and ``VidlmForConditionalGeneration`` with vLLM."""
+    """Register ``model_type: vidlm`` with transformers, ``VidlmForConditionalGeneration`` with vLLM, and
+    the ``vidlm`` video loader (:class:`vidlm.models.vllm_model.VidlmVideoLoader`) for ``video_url`` inputs."""
     from vllm import ModelRegistry
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
     import vidlm.models.video_llm  # noqa: F401  registers model_type "vidlm" with transformers' AutoConfig
 
@@ -20,3 +22,7 @@ def register() -> None:
         ModelRegistry.register_model(
             "VidlmForConditionalGeneration", "vidlm.models.vllm_model:VidlmForConditionalGeneration"
         )
+    from vidlm.models.vllm_model import VIDEO_LOADER, VidlmVideoLoader
+
+    if VIDEO_LOADER not in VIDEO_LOADER_REGISTRY.name2class:
+        VIDEO_LOADER_REGISTRY.register(VIDEO_LOADER)(VidlmVideoLoader)

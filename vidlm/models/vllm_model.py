@@ -5,8 +5,12 @@ process -- the engine core, its workers, and the engines inside Ray Data and Ray
 ``VidlmForConditionalGeneration`` and ``model_type: vidlm``.
 
 - Inputs: ``multi_modal_data={"video": frames}`` with frames ``uint8 (T, H, W, 3)`` (pre-decoded by the
-  Ray jobs), or ``video_url`` chat parts that vLLM decodes. :func:`vidlm.models.processing.preprocess_frames`
-  turns them into pixel values, exactly as the transformers path does.
+  Ray jobs), or ``video_url`` chat parts (the endpoint). Those are decoded by :class:`VidlmVideoLoader`,
+  vLLM's video loader ``vidlm`` (``media_io_kwargs={"video": {"video_backend": "vidlm", ...}}``): the
+  frame sampling and decoder of the Ray jobs (:func:`vidlm.decode.decode_clip`), not OpenCV's
+  first-to-last ``linspace``, so a served clip shows the model the frames the recaption job would.
+  :func:`vidlm.models.processing.preprocess_frames` turns frames into pixel values, exactly as the
+  transformers path does.
 - The prompt's one ``<video>`` placeholder is replaced by ``num_visual_tokens(T)`` copies (vLLM's
   ``PromptReplacement``); :meth:`embed_multimodal` returns the visual tokens from
   :func:`vidlm.models.video_llm.encode_videos`, the function the transformers model calls.
@@ -18,13 +22,16 @@ Parity (greedy tokens identical, top-5 logprobs within 1e-3) is a test: ``tests/
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
@@ -36,12 +43,81 @@ from vllm.multimodal.processing import (
     PromptReplacement,
     PromptUpdate,
 )
+from vllm.multimodal.video import VideoLoader
 from vllm.sequence import IntermediateTensors
 
+from vidlm.clips import ClipError
+from vidlm.decode import decode_clip
 from vidlm.models.processing import preprocess_frames
 from vidlm.models.video_llm import VidlmConfig, build_video_parts, encode_videos
+from vidlm.sampling import SamplingConfig, request_sampling
 
-__all__ = ["VidlmForConditionalGeneration"]
+__all__ = ["VIDEO_LOADER", "VidlmForConditionalGeneration", "VidlmVideoLoader"]
+
+VIDEO_LOADER = "vidlm"
+"""Name of :class:`VidlmVideoLoader` in vLLM's ``VIDEO_LOADER_REGISTRY`` (``media_io_kwargs.video.video_backend``)."""
+
+
+class VidlmVideoLoader(VideoLoader):
+    """vLLM video loader that decodes ``video_url`` parts as the Ray jobs decode clips.
+
+    vLLM calls :meth:`load_bytes` with the merged ``media_io_kwargs["video"]``: the engine's (``sampling``,
+    the model's :class:`~vidlm.sampling.SamplingConfig` as a dict, and ``size``, the tower's input side in
+    pixels) and the request's (``num_frames``, ``fps``; ``-1``: not asked). Frames are sampled by
+    :func:`vidlm.sampling.request_sampling` and decoded by :func:`vidlm.decode.decode_clip` (PyAV, decord
+    as fallback), resized and centre-cropped to ``size x size`` in the decoder.
+    """
+
+    @classmethod
+    def load_bytes(
+        cls,
+        data: bytes,
+        num_frames: int = -1,
+        fps: float = -1,
+        *,
+        sampling: dict | None = None,
+        size: int | None = None,
+        **kwargs,
+    ) -> tuple[np.ndarray, dict]:
+        """Decode one video.
+
+        Args:
+            data: the video file's bytes.
+            num_frames, fps: the request's options (frames; frames per second), ``-1`` when not asked.
+            sampling, size: the engine's defaults (see the class docstring).
+
+        Returns:
+            ``(frames, metadata)``: frames ``(T, size, size, 3) uint8``; metadata as vLLM's loaders give it
+            (``total_num_frames``, ``fps``, ``duration`` in seconds, ``frames_indices``...).
+
+        Raises:
+            ValueError: the engine was started without ``sampling`` / ``size``, or the bytes are not a
+                decodable video (the message is :class:`~vidlm.clips.ClipError`'s).
+        """
+        if sampling is None or size is None:
+            raise ValueError(f"video loader {VIDEO_LOADER!r} needs media_io_kwargs.video.sampling and .size")
+        config = request_sampling(
+            SamplingConfig.model_validate(sampling),
+            num_frames if num_frames and num_frames > 0 else None,
+            fps if fps and fps > 0 else None,
+        )
+        with tempfile.NamedTemporaryFile(suffix=".video") as f:  # decord reads files, not bytes
+            f.write(data)
+            f.flush()
+            try:
+                clip = decode_clip(f.name, config, int(size))
+            except ClipError as err:
+                raise ValueError(f"{err.error_type.value}: {err}") from None
+        indices = np.rint(clip.frame_times_s * clip.info.fps).astype(int).tolist()
+        metadata = {
+            "total_num_frames": clip.info.num_frames,
+            "fps": clip.info.fps,
+            "duration": clip.info.duration_s,
+            "video_backend": f"{VIDEO_LOADER}-{clip.backend}",
+            "frames_indices": indices,
+            "do_sample_frames": False,
+        }
+        return clip.frames, metadata
 
 
 class VidlmProcessingInfo(BaseProcessingInfo):
@@ -116,8 +192,17 @@ class VidlmMultiModalProcessor(BaseMultiModalProcessor[VidlmProcessingInfo]):
 @MULTIMODAL_REGISTRY.register_processor(
     VidlmMultiModalProcessor, info=VidlmProcessingInfo, dummy_inputs=VidlmDummyInputsBuilder
 )
-class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
-    """vLLM implementation of :class:`vidlm.models.video_llm.VidlmForConditionalGeneration`."""
+class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
+    """vLLM implementation of :class:`vidlm.models.video_llm.VidlmForConditionalGeneration`.
+
+    LoRA: adapters of the LLM (peft directories from ``vidlm train``, module names under ``language_model``)
+    are served by vLLM's LoRA manager, per request (``LoRARequest``, or a model name through Ray Serve LLM).
+    """
+
+    packed_modules_mapping = {  # vLLM fuses these projections of the LLM
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -160,6 +245,12 @@ class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.language_model.compute_logits(hidden_states)
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """Module prefixes of the parts: LoRA applies to ``language_model`` only."""
+        return MultiModelKeys.from_string_field(
+            language_model="language_model", connector="projector", tower_model="vision_tower"
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)

