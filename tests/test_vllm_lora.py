@@ -25,18 +25,9 @@ def _cpu_engine_env(monkeypatch):
 
 
 def _greedy_hf(model, ids, frames) -> list[int]:
-    from vidlm.models.processing import expand_video_tokens
+    from vidlm.testing import hf_greedy
 
-    config = model.config
-    full = expand_video_tokens(ids, config.video_token_index, config.num_visual_tokens(len(frames)))
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([full]),
-            pixel_values_videos=model.preprocess(frames)[None],
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-        )
-    return out[0, len(full) :].tolist()
+    return hf_greedy(model, ids, frames, MAX_TOKENS)[0]
 
 
 def test_a_lora_adapter_is_served_per_request_as_peft_computes_it(tiny_models, tmp_path):

@@ -10,7 +10,6 @@ import gc
 
 import numpy as np
 import pytest
-import torch
 
 from vidlm.testing import TINY_VARIANTS
 
@@ -33,22 +32,10 @@ def _prompt_ids(tokenizer) -> list[int]:
 
 
 def _hf_greedy(model_dir, ids, frames):
-    from vidlm.models.processing import expand_video_tokens
     from vidlm.models.video_llm import VidlmForConditionalGeneration
+    from vidlm.testing import hf_greedy
 
-    model = VidlmForConditionalGeneration.from_pretrained(model_dir).eval()
-    full = expand_video_tokens(ids, model.config.video_token_index, model.config.num_visual_tokens(len(frames)))
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([full]),
-            pixel_values_videos=model.preprocess(frames)[None],
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    logprobs = [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
-    return out.sequences[0, len(full) :].tolist(), logprobs, len(full)
+    return hf_greedy(VidlmForConditionalGeneration.from_pretrained(model_dir).eval(), ids, frames, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))

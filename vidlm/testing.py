@@ -25,6 +25,7 @@ from vidlm.clips import ErrorType
 
 __all__ = [
     "TINY_VARIANTS",
+    "hf_greedy",
     "index_level",
     "kill_mid_run",
     "kill_session",
@@ -240,3 +241,35 @@ def kill_mid_run(
     kill_session(proc.pid)
     proc.wait()
     return written()
+
+
+def hf_greedy(model, ids: list[int], frames: np.ndarray, max_new_tokens: int):
+    """Greedy tokens of the transformers model (or a peft wrapper of it) for one prompt and one clip.
+
+    Args:
+        model: a :class:`~vidlm.models.video_llm.VidlmForConditionalGeneration`, or a ``PeftModel`` of one.
+        ids: prompt ids with one (unexpanded) video placeholder.
+        frames: ``(T, H, W, 3) uint8``.
+        max_new_tokens: tokens to generate.
+
+    Returns:
+        ``(tokens, logprobs, prompt_len)``: generated ids, one ``(V,) float32`` log-softmax per step, and the
+        prompt's length after the placeholder became ``num_visual_tokens(T)`` ids.
+    """
+    import torch
+
+    from vidlm.models.processing import expand_video_tokens
+
+    config = model.config
+    full = expand_video_tokens(ids, config.video_token_index, config.num_visual_tokens(len(frames)))
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([full]),
+            pixel_values_videos=model.preprocess(frames)[None],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    logprobs = [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
+    return out.sequences[0, len(full) :].tolist(), logprobs, len(full)
