@@ -13,6 +13,7 @@ the same model (``--model``, default ``smol``: SmolLM2-135M-Instruct + a small C
 
 Engine start-up (construction + one warm-up request) is excluded from the rates and printed apart.
 The ceiling and the job run ``--repeat`` times; the best run of each counts, and every run is printed.
+The ceiling's engine is shut down, and its processes gone, before the job starts.
 Goals: job >= 0.9 x ceiling, job >= 2 x baseline (output tokens/s).
 """
 
@@ -78,9 +79,33 @@ def bench_ceiling(model_dir: Path, cfg: RecaptionConfig, rows, frames, ids, repe
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         runs.append({"seconds": seconds, "tokens": tokens, "clips": len(rows), "startup": startup})
+    llm.llm_engine.engine_core.shutdown()  # its EngineCore process must not share the cores with the job
     del llm
     gc.collect()
+    _wait_for_children()
     return runs
+
+
+def _wait_for_children(timeout_s: float = 60.0) -> None:
+    """Wait until no vLLM process (``VLLM::EngineCore``, workers) is left under this one: the next path runs alone."""
+    import psutil
+
+    def engines() -> list:
+        alive = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if "VLLM" in " ".join(child.cmdline() or [child.name()]):
+                    alive.append(child)
+            except psutil.NoSuchProcess:  # exited while we looked
+                pass
+        return alive
+
+    deadline = time.perf_counter() + timeout_s
+    while (children := engines()) and time.perf_counter() < deadline:
+        time.sleep(0.5)
+    if children:
+        names = [c.name() for c in children]
+        console.print(f"[yellow]warning:[/] {len(children)} child processes still alive: {names}")
 
 
 def bench_job(manifest: Path, cfg: RecaptionConfig, repeat: int) -> list[dict]:
@@ -146,7 +171,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per clip (every path)")
     parser.add_argument("--batch", type=int, default=8, help="clips per transformers generate call")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of the ceiling and the job (the best counts)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the ceiling and the job (the best counts)")
     args = parser.parse_args()
 
     from vidlm.clips import resolve_root

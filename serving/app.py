@@ -57,7 +57,8 @@ class MediaConfig(Section):
     """Where request videos may come from, and how big they may be."""
 
     roots: list[str] = []
-    """Directories ``file://`` videos must lie in (after resolving symlinks); empty: no ``file://``."""
+    """Directories ``file://`` videos must lie in (after resolving symlinks; ``pkg://PACKAGE/SUB`` names a
+    folder inside an installed package); empty: no ``file://``."""
     allow_http: bool = True
     """Fetch ``http(s)://`` videos (in the ingress, with the two limits below)."""
     max_video_mb: float = Field(64.0, gt=0)
@@ -215,11 +216,14 @@ def build_app(config: ServeConfig, gpus: int | None = None):
     import ray
     from ray.serve.llm import LLMServingArgs, build_openai_app
 
+    from vidlm.clips import resolve_root
     from vidlm.models.presets import resolve_model
 
-    for root in config.media.roots:
+    roots = [str(resolve_root(root, Path.cwd()).resolve()) for root in config.media.roots]
+    for given, root in zip(config.media.roots, roots, strict=True):
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"media.roots: {root} is not a directory")
+            raise FileNotFoundError(f"media.roots: {given} is not a directory")
+    config = config.model_copy(update={"media": config.media.model_copy(update={"roots": roots})})
     if gpus is None:
         gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     model_dir = resolve_model(config.model)

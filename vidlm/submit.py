@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["WORKING_DIR_EXCLUDES", "entrypoint_for", "submit_job"]
+__all__ = ["WORKING_DIR_EXCLUDES", "entrypoint_for", "submit_job", "use_token_auth_if_available"]
 
 AGENT_WAIT_S = 60.0
 """Seconds to wait for the job agent of a head that has just started ("No available agent")."""
@@ -37,7 +37,7 @@ def entrypoint_for(command: list[str]) -> str:
     return shlex.join(command)
 
 
-def _use_token_auth_if_available() -> None:
+def use_token_auth_if_available() -> None:
     """Send the cluster's auth token when one is on this machine, as ``ray.init`` does.
 
     Ray >= 2.5x starts local clusters with token auth and saves the token in ``~/.ray/auth_token``;
@@ -84,7 +84,7 @@ def submit_job(
     runtime_env: dict = {"working_dir": str(working_dir.resolve()), "excludes": WORKING_DIR_EXCLUDES}
     if pip:
         runtime_env["pip"] = list(pip)
-    _use_token_auth_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once
+    use_token_auth_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
