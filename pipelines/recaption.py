@@ -392,14 +392,13 @@ class CaptionClips:
         return final
 
     def _check_context(self, num_frames: int) -> int:
-        visual = self.model_config.num_visual_tokens(num_frames)
         name = self._longest
         text = len(self.prompts[name]) - 1  # the placeholder itself becomes the visual tokens
-        if visual + text > self.max_model_len:
-            raise _Overflow(
-                f"{visual} visual tokens ({num_frames} frames) + {text} prompt tokens (template {name!r}) = "
-                f"{visual + text} > max_model_len {self.max_model_len}"
-            )
+        visual, overflow = self.model_config.context_overflow(
+            num_frames, text, self.max_model_len, f"prompt tokens (template {name!r})"
+        )
+        if overflow:
+            raise _Overflow(overflow)
         return visual
 
     async def __call__(self, batch: dict[str, Any]):

@@ -233,7 +233,6 @@ class VideoRequestChecker:
         """
         num_frames, fps = self.frame_options(media_io_kwargs)
         videos = _video_parts(messages)
-        text_tokens = self._text_tokens(messages)
         if videos:
             part = videos[0]
             url = str((part.get("video_url") or {}).get("url", ""))
@@ -253,13 +252,11 @@ class VideoRequestChecker:
                 frames = len(sample_frame_indices(sampling, info.num_frames, info.fps))
             except EmptyWindowError as err:
                 raise RequestError(422, f"the video holds no frame to sample: {err}") from None
-            visual = self.model_config.num_visual_tokens(frames)
-            total = visual + text_tokens
-            if total > self.max_model_len:
+            _, overflow = self.model_config.context_overflow(frames, self._text_tokens(messages), self.max_model_len)
+            if overflow:
                 raise RequestError(
                     400,
-                    f"the video does not fit the context: {visual} visual tokens ({frames} frames) + "
-                    f"{text_tokens} text tokens = {total} > max_model_len {self.max_model_len}; "
+                    f"the video does not fit the context: {overflow}; "
                     "ask for fewer frames (media_io_kwargs.video.num_frames)",
                     "messages",
                 )

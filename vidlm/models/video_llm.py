@@ -168,6 +168,32 @@ class VidlmConfig(PreTrainedConfig):
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
         return num_visual_tokens(self.compressor_config, num_frames)
 
+    def context_overflow(
+        self, num_frames: int, text_tokens: int, max_model_len: int, text: str = "text tokens"
+    ) -> tuple[int, str | None]:
+        """Visual tokens of a clip, and why it does not fit an engine's context, if it does not.
+
+        The one rule of the recaption job (``context_overflow`` rows) and the endpoint (a 400): a clip fits when
+        ``num_visual_tokens(num_frames) + text_tokens <= max_model_len``.
+
+        Args:
+            num_frames: frames of the clip.
+            text_tokens: the prompt's tokens without the video placeholder.
+            max_model_len: the engine's context (tokens).
+            text: how the message names the text tokens (e.g. ``prompt tokens (template 'caption')``).
+
+        Returns:
+            ``(visual_tokens, message)``; ``message`` is ``None`` when the clip fits, else
+            ``"160 visual tokens (16 frames) + 31 text tokens = 191 > max_model_len 150"``.
+        """
+        visual = self.num_visual_tokens(num_frames)
+        if visual + text_tokens <= max_model_len:
+            return visual, None
+        return visual, (
+            f"{visual} visual tokens ({num_frames} frames) + {text_tokens} {text} = "
+            f"{visual + text_tokens} > max_model_len {max_model_len}"
+        )
+
 
 def encode_videos(
     parts: nn.Module, config: VidlmConfig, videos: torch.Tensor | list[torch.Tensor]
