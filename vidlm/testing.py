@@ -30,7 +30,9 @@ __all__ = [
     "kill_mid_run",
     "kill_session",
     "write_bad_inputs",
+    "write_mc_benchmark",
     "write_panda70m_manifest",
+    "write_tideos",
     "write_video",
 ]
 
@@ -273,3 +275,101 @@ def hf_greedy(model, ids: list[int], frames: np.ndarray, max_new_tokens: int):
         )
     logprobs = [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
     return out.sequences[0, len(full) :].tolist(), logprobs, len(full)
+
+
+COLOURS = ("red", "green", "blue", "yellow", "purple")
+_OBJECTS = ("ball", "car", "bird", "kite", "boat", "dog", "hat", "chair")
+_ACTIONS = ("moves left", "stops", "turns around", "rises", "falls slowly", "spins")
+_PLACES = ("on a street", "in a park", "near a lake", "in a room", "on a beach")
+COLOUR_QUESTION = "What colour is the main object?"
+
+
+def _planted_tideos(n: int, seed: int) -> list[dict]:
+    """Tideos of a planted task: every textual frame names the main object's colour (``i % 5``) three times,
+    so the colour dominates the (random) tiny CLIP's text features."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        frames = [
+            f"{colour} {colour} {colour} {colour} {rng.choice(_OBJECTS)} {rng.choice(_ACTIONS)}"
+            for _ in range(int(rng.integers(5, 9)))
+        ]
+        out.append(
+            {
+                "tideo_id": f"{seed}-{i}",
+                "frames": frames,
+                "global_video_caption": f"A video of a {colour} object: " + ", then ".join(frames[:2]) + ".",
+                "QAs": [
+                    {
+                        "question": COLOUR_QUESTION,
+                        "options": list(COLOURS),
+                        "answer": "ABCDE"[i % len(COLOURS)],
+                        "answer_open_ended": f"It is {colour}.",
+                    }
+                ],
+            }
+        )
+    return out
+
+
+def _text_features(texts: list[str]) -> np.ndarray:
+    from vidlm.models.vision_tower import TextTower, VisionTowerConfig
+
+    return TextTower(VisionTowerConfig()).forward(texts).numpy()  # the feature job's default CLIP, text side
+
+
+def write_tideos(folder: str | os.PathLike, n: int = 40, seed: int = 0) -> Path:
+    """A Tideo parquet (``training.data``'s contract) of a planted task, with real CLIP text features.
+
+    Each Tideo has 5-8 textual frames that all name one colour (``COLOURS[i % 5]``), a global caption and one
+    QA (``What colour is the main object?``, the five colours as options). ``frame_features (T, 64) float16``
+    are the ``vidlm-tiny`` CLIP text features of the frames, so the colour is readable from the features alone.
+    Stands in for ``vidlm textvid``'s output.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowVariableShapedTensorArray
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = _planted_tideos(n, seed)
+    features = [_text_features(r["frames"]).astype(np.float16) for r in rows]
+    table = pa.table(
+        {
+            "tideo_id": [r["tideo_id"] for r in rows],
+            "frames": [r["frames"] for r in rows],
+            "global_video_caption": [r["global_video_caption"] for r in rows],
+            "QAs": [json.dumps(r["QAs"]) for r in rows],
+            "frame_features": ArrowVariableShapedTensorArray.from_numpy(features),
+        }
+    )
+    pq.write_table(table, folder / "tideos-00000.parquet")
+    return folder
+
+
+def write_mc_benchmark(path: str | os.PathLike, n: int = 30, seed: int = 1) -> Path:
+    """A multiple-choice benchmark (``vidlm eval mc``'s JSONL) of the planted task of :func:`write_tideos`.
+
+    Rows: ``id``, ``features`` (``T x 64`` nested lists), ``question``, ``options`` (5), ``answer`` (letter),
+    ``task_type`` (``cool`` for green and blue, else ``warm``).
+    """
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in _planted_tideos(n, seed):
+            qa = r["QAs"][0]
+            row = {
+                "id": r["tideo_id"],
+                "features": _text_features(r["frames"]).round(5).tolist(),
+                "question": qa["question"],
+                "options": qa["options"],
+                "answer": qa["answer"],
+                "task_type": "cool" if qa["answer"] in "BC" else "warm",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path

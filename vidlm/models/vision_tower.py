@@ -32,7 +32,7 @@ from pydantic import Field
 
 from vidlm.config import Section
 
-__all__ = ["HFVisionTower", "VisionTower", "VisionTowerConfig", "image_size"]
+__all__ = ["HFVisionTower", "TextTower", "VisionTower", "VisionTowerConfig", "image_size"]
 
 _CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
 
@@ -213,3 +213,43 @@ class HFVisionTower(torch.nn.Module):
             pooled = self.visual_projection(pooled)  # (N, Dv) -> (N, D), CLIP's joint space
         n = pixel_values.shape[0]
         return pooled, patches.reshape(n, self.grid, self.grid, -1)  # (N, h*w, Dv) -> (N, h, w, Dv)
+
+
+class TextTower(torch.nn.Module):
+    """The text encoder of the same CLIP as :class:`VisionTower`: texts -> unit-norm CLIP text features.
+
+    TOPA represents a Tideo's textual frames by these features (TOPA §3.2) and keeps a memory of them for
+    modality projection (TOPA eq. 2); with the same ``config`` they share the joint space of
+    :class:`VisionTower`'s embeddings.
+
+    Args:
+        config: which architecture and weights (the vision tower's config).
+        device: torch device string.
+
+    Raises:
+        FileNotFoundError: ``config.checkpoint`` does not exist.
+    """
+
+    def __init__(self, config: VisionTowerConfig, device: str = "cpu"):
+        super().__init__()
+        import open_clip
+
+        _register_configs()
+        if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+            raise FileNotFoundError(f"text tower checkpoint not found: {config.checkpoint}")
+        torch.manual_seed(config.seed)
+        self.model = open_clip.create_model(config.name, pretrained=config.checkpoint, device=device).eval()
+        self.model.visual = None  # only the text side is kept
+        self.tokenizer = open_clip.get_tokenizer(config.name)
+        self.device = torch.device(device)
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the width of the joint embedding."""
+        return int(self.model.text_projection.shape[-1])
+
+    @torch.inference_mode()
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """``N`` texts -> ``(N, D) float32`` L2-normalised CLIP text features (truncated at 77 tokens)."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float()

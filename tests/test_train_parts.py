@@ -1,0 +1,240 @@
+"""Training parts without Ray Train: label masking, TOPA tasks, LLaVA conversations, DeepSpeed config, memory plan,
+features -> visual tokens (training) against frames -> visual tokens (inference), the benchmark loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.data import IGNORE_INDEX, clip_samples, collate, conversation_ids, tideo_samples
+from training.memory import count_parameters
+from training.trainer import TrainingConfigError, fill_deepspeed_config, plan_training
+from vidlm.config import load_config
+from vidlm.models.presets import build_preset, resolve_model
+
+
+@pytest.fixture(scope="module")
+def topa_dir() -> str:
+    return str(resolve_model("tiny-topa"))
+
+
+@pytest.fixture(scope="module")
+def video_dir() -> str:
+    return str(resolve_model("tiny-video"))
+
+
+def _labelled_text(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_only_assistant_turns_are_labelled(topa_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(topa_dir)
+    turns = [("What is shown?", "A red ball."), ("And then?", "It rolls away.")]
+    ids, labels = conversation_ids(tok, turns, "<video>", tok.convert_tokens_to_ids("<video>"), None)
+    assert len(ids) == len(labels) and ids.count(tok.convert_tokens_to_ids("<video>")) == 1
+    learned = _labelled_text(tok, ids, labels)
+    assert "A red ball." in learned and "It rolls away." in learned
+    assert "What is shown" not in learned and "And then" not in learned and "user" not in learned
+    # every labelled token is the token at that position (the model shifts them itself)
+    assert all(lab == i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX)
+
+
+def _tideo(T: int = 6) -> dict:
+    qa = {
+        "question": "What colour?",
+        "options": ["red", "green", "blue", "yellow", "purple"],
+        "answer": "C",
+        "answer_open_ended": "Blue.",
+    }
+    return {
+        "frame_features": np.random.default_rng(0).standard_normal((T, 64)).astype(np.float16),
+        "global_video_caption": "A blue kite rises.",
+        "QAs": json.dumps([qa]),
+    }
+
+
+def test_a_tideo_gives_topa_s_three_tasks(topa_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(topa_dir)
+    samples = tideo_samples(_tideo(), topa_dir, ("summary", "qa", "mcq"), 512)
+    assert [s["task"] for s in samples] == ["summary", "qa", "mcq"]
+    answers = [_labelled_text(tok, s["input_ids"], s["labels"]) for s in samples]
+    assert answers[0].startswith("A blue kite rises.") and answers[1].startswith("Blue.")
+    assert answers[2].startswith("The correct choice is (C)")
+    assert "(E) purple" in tok.decode(samples[2]["input_ids"])
+    vid = tok.convert_tokens_to_ids("<video>")
+    for s in samples:  # one visual token per frame (TOPA), none of them labelled
+        visual = s["input_ids"] == vid
+        assert visual.sum() == 6 and (s["labels"][visual] == IGNORE_INDEX).all()
+        assert s["features"].shape == (6, 64)
+    only_mcq = tideo_samples(_tideo(), topa_dir, ("mcq",), 512)
+    assert [s["task"] for s in only_mcq] == ["mcq"]
+
+
+def test_clip_rows_use_llava_conversations_else_the_caption(video_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(video_dir)
+    patches = np.zeros((4, 49, 64), np.float16)
+    conv = [
+        {"from": "human", "value": "<image>\nWhat happens?"},
+        {"from": "gpt", "value": "A rabbit wakes."},
+        {"from": "human", "value": "Where?"},
+        {"from": "gpt", "value": "In a meadow."},
+    ]
+    row = {
+        "patch_features": patches,
+        "caption": "ignored",
+        "extra": json.dumps({"conversations": json.dumps(conv)}),
+        "error": None,
+    }
+    (sample,) = clip_samples(row, video_dir, "patch_features", "Describe.", 512)
+    learned = _labelled_text(tok, sample["input_ids"], sample["labels"])
+    assert "A rabbit wakes." in learned and "In a meadow." in learned and "ignored" not in learned
+    assert (sample["input_ids"] == tok.convert_tokens_to_ids("<video>")).sum() == 64  # (4, 4, 4) pooling
+    (captioned,) = clip_samples({**row, "extra": None}, video_dir, "patch_features", "Describe.", 512)
+    assert _labelled_text(tok, captioned["input_ids"], captioned["labels"]).startswith("ignored")
+    assert clip_samples({**row, "error": "decode failed"}, video_dir, "patch_features", "Describe.", 512) == []
+    assert clip_samples(row, video_dir, "patch_features", "Describe.", 60) == []  # visual tokens do not fit
+
+
+def test_collate_pads_right_and_masks_padding():
+    batch = {
+        "input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),
+        "labels": np.array([np.array([-100, 6, 7]), np.array([8])], dtype=object),
+        "features": np.array([np.ones((2, 3)), np.ones((5, 3))], dtype=object),
+    }
+    out = collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert [f.shape for f in out["video_features"]] == [(2, 3), (5, 3)]
+
+
+@pytest.mark.parametrize("name", ["tiny-video", "tiny-topa"])
+def test_training_on_features_equals_inference_on_frames(name):
+    """The tokens a model trains on (tower features from parquet) are those it computes from frames at inference."""
+    from vidlm.models.video_llm import encode_videos, tokens_from_features
+
+    model, _ = build_preset(name)
+    pixels = torch.randn(5, 3, 224, 224)
+    pooled, patches = model.vision_tower(pixels)
+    feats = pooled if name == "tiny-topa" else patches.reshape(5, 49, -1)
+    with torch.no_grad():
+        (from_frames,) = encode_videos(model, model.config, [pixels])
+        (from_features,) = tokens_from_features(model, model.config, [feats])
+    assert from_frames.shape == (model.config.num_visual_tokens(5), 128)
+    torch.testing.assert_close(from_features, from_frames)
+    with pytest.raises(ValueError, match="expected"):
+        tokens_from_features(model, model.config, [torch.zeros(5, 7)])
+
+
+def test_deepspeed_auto_values_are_filled():
+    cfg = load_config(TrainConfig, "training/configs/topa_tiny.yaml", ["optim.gradient_accumulation_steps=3"])
+    ds = fill_deepspeed_config(cfg, hidden_size=128, total_steps=100, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32 on CPU
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    assert ds["scheduler"]["params"]["total_num_steps"] == 100 and ds["optimizer"]["params"]["lr"] == 3e-3
+    gpu = fill_deepspeed_config(
+        cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})}), 128, 100, 8
+    )
+    assert gpu["bf16"]["enabled"] is True
+
+
+def test_deepspeed_unknown_auto_is_refused(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}))
+    cfg = load_config(TrainConfig, None, [f"deepspeed.config={bad}"])
+    with pytest.raises(TrainingConfigError, match="zero_optimization.sub_group_size"):
+        fill_deepspeed_config(cfg, 128, 10, 2)
+
+
+def test_parameter_counts_follow_the_trainable_config():
+    """LoRA r*(in+out) per targeted linear layer plus the projector; everything else frozen."""
+    from vidlm.models.lora import TrainableConfig
+
+    model, _ = build_preset("tiny-topa")
+    cfg = TrainableConfig.model_validate({"llm": "lora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    counts = count_parameters(model.config, cfg)
+    lora = sum(
+        4 * (m.in_features + m.out_features)
+        for n, m in model.language_model.named_modules()
+        if n.endswith(("q_proj", "v_proj"))
+    )
+    assert counts.trainable == sum(p.numel() for p in model.projector.parameters()) + lora
+    assert counts.largest_layer == model.config.text_config.vocab_size * 128  # the (tied) embedding
+    projector = sum(p.numel() for p in model.projector.parameters())  # peft keeps the original beside the copy
+    assert counts.total == sum(p.numel() for p in model.parameters()) + lora + projector
+    frozen = count_parameters(model.config, TrainableConfig(projector="frozen", llm="frozen"))
+    assert frozen.trainable == 0
+
+
+def test_memory_plan_refuses_what_cannot_fit_and_accepts_zero3():
+    base = [
+        "model=pllava-34b",
+        "trainable.llm=full",
+        "scaling.num_workers=8",
+        "scaling.use_gpu=true",
+        "scaling.device_memory_gb=80",
+    ]
+    zero2 = plan_training(
+        load_config(TrainConfig, None, [*base, "deepspeed.config=training/configs/deepspeed/zero2.json"])
+    )
+    assert not zero2.fits and "more than the declared scaling.device_memory_gb=80.0" in zero2.refusal()
+    zero3 = plan_training(load_config(TrainConfig, None, base))
+    assert zero3.fits and zero3.device_bytes < zero2.device_bytes
+    assert 34e9 < zero3.counts.total < 36e9
+    lora = plan_training(load_config(TrainConfig, None, [*base[:1], *base[2:]]))  # the default: LoRA on the LLM
+    assert lora.counts.trainable < 0.02 * lora.counts.total and lora.device_bytes < zero3.device_bytes
+
+
+def test_cli_refuses_a_plan_that_does_not_fit():
+    from typer.testing import CliRunner
+
+    from vidlm.cli import app
+
+    args = [
+        "train",
+        "--out",
+        "unused",
+        "--plan",
+        "model=llava-video-72b",
+        "trainable.llm=full",
+        "scaling.num_workers=2",
+        "scaling.device_memory_gb=24",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "memory plan:" in result.output and "ZeRO-3 on 2 ranks" in result.output
+
+
+def test_benchmark_rows_are_checked(tmp_path):
+    from training.eval import load_benchmark
+
+    good = {"question": "q", "options": ["a", "b", "c"], "answer": 2, "features": [[0.0]]}
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": "(B)"}) + "\n")
+    assert [r["answer"] for r in load_benchmark(path)] == ["C", "B"]
+    path.write_text(json.dumps({**good, "answer": "D"}) + "\n")
+    with pytest.raises(ValueError, match=r"b.jsonl:1: answer 'D'"):
+        load_benchmark(path)
+    path.write_text(json.dumps({"question": "q", "options": ["a"], "answer": 0}) + "\n")
+    with pytest.raises(ValueError, match="video|features"):
+        load_benchmark(path)
+
+
+@pytest.mark.parametrize("path", sorted(Path("training/configs").glob("*.yaml")), ids=str)
+def test_shipped_recipes_load_and_fit_their_declared_devices(path):
+    config = load_config(TrainConfig, path)
+    plan = plan_training(config)
+    assert plan.fits, plan.refusal()
+    assert plan.stage in (2, 3) and plan.counts.trainable > 0

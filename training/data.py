@@ -1,0 +1,252 @@
+"""Training rows -> token sequences with labels on answers only, as Ray Data datasets.
+
+Input contracts (parquet, read with Ray Data):
+
+- Tideos (``topa``; what ``vidlm textvid`` writes, the TOPA reference's record layout): ``tideo_id``,
+  ``frames`` (list of textual frames), ``global_video_caption``, ``QAs`` (a JSON list of
+  ``{question, options (5), answer ('A'-'E'), answer_open_ended}``) and ``frame_features (T, D)`` -- the
+  CLIP text features of the frames.
+- Clips (``video``; what ``vidlm features`` writes): ``clip_id``, ``caption``, ``extra`` (the manifest's
+  other columns as JSON; a ``conversations`` list in LLaVA's ``{"from": "human"|"gpt", "value"}`` layout
+  is used when present) and ``patch_features (T, h*w, Dv)`` or ``embeddings (T, D)``. Error rows are skipped.
+
+Output rows (:data:`SAMPLE_COLUMNS`): ``input_ids (L,) int64`` with the video placeholder already repeated
+``num_visual_tokens(T)`` times, ``labels (L,) int64`` (``-100`` everywhere but the assistant's answers and
+their end-of-turn tokens: LLaVA's masking), ``features`` (the tower features the model projects), ``task``.
+
+Every prompt is rendered by the tokenizer's chat template; an assistant turn's labels are the tokens the
+template adds after the generation prompt, so training and inference see the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+__all__ = ["IGNORE_INDEX", "SAMPLE_COLUMNS", "collate", "conversation_ids", "mc_answer", "mc_prompt", "tideo_samples"]
+
+IGNORE_INDEX = -100
+SAMPLE_COLUMNS = ("input_ids", "labels", "features", "task")
+SUMMARY_PROMPT = "Generate a summary for the video."  # TOPA's summary task
+LETTERS = string.ascii_uppercase
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """The multiple-choice question as TOPA asks it: the question, then ``(A) ...`` options, one per line."""
+    lines = [f"({LETTERS[i]}) {option}" for i, option in enumerate(options)]
+    return f"Question: {question}\nOptions:\n" + "\n".join(lines) + "\nAnswer with the option's letter."
+
+
+def mc_answer(letter: str) -> str:
+    """TOPA's answer form: ``The correct choice is (X)``."""
+    return f"The correct choice is ({letter})"
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@lru_cache(maxsize=4)
+def _model_config(model_dir: str):
+    from vidlm.models.video_llm import VidlmConfig
+
+    return VidlmConfig.from_pretrained(model_dir)
+
+
+def conversation_ids(
+    tokenizer, turns: list[tuple[str, str]], video_token: str, video_token_id: int, system_prompt: str | None
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a multi-turn chat about one video (one unexpanded placeholder).
+
+    Args:
+        turns: ``(user, assistant)`` pairs; the first user message gets ``video_token`` in front when no
+            turn holds it.
+        video_token, video_token_id: the placeholder (``VidlmConfig.video_token*``).
+        system_prompt: the system message, or ``None`` for the template's own.
+
+    Returns:
+        ``(ids, labels)``, equal lengths; labels are ``-100`` except on each assistant reply (and the tokens
+        that close it).
+
+    Raises:
+        ValueError: no turn, a placeholder count other than one, or a chat template whose rendering of a
+            conversation does not extend the rendering of its prefix (labels would be wrong).
+    """
+    if not turns:
+        raise ValueError("a conversation needs at least one (user, assistant) turn")
+    if not any(video_token in user for user, _ in turns):
+        turns = [(f"{video_token}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def render(msgs, generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for user, assistant in turns:
+        messages.append({"role": "user", "content": user})
+        prompt = render(messages, True)
+        messages.append({"role": "assistant", "content": assistant})
+        full = render(messages, False)
+        if prompt[: len(ids)] != ids or full[: len(prompt)] != prompt:
+            raise ValueError("the chat template does not render conversations incrementally; cannot mask labels")
+        labels += [IGNORE_INDEX] * (len(prompt) - len(ids)) + full[len(prompt) :]
+        ids = full
+    if ids.count(video_token_id) != 1:
+        raise ValueError(f"a conversation must hold exactly one {video_token!r}, found {ids.count(video_token_id)}")
+    return ids, labels
+
+
+def _sample(model_dir: str, turns, features: np.ndarray, task: str, max_length: int) -> dict[str, Any] | None:
+    """One output row, or ``None`` when the visual tokens alone do not fit ``max_length``."""
+    from vidlm.models.processing import expand_video_tokens
+
+    config = _model_config(model_dir)
+    ids, labels = conversation_ids(
+        _tokenizer(model_dir), turns, config.video_token, config.video_token_index, config.system_prompt
+    )
+    n = config.num_visual_tokens(int(features.shape[0]))
+    at = ids.index(config.video_token_index)
+    ids = expand_video_tokens(ids, config.video_token_index, n)
+    labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+    if at + n >= max_length or all(x == IGNORE_INDEX for x in labels[:max_length]):
+        return None  # nothing left to learn from after the cut
+    return {
+        "input_ids": np.asarray(ids[:max_length], np.int64),
+        "labels": np.asarray(labels[:max_length], np.int64),
+        "features": np.asarray(features),
+        "task": task,
+    }
+
+
+def _qas(value) -> list[dict]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return json.loads(value)
+    return [dict(q) for q in value]
+
+
+def tideo_samples(row: dict[str, Any], model_dir: str, tasks: tuple[str, ...], max_length: int) -> list[dict]:
+    """The TOPA tasks of one Tideo (TOPA §3.2), each a training row.
+
+    - ``summary``: ``Generate a summary for the video.`` -> the global caption;
+    - ``qa``: each question -> its open-ended answer;
+    - ``mcq``: each question with its five options -> ``The correct choice is (X)``.
+
+    Args:
+        row: a Tideo (module docstring); ``frame_features (T, D)``.
+        model_dir: the model being trained (its tokenizer, placeholder and token counts).
+    """
+    features = np.asarray(row["frame_features"])
+    out = []
+    if "summary" in tasks and row.get("global_video_caption"):
+        out.append(_sample(model_dir, [(SUMMARY_PROMPT, row["global_video_caption"])], features, "summary", max_length))
+    for qa in _qas(row.get("QAs")):
+        if "qa" in tasks and qa.get("answer_open_ended"):
+            out.append(_sample(model_dir, [(qa["question"], qa["answer_open_ended"])], features, "qa", max_length))
+        if "mcq" in tasks and qa.get("options"):
+            turn = (mc_prompt(qa["question"], list(qa["options"])), mc_answer(qa["answer"]))
+            out.append(_sample(model_dir, [turn], features, "mcq", max_length))
+    return [s for s in out if s is not None]
+
+
+def clip_samples(
+    row: dict[str, Any], model_dir: str, feature_column: str, caption_prompt: str, max_length: int
+) -> list[dict]:
+    """The conversation of one clip of ``vidlm features``' output (LLaVA's ``conversations``, else its caption)."""
+    if row.get("error") or row.get(feature_column) is None or not len(row[feature_column]):
+        return []
+    extra = json.loads(row["extra"]) if row.get("extra") else {}
+    conversations = extra.get("conversations") or []
+    if isinstance(conversations, str):  # a manifest column holding LLaVA's JSON
+        conversations = json.loads(conversations)
+    turns: list[tuple[str, str]] = []
+    pending = None
+    for message in conversations:
+        text = str(message["value"]).replace("<image>", _model_config(model_dir).video_token)
+        if message["from"] in ("human", "user"):
+            pending = text
+        elif pending is not None:
+            turns.append((pending, text))
+            pending = None
+    if not turns and row.get("caption"):
+        turns = [(caption_prompt, row["caption"])]
+    if not turns:
+        return []
+    sample = _sample(model_dir, turns, np.asarray(row[feature_column]), "conversation", max_length)
+    return [sample] if sample is not None else []
+
+
+def build_dataset(config, model_dir: str):
+    """The training dataset of a :class:`~training.config.TrainConfig` (lazy Ray Data plan).
+
+    Raises:
+        FileNotFoundError: ``data.train`` is not a folder.
+        ValueError: its columns are not those of the recipe's contract.
+    """
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from vidlm.models.video_llm import feature_column
+
+    folder = Path(config.data.train)
+    if not config.data.train or not folder.exists():
+        raise FileNotFoundError(f"data.train: no parquet folder at {folder!s} (give data.train=DIR)")
+    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else [folder]
+    if not files:
+        raise FileNotFoundError(f"data.train: {folder} holds no .parquet file")
+    columns = set(pq.read_schema(files[0]).names)
+    d = config.data
+    if config.recipe == "topa":
+        needed = {"frame_features", "global_video_caption", "QAs"}
+        fn, kwargs = tideo_samples, {"model_dir": model_dir, "tasks": d.tasks, "max_length": d.max_length}
+    else:
+        column = feature_column(_model_config(model_dir))
+        needed = {column, "caption"}
+        fn = clip_samples
+        kwargs = {
+            "model_dir": model_dir,
+            "feature_column": column,
+            "caption_prompt": d.caption_prompt,
+            "max_length": d.max_length,
+        }
+    if needed - columns:
+        raise ValueError(
+            f"data.train: recipe {config.recipe!r} needs columns {sorted(needed)}; {files[0].name} lacks "
+            f"{sorted(needed - columns)}"
+        )
+    ds = ray.data.read_parquet([str(f) for f in files])
+    return ds.flat_map(fn, fn_kwargs=kwargs)
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
+    """A micro-batch of sample rows -> the model's inputs, right-padded.
+
+    Returns:
+        ``input_ids (B, L) int64``, ``attention_mask (B, L) int64``, ``labels (B, L) int64`` (``-100`` on
+        padding) and ``video_features``: a list of ``B`` float32 tensors.
+    """
+    import torch
+
+    rows = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.int64)
+    mask = torch.zeros((len(rows), length), dtype=torch.int64)
+    for i, (r, lab) in enumerate(zip(rows, batch["labels"], strict=True)):
+        ids[i, : len(r)] = torch.from_numpy(r)
+        labels[i, : len(r)] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
+        mask[i, : len(r)] = 1
+    features = [torch.from_numpy(np.asarray(f, dtype=np.float32)) for f in batch["features"]]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "video_features": features}

@@ -1,0 +1,209 @@
+"""``vidlm eval mc``: multiple-choice video QA in the EgoSchema / MVBench layout.
+
+A benchmark is JSONL, one question per line: ``question``, ``options`` (list), ``answer`` (a letter, or the
+option's index), ``task_type`` (optional), and the video as either ``video`` (a path, decoded with the
+model's own frame sampling), ``features`` (the tower's features as nested lists: ``(T, D)`` for TOPA,
+``(T, h*w, Dv)`` for patch models) or ``features_path`` (a ``.npy`` of the same).
+
+Two scores per question:
+
+- ``loss`` (TOPA §4, zero-shot multiple choice): each option's answer ``The correct choice is (X)`` is
+  scored by the mean token cross-entropy of the answer given the video and the question; the lowest wins.
+- ``generate``: greedy decoding of the answer, and the first ``(X)`` (or lone letter) in it.
+
+The prompt is the training prompt (:func:`training.data.mc_prompt` in the chat template), so a model
+pre-aligned on TOPA's multiple-choice task is asked exactly what it learned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data import IGNORE_INDEX, LETTERS, conversation_ids, mc_answer, mc_prompt
+
+__all__ = ["McResult", "evaluate_mc", "load_benchmark"]
+
+_CHOICE = re.compile(r"\(([A-Z])\)|\b([A-Z])\b")
+
+
+def load_benchmark(path: str | Path) -> list[dict]:
+    """Rows of a JSONL benchmark, each checked and with ``answer`` as a letter.
+
+    Raises:
+        FileNotFoundError: no file.
+        ValueError: a row without question / options / answer / video, or an answer outside its options
+            (names the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = {"question", "options", "answer"} - set(row)
+        if missing or not ({"video", "features", "features_path"} & set(row)):
+            raise ValueError(f"{path}:{n}: needs question, options, answer and video|features|features_path")
+        answer = row["answer"]
+        letter = LETTERS[answer] if isinstance(answer, int) else str(answer).strip("() ").upper()
+        if letter not in LETTERS[: len(row["options"])]:
+            raise ValueError(f"{path}:{n}: answer {answer!r} is not one of {len(row['options'])} options")
+        rows.append({**row, "answer": letter, "task_type": row.get("task_type", "all")})
+    return rows
+
+
+@dataclass
+class McResult:
+    """Accuracy of one model on one benchmark, overall and per task type, for both scores."""
+
+    n: int = 0
+    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # score -> count
+    by_type: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    def add(self, task_type: str, score: str, ok: bool) -> None:
+        self.correct[score] += int(ok)
+        counts = self.by_type[(task_type, score)]
+        counts[0] += int(ok)
+        counts[1] += 1
+
+    def accuracy(self, score: str = "loss", task_type: str | None = None) -> float:
+        """Fraction correct (``task_type=None``: all questions)."""
+        if task_type is None:
+            return self.correct[score] / max(self.n, 1)
+        ok, total = self.by_type[(task_type, score)]
+        return ok / max(total, 1)
+
+    @property
+    def task_types(self) -> list[str]:
+        return sorted({t for t, _ in self.by_type})
+
+
+def _features(row: dict, model) -> dict:
+    """Model inputs for the row's video: ``video_features`` or ``pixel_values_videos``."""
+    if "features" in row:
+        return {"video_features": [torch.tensor(np.asarray(row["features"], np.float32))]}
+    if "features_path" in row:
+        return {"video_features": [torch.from_numpy(np.load(row["features_path"]).astype(np.float32))]}
+    from vidlm.decode import decode_clip
+
+    clip = decode_clip(row["video"], model.config.sampling_config, model.config.image_size)
+    return {"pixel_values_videos": model.preprocess(clip.frames)[None]}
+
+
+def _visual_len(inputs: dict, model) -> int:
+    if "video_features" in inputs:
+        return model.config.num_visual_tokens(inputs["video_features"][0].shape[0])
+    return model.config.num_visual_tokens(inputs["pixel_values_videos"].shape[1])
+
+
+@torch.no_grad()
+def _option_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
+    """Mean token cross-entropy of each option's answer (TOPA's multiple-choice score)."""
+    from vidlm.models.processing import expand_video_tokens
+
+    c = model.config
+    n = _visual_len(inputs, model)
+    prompt = mc_prompt(row["question"], list(row["options"]))
+    losses = []
+    embeds = None
+    for letter in LETTERS[: len(row["options"])]:
+        ids, labels = conversation_ids(
+            tokenizer, [(prompt, mc_answer(letter))], c.video_token, c.video_token_index, c.system_prompt
+        )
+        at = ids.index(c.video_token_index)
+        ids = expand_video_tokens(ids, c.video_token_index, n)
+        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+        input_ids = torch.tensor([ids])
+        if embeds is None or embeds.shape[1] != len(ids):
+            embeds = model.embed(input_ids, **_as_embed_kwargs(inputs))
+        else:  # same length: only the answer's letter differs; reuse the visual tokens
+            embeds = embeds.clone()
+            embeds[0, at + n :] = model.get_input_embeddings()(input_ids[0, at + n :])
+        out = model(inputs_embeds=embeds, labels=torch.tensor([labels]))
+        losses.append(float(out.loss))
+    return losses
+
+
+def _as_embed_kwargs(inputs: dict) -> dict:
+    return (
+        {"video_features": inputs["video_features"]}
+        if "video_features" in inputs
+        else {"pixel_values_videos": inputs["pixel_values_videos"]}
+    )
+
+
+@torch.no_grad()
+def _generated_choice(model, tokenizer, row: dict, inputs: dict, max_new_tokens: int) -> str | None:
+    """The letter in the greedy answer, or ``None``."""
+    from vidlm.models.processing import expand_video_tokens, video_prompt_ids
+
+    c = model.config
+    ids = video_prompt_ids(
+        tokenizer, mc_prompt(row["question"], list(row["options"])), c.video_token, c.video_token_index, c.system_prompt
+    )
+    ids = expand_video_tokens(ids, c.video_token_index, _visual_len(inputs, model))
+    embeds = model.embed(torch.tensor([ids]), **_as_embed_kwargs(inputs))
+    out = model.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    valid = LETTERS[: len(row["options"])]
+    for m in _CHOICE.finditer(text):
+        letter = m.group(1) or m.group(2)
+        if letter in valid:
+            return letter
+    return None
+
+
+def evaluate_mc(
+    model_dir: str | Path,
+    benchmark: str | Path,
+    generate: bool = True,
+    max_new_tokens: int = 12,
+    limit: int | None = None,
+) -> McResult:
+    """Score a model on a multiple-choice benchmark (see the module docstring).
+
+    Args:
+        model_dir: a vidlm model directory (``OUT/export`` of ``vidlm train``, a preset name, a converted model).
+        benchmark: the JSONL file.
+        generate: also score by greedy generation.
+        limit: the first ``limit`` questions only.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_benchmark`.
+    """
+    from transformers import AutoTokenizer
+
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    rows = load_benchmark(benchmark)[:limit]
+    path = resolve_model(model_dir)
+    model = VidlmForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    result = McResult()
+    for row in rows:
+        inputs = _features(row, model)
+        losses = _option_losses(model, tokenizer, row, inputs)
+        result.n += 1
+        result.add(row["task_type"], "loss", LETTERS[int(np.argmin(losses))] == row["answer"])
+        if generate:
+            result.add(
+                row["task_type"],
+                "generate",
+                _generated_choice(model, tokenizer, row, inputs, max_new_tokens) == row["answer"],
+            )
+    return result

@@ -1,0 +1,455 @@
+"""``vidlm train``: Ray Train ``TorchTrainer`` workers, each running DeepSpeed (ZeRO-2, ZeRO-3, ZeRO-3 offload).
+
+Driver (:func:`prepare_training`, :func:`run_training`)::
+
+    resolve the model -> Ray Data plan (training.data) -> fill the DeepSpeed JSON's "auto" values
+      -> memory plan (DeepSpeed's estimators; refuse what cannot fit) -> TorchTrainer.fit()
+
+Worker (:func:`train_loop_per_worker`), everything it needs in ``train_loop_config``::
+
+    HfDeepSpeedConfig (ZeRO-3: from_pretrained builds the model under deepspeed.zero.Init, each rank
+    holding its partition) -> apply_trainable (peft LoRA, parts frozen / full) -> deepspeed.initialize
+      -> resume from ray.train.get_checkpoint() (engine state + data position)
+      -> for each micro-batch of get_dataset_shard("train"): forward on features, backward, step
+      -> every checkpoint.every_steps: engine.save_checkpoint (each rank its shard) + ray.train.report
+      -> end: save_16bit_model (consolidated on rank 0) -> OUT/export (from_pretrained / vLLM) + OUT/adapter
+
+Ray Train restarts the worker group from the latest checkpoint after a failure (``FailureConfig``); the
+data order is deterministic (``preserve_order``, seeded local shuffle per epoch) and the batches consumed
+before the checkpoint are skipped, so a restarted run reaches the same weights as an uninterrupted one.
+Rank 0 appends one line per optimizer step to ``OUT/metrics.jsonl`` (``loss`` averaged over ranks and
+micro-batches, ``tokens``, ``step_time_s``, ``attempt``); a step redone after a restart appears again
+with a higher ``attempt``, and readers keep the last line of each step (:func:`read_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import TrainConfig
+from training.memory import MemoryPlan, memory_plan
+
+__all__ = [
+    "PreparedRun",
+    "TrainSummary",
+    "fill_deepspeed_config",
+    "plan_training",
+    "prepare_training",
+    "read_metrics",
+    "run_training",
+    "train_loop_per_worker",
+]
+
+TAG = "zero"  # DeepSpeed checkpoint tag inside each Ray checkpoint directory
+CONSOLIDATED = "consolidated.bin"
+EXPORT_DIR, ADAPTER_DIR, METRICS = "export", "adapter", "metrics.jsonl"
+
+
+class TrainingConfigError(ValueError):
+    """A training config that cannot run: the memory plan does not fit, or a DeepSpeed value is left open."""
+
+
+def fill_deepspeed_config(config: TrainConfig, hidden_size: int, total_steps: int, world_size: int) -> dict:
+    """The DeepSpeed JSON of ``config.deepspeed.config`` with its ``"auto"`` values filled (as HF Trainer does).
+
+    Batch sizes, clipping and precision come from ``config``; ZeRO bucket sizes from the LLM's hidden size
+    ``h`` (``h*h``, ``0.9*h*h``, ``10*h``); an AdamW optimizer and a warm-up + cosine scheduler
+    (``WarmupCosineLR`` over ``total_steps``) are added when the JSON has none.
+
+    Raises:
+        FileNotFoundError: the JSON does not exist.
+        TrainingConfigError: an ``"auto"`` left that this function does not know.
+    """
+    path = Path(config.deepspeed.config)
+    if not path.is_file() and not path.is_absolute():  # a shipped config named from the repository root
+        path = Path(__file__).resolve().parents[1] / path
+    if not path.is_file():
+        raise FileNotFoundError(f"deepspeed.config: no file {config.deepspeed.config}")
+    ds = json.loads(path.read_text())
+    o, d = config.optim, config.data
+    top = {
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": o.gradient_accumulation_steps,
+        "train_batch_size": d.micro_batch_size * o.gradient_accumulation_steps * world_size,
+        "gradient_clipping": o.grad_clip,
+    }
+    for key, value in top.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.setdefault("fp16", {})["enabled"] = False
+    ds.setdefault("bf16", {})["enabled"] = config.bf16
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    buckets = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in buckets.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    ds.setdefault(
+        "optimizer",
+        {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8, "weight_decay": o.weight_decay}},
+    )
+    ds.setdefault(
+        "scheduler",
+        {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": max(1, math.ceil(o.warmup_ratio * total_steps)),
+                "warmup_type": "linear",
+                "cos_min_ratio": 0.0,
+            },
+        },
+    )
+    ds.setdefault("steps_per_print", 10**9)  # progress goes to metrics.jsonl, not DeepSpeed's log
+    ds.setdefault("wall_clock_breakdown", False)
+    left = [k for k, v in _flatten(ds) if v == "auto"]
+    if left:
+        raise TrainingConfigError(f"{path}: cannot fill 'auto' for {', '.join(left)}")
+    return ds
+
+
+def _flatten(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+@dataclass
+class PreparedRun:
+    """What :func:`prepare_training` resolved: print ``plan`` before :func:`run_training`."""
+
+    config: TrainConfig
+    model_dir: str
+    dataset: Any  # ray.data.Dataset
+    total_steps: int
+    ds_config: dict
+    plan: MemoryPlan
+
+
+def model_config_of(spec: str):
+    """The :class:`~vidlm.models.video_llm.VidlmConfig` of a preset or model directory, without weights."""
+    from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
+    from vidlm.models.video_llm import VidlmConfig
+
+    if spec in PRESETS and spec not in MATERIALISED:
+        return preset_config(spec)  # a paper preset: its plan needs no weights
+    return VidlmConfig.from_pretrained(resolve_model(spec))
+
+
+def plan_training(config: TrainConfig) -> MemoryPlan:
+    """The per-rank memory plan of ``config`` (any model size: nothing is allocated, no data is read).
+
+    Raises:
+        FileNotFoundError, ValueError: an unknown model or DeepSpeed file.
+    """
+    model_config = model_config_of(config.model)
+    ds_config = fill_deepspeed_config(config, model_config.text_config.hidden_size, 1, config.scaling.num_workers)
+    return memory_plan(config, model_config, ds_config)
+
+
+def prepare_training(config: TrainConfig) -> PreparedRun:
+    """Check the memory plan, then resolve the model, plan the data and fill DeepSpeed's config.
+
+    Counting the optimizer steps of a run without ``optim.max_steps`` reads the data once (tokenisation
+    included); give ``max_steps`` to skip that pass on large corpora.
+
+    Raises:
+        TrainingConfigError: the memory plan does not fit ``scaling.device_memory_gb`` (before anything starts).
+        FileNotFoundError: no model weights or no data.
+        ValueError: data columns that do not fit the recipe.
+    """
+    from pipelines._common import init_ray
+    from training.data import build_dataset
+    from vidlm.models.presets import resolve_model
+
+    plan = plan_training(config)
+    if plan.refusal():
+        raise TrainingConfigError(plan.refusal())
+    model_dir = str(resolve_model(config.model).resolve())
+    init_ray()
+    dataset = build_dataset(config, model_dir)
+    o = config.optim
+    if o.max_steps:
+        total = o.max_steps
+    else:
+        per_step = config.data.micro_batch_size * config.scaling.num_workers * o.gradient_accumulation_steps
+        total = max(1, dataset.count() // per_step) * o.epochs
+    hidden = model_config_of(model_dir).text_config.hidden_size
+    ds_config = fill_deepspeed_config(config, hidden, total, config.scaling.num_workers)
+    return PreparedRun(config, model_dir, dataset, total, ds_config, plan)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """The end of a run."""
+
+    out: Path
+    steps: int
+    first_loss: float
+    final_loss: float
+    attempts: int
+    """Worker-group starts (1 + restarts after failures)."""
+    export: Path
+    checkpoint: str | None
+    metrics: dict
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """``OUT/metrics.jsonl``, one record per optimizer step (the last attempt's, when a step was redone)."""
+    path = Path(out) / METRICS
+    by_step: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
+    """Train on the connected Ray cluster; rerunning with the same ``out`` resumes from its latest checkpoint.
+
+    Returns:
+        the summary; the exported model is ``OUT/export``.
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``checkpoint.max_failures`` times.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    config = prepared.config
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ingest = ExecutionOptions(preserve_order=True)  # the same batches in the same order after a restart
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "model_dir": prepared.model_dir,
+            "ds_config": prepared.ds_config,
+            "total_steps": prepared.total_steps,
+            "out": str(out),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=str(out),
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+        ),
+        datasets={"train": prepared.dataset},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+    )
+    result = trainer.fit()
+    records = read_metrics(out)
+    return TrainSummary(
+        out=out,
+        steps=records[-1]["step"] if records else 0,
+        first_loss=records[0]["loss"] if records else float("nan"),
+        final_loss=records[-1]["loss"] if records else float("nan"),
+        attempts=max((r["attempt"] for r in records), default=0),
+        export=out / EXPORT_DIR,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}),
+    )
+
+
+def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
+    """The DeepSpeed engine of a worker (ZeRO-3: the model is built partitioned by ``from_pretrained``)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from vidlm.models.lora import apply_trainable
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    deepspeed.init_distributed()  # adopts the process group Ray Train started (gloo on CPU, NCCL on GPU)
+    torch.manual_seed(config.seed)  # LoRA's random A matrices: the same on every rank and every restart
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while from_pretrained runs: ZeRO-3 -> zero.Init
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    model = VidlmForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    model = apply_trainable(model, config.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine
+
+
+def _parameter_stats(engine) -> dict:
+    """Trainable parameters, and the fraction of all parameters this rank holds (ZeRO-3: about 1/world)."""
+    total = held = trainable = 0
+    for p in engine.module.parameters():
+        full = int(getattr(p, "ds_numel", p.numel()))
+        total += full
+        held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+        trainable += full if p.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total, "param_fraction_held": held / max(total, 1)}
+
+
+def _mean_over_ranks(values: list[float], device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def _sum_over_ranks(value: float, device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0])
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: build the DeepSpeed engine, resume, train on its shard, checkpoint, export.
+
+    ``loop_config``: ``config`` (the ``TrainConfig`` as JSON), ``model_dir``, ``ds_config``, ``total_steps``,
+    ``out``.
+    """
+    import ray.train
+    from transformers import AutoTokenizer
+
+    from training.data import collate
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    out = Path(loop_config["out"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if not config.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    engine = _build_engine(config, loop_config["model_dir"], loop_config["ds_config"])
+    device = engine.device
+    position = {"epoch": 0, "batch": 0, "step": 0, "attempt": 1}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _, client = engine.load_checkpoint(folder, tag=TAG)
+        position = {**client["position"], "attempt": client["position"]["attempt"] + 1}
+    stats = _parameter_stats(engine)
+    pad = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
+    total_steps = loop_config["total_steps"]
+    shard = ray.train.get_dataset_shard("train")
+    step = position["step"]
+    window: list[float] = []
+    tokens, started = 0, time.perf_counter()
+    for epoch in range(position["epoch"], config.optim.epochs):
+        if step >= total_steps:
+            break
+        batches = shard.iter_batches(
+            batch_size=config.data.micro_batch_size,
+            batch_format="numpy",
+            drop_last=True,  # every rank runs the same number of steps
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.seed + epoch if config.data.shuffle_buffer else None,
+        )
+        for i, batch in enumerate(batches):
+            if epoch == position["epoch"] and i < position["batch"]:
+                continue  # consumed before the checkpoint this run resumed from
+            inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(batch, pad).items()}
+            inputs["video_features"] = [f.to(device) for f in inputs["video_features"]]
+            loss = engine(**inputs).loss
+            engine.backward(loss)
+            engine.step()
+            window.append(float(loss.detach()))
+            tokens += int(inputs["attention_mask"].sum())
+            if engine.global_steps == step:
+                continue  # inside a gradient-accumulation window
+            step = engine.global_steps
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": _mean_over_ranks(window, device),
+                "lr": float(engine.get_lr()[0]),
+                "tokens": int(_sum_over_ranks(tokens, device)),
+                "step_time_s": time.perf_counter() - started,
+                "attempt": position["attempt"],
+                **stats,
+            }
+            window, tokens, started = [], 0, time.perf_counter()
+            if rank == 0:
+                with open(out / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            every = config.checkpoint.every_steps
+            if every and step % every == 0:
+                _checkpoint(engine, record, {**position, "epoch": epoch, "batch": i + 1, "step": step})
+            if step >= total_steps:
+                break
+        else:
+            if not config.checkpoint.every_steps:
+                _checkpoint(engine, record, {**position, "epoch": epoch + 1, "batch": 0, "step": step})
+    _export(engine, config, loop_config["model_dir"], out, rank)
+    ray.train.report({**record, "exported": True} if step else {"exported": True, **stats})
+
+
+def _checkpoint(engine, metrics: dict, position: dict) -> None:
+    """Every rank writes its ZeRO shard to its own folder; Ray Train merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=TAG, client_state={"position": position})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _export(engine, config: TrainConfig, model_dir: str, out: Path, rank: int) -> None:
+    """Gather the 16-bit weights on rank 0 and write ``OUT/export`` (and ``OUT/adapter`` for LoRA)."""
+    import torch.distributed as dist
+
+    staging = out / ".consolidated"
+    engine.save_16bit_model(str(staging), CONSOLIDATED)  # every rank takes part; rank 0 writes
+    if rank == 0:
+        export_model(staging / CONSOLIDATED, model_dir, config, out)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def export_model(state_dict_path: Path, model_dir: str, config: TrainConfig, out: Path) -> Path:
+    """A consolidated training state dict -> ``OUT/export``, a model directory ``from_pretrained`` and vLLM load.
+
+    The LoRA adapter (and ``modules_to_save``) is written to ``OUT/adapter`` first, then merged at the training
+    alpha (``W0 + alpha/r * B @ A``) into the exported weights.
+
+    Raises:
+        RuntimeError: the state dict does not match the model (missing or unexpected keys).
+    """
+    from transformers import AutoTokenizer
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from vidlm.models.lora import apply_trainable
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    unset_hf_deepspeed_config()  # a plain model on this rank, not ZeRO-3 partitions
+    model = apply_trainable(VidlmForConditionalGeneration.from_pretrained(model_dir), config.trainable)
+    state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    if config.trainable.llm == "lora":
+        model.save_pretrained(out / ADAPTER_DIR)
+        model = model.merge_and_unload()
+    export = out / EXPORT_DIR
+    model.to(getattr(torch, config.export.dtype)).save_pretrained(export)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(export)
+    state_dict_path.unlink()
+    return export
