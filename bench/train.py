@@ -137,6 +137,7 @@ def main() -> None:
                 f"scaling.cpus_per_worker={per_worker}",
                 f"data.micro_batch_size={GLOBAL_BATCH // workers}",
                 "checkpoint.every_steps=100000",
+                "optim.epochs=1000",  # max_steps ends the run
             ]
             config = load_config(TrainConfig, RECIPES[recipe], overrides)
             out = WORK / f"{recipe}-{workers}"
@@ -155,9 +156,122 @@ def main() -> None:
             )
     console.print(table)
     if torch.cuda.is_available():
-        console.print("CUDA present: run with a GPU recipe (scaling.use_gpu=true) for MFU")
+        _gpu_mfu(args.steps)
     else:
         console.print("no GPU here: MFU of the largest model that fits under ZeRO-3 is not measured")
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+"""Dense bf16 peak FLOP/s per GPU, by name fragment (vendor data sheets)."""
+GPU_CANDIDATES = ("pllava-34b", "pllava-13b", "pllava-7b")
+"""Presets tried from the largest down; the first whose memory plan fits the visible GPUs is trained."""
+
+
+def _random_model_dir(name: str) -> Path:
+    """A random-weight bf16 checkpoint of a paper preset (for throughput only; no weights are downloaded)."""
+    from transformers import AutoTokenizer
+
+    from vidlm.models._builders import add_video_token, smollm2_dir
+    from vidlm.models.presets import preset_config
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    out = WORK / f"random-{name}"
+    config = preset_config(name)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    config.video_token_index = add_video_token(tokenizer, config.video_token)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # never materialise fp32 copies of billions of weights
+    try:
+        with torch.device("cuda"):
+            model = VidlmForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def _random_features(config, rows: int = 32) -> Path:
+    """Clip rows of the ``video`` recipe's contract with random patch features of ``config``'s tower."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowVariableShapedTensorArray
+
+    g, _ = config.compressor_config.grid
+    frames = config.sampling_config.max_frames_per_clip()
+    rng = np.random.default_rng(0)
+    feats = [
+        rng.standard_normal((frames, g * g, config.vision_config.hidden_size), np.float32).astype(np.float16)
+        for _ in range(rows)
+    ]
+    table = pa.table(
+        {
+            "clip_id": [str(i) for i in range(rows)],
+            "caption": ["a caption of a few words"] * rows,
+            "extra": [None] * rows,
+            "error": [None] * rows,
+            "patch_features": ArrowVariableShapedTensorArray.from_numpy(feats),
+        }
+    )
+    folder = WORK / "random-features"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "part-0.parquet")
+    return folder
+
+
+def _gpu_mfu(steps: int) -> None:
+    """Train the largest preset that fits the visible GPUs under ZeRO-3 (LoRA, bf16) and print its MFU.
+
+    FLOPs per token: ``2N`` forward + ``2N`` backward through activations + ``2 N_trainable`` weight gradients,
+    ``N`` the LLM's parameters (the tower is not run: features come from parquet).
+    """
+    from training.trainer import model_config_of, plan_training
+
+    gpus = torch.cuda.device_count()
+    props = torch.cuda.get_device_properties(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in props.name), None)
+    common = [
+        f"scaling.num_workers={gpus}",
+        "scaling.use_gpu=true",
+        f"optim.max_steps={steps}",
+        f"scaling.device_memory_gb={0.8 * props.total_memory / 2**30:.1f}",
+        "optim.epochs=1000",
+        "checkpoint.every_steps=100000",
+        "data.micro_batch_size=1",
+        "data.max_length=4096",  # PLLaVA: 2304 visual tokens + the text
+    ]
+    for name in GPU_CANDIDATES:
+        config = load_config(TrainConfig, RECIPES["video"], [f"model={name}", *common])
+        plan = plan_training(config)
+        if plan.fits:
+            break
+    else:
+        console.print(f"no paper preset fits {gpus} x {props.name}")
+        return
+    model_config = model_config_of(name)
+    model_dir = _random_model_dir(name)
+    data = _random_features(model_config)
+    config = load_config(TrainConfig, RECIPES["video"], [f"model={model_dir}", f"data.train={data}", *common])
+    out = WORK / f"gpu-{name}"
+    run_training(prepare_training(config), out)
+    _, tokens = _rates(read_metrics(out))
+    llm = sum(p.numel() for p in _meta_llm(model_config).parameters())
+    flops = (4 * llm + 2 * plan.counts.trainable) * tokens
+    table = Table(title=f"vidlm train on {gpus} x {props.name}: {name} (random weights), ZeRO-3, LoRA, bf16")
+    for column in ("tokens/s", "model TFLOP/s", "peak TFLOP/s", "MFU"):
+        table.add_column(column, justify="right")
+    mfu = f"{flops / (peak * gpus):.1%}" if peak else "unknown GPU"
+    table.add_row(f"{tokens:,.0f}", f"{flops / 1e12:,.1f}", f"{peak * gpus / 1e12:,.0f}" if peak else "?", mfu)
+    console.print(table)
+
+
+def _meta_llm(model_config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config.text_config)
 
 
 if __name__ == "__main__":

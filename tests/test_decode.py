@@ -101,7 +101,10 @@ def test_auto_uses_the_benchmarked_fastest_decoder(stamped):
 
 
 def test_pyav_decodes_what_decord_cannot(tmp_path):
+    import os
+
     av1 = write_video(tmp_path / "av1.mkv", seconds=2.0, fps=10, width=128, height=128, codec="libsvtav1")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # SVT-AV1 set SCHED_FIFO; write_video puts it back
     clip = decode_clip(av1, SamplingConfig(mode="fixed", num_frames=3), 112, strategy="seek")
     assert clip.backend == "pyav"  # decord 0.6 cannot open AV1
     indices = np.round(clip.frame_times_s * 10).astype(int)

