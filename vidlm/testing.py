@@ -325,10 +325,13 @@ def _planted_tideos(n: int, seed: int) -> list[dict]:
     return out
 
 
-def _text_features(texts: list[str]) -> np.ndarray:
+def _text_features(rows: list[dict]) -> list[np.ndarray]:
+    """``(T, 64) float32`` ``vidlm-tiny`` CLIP text features of each row's ``frames``, from one tower and one pass."""
     from vidlm.models.vision_tower import TextTower, VisionTowerConfig
 
-    return TextTower(VisionTowerConfig()).forward(texts).numpy()  # the feature job's default CLIP, text side
+    frames = [f for r in rows for f in r["frames"]]
+    features = TextTower(VisionTowerConfig()).forward(frames).numpy()  # the feature job's default CLIP, text side
+    return np.split(features, np.cumsum([len(r["frames"]) for r in rows])[:-1])
 
 
 def write_tideos(folder: str | os.PathLike, n: int = 40, seed: int = 0) -> Path:
@@ -348,7 +351,7 @@ def write_tideos(folder: str | os.PathLike, n: int = 40, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = _planted_tideos(n, seed)
-    features = [_text_features(r["frames"]).astype(np.float16) for r in rows]
+    features = [f.astype(np.float16) for f in _text_features(rows)]
     table = pa.table(
         {
             "tideo_id": [r["tideo_id"] for r in rows],
@@ -373,11 +376,12 @@ def write_mc_benchmark(path: str | os.PathLike, n: int = 30, seed: int = 1) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
-        for r in _planted_tideos(n, seed):
+        rows = _planted_tideos(n, seed)
+        for r, features in zip(rows, _text_features(rows), strict=True):
             qa = r["QAs"][0]
             row = {
                 "id": r["tideo_id"],
-                "features": _text_features(r["frames"]).round(5).tolist(),
+                "features": features.round(5).tolist(),
                 "question": qa["question"],
                 "options": qa["options"],
                 "answer": qa["answer"],

@@ -58,6 +58,21 @@ def _register_configs() -> None:
     open_clip.add_model_config(_CONFIG_DIR)
 
 
+def _create_clip(config: VisionTowerConfig, device: str, part: str):
+    """The open_clip model of ``config`` (random weights seeded by ``config.seed`` without a checkpoint).
+
+    Raises:
+        FileNotFoundError: ``config.checkpoint`` does not exist (the message names ``part``).
+    """
+    import open_clip
+
+    _register_configs()
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        raise FileNotFoundError(f"{part} tower checkpoint not found: {config.checkpoint}")
+    torch.manual_seed(config.seed)
+    return open_clip.create_model(config.name, pretrained=config.checkpoint, device=device)
+
+
 def image_size(config: VisionTowerConfig) -> int:
     """Input side in pixels of the tower, from its architecture alone (no weights built).
 
@@ -90,11 +105,7 @@ class VisionTower(torch.nn.Module):
         super().__init__()
         import open_clip
 
-        _register_configs()
-        if config.checkpoint is not None and not Path(config.checkpoint).is_file():
-            raise FileNotFoundError(f"vision tower checkpoint not found: {config.checkpoint}")
-        torch.manual_seed(config.seed)
-        model = open_clip.create_model(config.name, pretrained=config.checkpoint, device=device)
+        model = _create_clip(config, device, "vision")
         pre = open_clip.get_model_preprocess_cfg(model)
         self.visual = model.visual.eval().requires_grad_(False)
         del model  # the text tower is not needed here
@@ -234,11 +245,7 @@ class TextTower(torch.nn.Module):
         super().__init__()
         import open_clip
 
-        _register_configs()
-        if config.checkpoint is not None and not Path(config.checkpoint).is_file():
-            raise FileNotFoundError(f"text tower checkpoint not found: {config.checkpoint}")
-        torch.manual_seed(config.seed)
-        self.model = open_clip.create_model(config.name, pretrained=config.checkpoint, device=device).eval()
+        self.model = _create_clip(config, device, "text").eval()
         self.model.visual = None  # only the text side is kept
         self.tokenizer = open_clip.get_tokenizer(config.name)
         self.device = torch.device(device)
