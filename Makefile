@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python bench/recaption.py
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/synth.py
 
 clean:
 	rm -rf $(VENV) runs

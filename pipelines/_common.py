@@ -57,6 +57,10 @@ __all__ = [
 ]
 
 
+CLIP_ID = "clip_id"
+"""The id column of the clip jobs (features, recaption): what exactly-once resume checkpoints on."""
+
+
 class OutputConfig(Section):
     """How a job writes its parquet."""
 
@@ -191,12 +195,12 @@ def arrow_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
 
 
 @contextlib.contextmanager
-def exactly_once(out: Path) -> Iterator[None]:
-    """Run the Ray Data job inside with checkpointing on ``clip_id`` under ``out/_checkpoint``."""
+def exactly_once(out: Path, id_column: str = CLIP_ID) -> Iterator[None]:
+    """Run the Ray Data job inside with checkpointing on ``id_column`` under ``out/_checkpoint``."""
     ctx = DataContext.get_current()
     previous = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
-        id_column="clip_id",
+        id_column=id_column,
         checkpoint_path=str((out / "_checkpoint").resolve()),
         delete_checkpoint_on_success=False,
     )
@@ -224,9 +228,9 @@ def read_output_columns(folder: Path, columns: list[str], skip_unreadable: bool 
     return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
 
 
-def written_clip_ids(folder: Path) -> set[str]:
-    """Clip ids in the readable parquet files of ``folder`` (what a run finds before it starts)."""
-    return set(read_output_columns(folder, ["clip_id"], skip_unreadable=True).column("clip_id").to_pylist())
+def written_clip_ids(folder: Path, id_column: str = CLIP_ID) -> set[str]:
+    """Row ids in the readable parquet files of ``folder`` (what a run finds before it starts)."""
+    return set(read_output_columns(folder, [id_column], skip_unreadable=True).column(id_column).to_pylist())
 
 
 def _readable(path: Path) -> bool:
@@ -255,24 +259,29 @@ class JobSummary:
 
     @classmethod
     def collect(
-        cls, out_dir: Path, before_ids: set[str], started: float, sum_columns: dict[str, str | list[str]]
+        cls,
+        out_dir: Path,
+        before_ids: set[str],
+        started: float,
+        sum_columns: dict[str, str | list[str]],
+        id_column: str = CLIP_ID,
     ) -> JobSummary:
         """Summarise ``out_dir`` after a run that started at ``started`` (``time.perf_counter``).
 
         Args:
-            before_ids: clip ids present before the run (to count this run's clips).
+            before_ids: row ids present before the run (to count this run's rows).
             sum_columns: ``{"frames/s": "num_frames"}``: rates of column sums over this run's clips
                 (a list of columns: their sum, e.g. output tokens over several prompt templates).
         """
         seconds = time.perf_counter() - started
         columns = {name: [cols] if isinstance(cols, str) else list(cols) for name, cols in sum_columns.items()}
         wanted = list(dict.fromkeys(c for cols in columns.values() for c in cols))
-        table = read_output_columns(out_dir, ["clip_id", "error_type", *wanted])
-        ids = table.column("clip_id").to_pylist()
+        table = read_output_columns(out_dir, [id_column, "error_type", *wanted])
+        ids = table.column(id_column).to_pylist()
         new_mask = [i not in before_ids for i in ids]
         errors = Counter(e for e in table.column("error_type").to_pylist() if e)
         new = sum(new_mask)
-        rates = {"clips/s": new / seconds if seconds > 0 else 0.0}
+        rates = {f"{id_column.removesuffix('_id')}s/s": new / seconds if seconds > 0 else 0.0}
         for name, cols in columns.items():
             total = 0
             for col in cols:

@@ -40,9 +40,10 @@ def test_entrypoint_runs_vidlm_as_a_module():
         entrypoint_for([])
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head of its own on 127.0.0.1 (``ray start --block`` in a new session, killed as a group).
+    """A Ray head of its own on 127.0.0.1 (``ray start --block`` in a new session, killed as a group), shared by
+    the module's tests as a team's cluster is by its jobs.
 
     Not ``ray stop``: that stops every Ray process on the machine, the test session's cluster too.
     """
@@ -78,7 +79,7 @@ def ray_head():
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     log.close()

@@ -38,10 +38,10 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _print_summary(title: str, summary) -> None:
+def _print_summary(title: str, summary, unit: str = "clips") -> Table:
     table = Table(title=title, show_header=False)
     table.add_row("output", str(summary.out))
-    table.add_row("clips in output", str(summary.total))
+    table.add_row(f"{unit} in output", str(summary.total))
     table.add_row("ok", f"[green]{summary.ok}[/]")
     for kind, count in sorted(summary.failed.items()):
         table.add_row(f"failed: {kind}", f"[red]{count}[/]")
@@ -49,6 +49,7 @@ def _print_summary(title: str, summary) -> None:
     for name, value in summary.rates.items():
         table.add_row(name, f"{value:.2f}")
     console.print(table)
+    return table
 
 
 def _progress_bars() -> None:
@@ -158,6 +159,71 @@ def train(
     table.add_row("metrics", str(summary.out / "metrics.jsonl"))
     table.add_row("export", str(summary.export))
     console.print(table)
+
+
+@app.command()
+def textvid(
+    num: int = typer.Option(..., "--num", "-n", help="Tideos to generate (before near-duplicates are dropped)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """TOPA TextVid: an LLM on vLLM (ray.data.llm) writes Tideos; CLIP text features and a memory follow."""
+    from pipelines.synth import TextVidConfig, run_textvid
+
+    _progress_bars()
+    try:
+        summary = run_textvid(num, out, load_config(TextVidConfig, config, overrides))
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    _print_summary("vidlm textvid", summary.job, unit="requests")
+    console.print(
+        f"tideos:  [bold]{summary.tideos}[/] ({summary.kept} kept, {summary.duplicates} near-duplicates dropped)"
+    )
+    console.print(f"memory:  [bold]{summary.memory}[/] ({summary.memory_size} text features)")
+
+
+@app.command("synth-captions")
+def synth_captions(
+    manifest: Path = typer.Argument(
+        ..., help="Panda-70M CSV, video2dataset folder, list of paths, or folder of videos"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
+    model: str | None = typer.Option(None, "--model", "-m", help="preset (smol, tiny) or vidlm model directory"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """LLaVA-Video captions: each time window captioned with the earlier windows' captions, then a summary."""
+    from pipelines.synth_captions import SynthCaptionsConfig, run_synth_captions
+
+    _progress_bars()
+    try:
+        cfg = load_config(SynthCaptionsConfig, config, [*(overrides or []), *([f"model={model}"] if model else [])])
+        summary = run_synth_captions(manifest, out, cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    _print_summary("vidlm synth-captions", summary, unit="videos")
+    console.print(f"captions: [bold]{summary.out}[/] (parquet; caption = the whole-video summary)")
+
+
+@app.command("synth-qa")
+def synth_qa(
+    captions: Path = typer.Argument(
+        ..., help="captions parquet (file or folder), e.g. RUN/captions of vidlm recaption"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """LLaVA-Video QA: question-answer pairs of the 16 question types from captions, with an LLM on vLLM."""
+    from pipelines.synth import SynthQAConfig, run_synth_qa
+
+    _progress_bars()
+    try:
+        summary = run_synth_qa(captions, out, load_config(SynthQAConfig, config, overrides))
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    _print_summary("vidlm synth-qa", summary, unit="QA pairs")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on a benchmark.")
@@ -305,17 +371,29 @@ def submit(
 
 @app.command("config")
 def show_config(
-    job: str = typer.Argument(..., help="job name: features, recaption, serve or train"),
+    job: str = typer.Argument(
+        ..., help="job name: features, recaption, serve, train, textvid, synth-captions or synth-qa"
+    ),
     config: Path | None = CONFIG,
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Print a job's fully resolved config (defaults + YAML + overrides) as JSON."""
     from pipelines.features import FeaturesConfig
     from pipelines.recaption import RecaptionConfig
+    from pipelines.synth import SynthQAConfig, TextVidConfig
+    from pipelines.synth_captions import SynthCaptionsConfig
     from serving.app import ServeConfig
     from training.config import TrainConfig
 
-    jobs = {"features": FeaturesConfig, "recaption": RecaptionConfig, "serve": ServeConfig, "train": TrainConfig}
+    jobs = {
+        "features": FeaturesConfig,
+        "recaption": RecaptionConfig,
+        "serve": ServeConfig,
+        "train": TrainConfig,
+        "textvid": TextVidConfig,
+        "synth-qa": SynthQAConfig,
+        "synth-captions": SynthCaptionsConfig,
+    }
     if job not in jobs:
         raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
     try:

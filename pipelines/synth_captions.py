@@ -1,0 +1,329 @@
+"""``vidlm synth-captions``: LLaVA-Video's recurrent detailed captioning of long videos, on a vidlm video LLM.
+
+``vidlm synth-captions MANIFEST --out DIR [--model PRESET|PATH] [k=v ...]``
+
+LLaVA-Video §2.1 annotates a video at levels: a level-1 description of every short time window, written
+with the descriptions of the windows before it as history (so the story stays consistent and nothing is
+repeated), and a level-3 description of the whole video from all of them. Here, per video (a manifest row):
+
+    windows of ``window_s`` seconds  ->  caption of window k  = LLM(frames of window k, captions of the last
+                                                                   ``history`` windows)
+                                     ->  summary               = LLM(every window caption, text only)
+
+Ray Data plan::
+
+    read_parquet(OUT/clips)                  videos staged from the manifest (vidlm.clips)
+      -> map_batches(decode_windows)         CPU tasks: the model's frame sampling in every window
+      -> map_batches(RecurrentCaptioner)     actor pool, one vLLM engine per actor; videos run concurrently,
+                                             each one's windows in order
+      -> write_parquet(OUT/captions)         one row per video; checkpointed on clip_id (exactly once)
+
+Output columns: ``clip_id, video_id, path, start_s, end_s, window_start_s, window_end_s`` (lists, seconds),
+``window_captions`` (list), ``window_prompt_tokens`` (list), ``caption`` (the summary: what ``vidlm synth-qa``
+reads), ``output_tokens, model, error, error_type``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from pydantic import Field
+
+from pipelines._common import (
+    DecodeConfig,
+    JobSummary,
+    OutputConfig,
+    arrow_table,
+    check_cpu_budget,
+    clean_null,
+    exactly_once,
+    init_ray,
+    num_gpus_in_cluster,
+    read_staged_clips,
+    stage_clips,
+    write_output,
+    written_clip_ids,
+)
+from pipelines.recaption import CaptionClips, EngineConfig, GenerationConfig, RecaptionConfig, sampling_params
+from vidlm.clips import ClipError, ErrorType, ManifestConfig
+from vidlm.config import JobConfig
+
+__all__ = ["CAPTIONS_SCHEMA", "RecurrentCaptioner", "SynthCaptionsConfig", "decode_windows", "run_synth_captions"]
+
+WINDOW_PROMPT = (
+    "You are describing a long video one part at a time. Here is what happened in the previous parts:\n"
+    "{history}\n"
+    "Now describe in detail this part of the video (from {start:.0f} s to {end:.0f} s): the scene, the people "
+    "and objects, and what they do. Continue the story; do not repeat what was already described."
+)
+"""Level-1 prompt: ``{history}`` (earlier window captions, one per line), ``{start}`` / ``{end}`` (seconds)."""
+
+SUMMARY_PROMPT = (
+    "Here are detailed descriptions of consecutive parts of one video, in time order:\n{captions}\n"
+    "Write one detailed description of the whole video: the setting, the main people and objects, and the "
+    "course of events from beginning to end."
+)
+"""Level-3 prompt: ``{captions}`` (every window caption, numbered)."""
+
+NO_HISTORY = "(nothing yet: this is the beginning of the video)"
+MIN_WINDOW_S = 1.0
+"""Seconds: a shorter remainder at the end of a video is captioned with the window before it."""
+
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string()),
+        pa.field("video_id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("window_start_s", pa.list_(pa.float64())),
+        pa.field("window_end_s", pa.list_(pa.float64())),
+        pa.field("window_captions", pa.list_(pa.string())),
+        pa.field("window_prompt_tokens", pa.list_(pa.int64())),
+        pa.field("caption", pa.string()),
+        pa.field("output_tokens", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_type", pa.string()),
+    ]
+)
+"""The columns of ``OUT/captions``."""
+
+
+class SynthCaptionsConfig(JobConfig):
+    """``vidlm synth-captions``: one YAML of this shape, plus ``key=value`` overrides."""
+
+    model: str = "smol"
+    """A preset (``smol``, ``tiny``) or a vidlm model directory."""
+    manifest: ManifestConfig = ManifestConfig()
+    window_s: float = Field(10.0, gt=0)
+    """Seconds per level-1 description (LLaVA-Video §2.1 describes every 10 s)."""
+    max_windows: int = Field(64, gt=0)
+    """Windows captioned per video at most (the first ``max_windows``)."""
+    history: int = Field(3, ge=0)
+    """Earlier window captions in each window's prompt."""
+    window_prompt: str = WINDOW_PROMPT
+    summary_prompt: str = SUMMARY_PROMPT
+    generation: GenerationConfig = GenerationConfig()
+    engine: EngineConfig = EngineConfig(clips_per_batch=4)
+    """``clips_per_batch`` counts videos here."""
+    decode: DecodeConfig = DecodeConfig(clips_per_task=1)
+    output: OutputConfig = OutputConfig()
+
+    def as_recaption(self) -> RecaptionConfig:
+        """The recaption config of the same model, engine and sampling (the engine actor is the recaption job's)."""
+        return RecaptionConfig(model=self.model, generation=self.generation, engine=self.engine)
+
+
+def windows_of(start_s: float, end_s: float, window_s: float, max_windows: int) -> list[tuple[float, float]]:
+    """``[start_s, end_s)`` cut into windows of ``window_s`` seconds, at most ``max_windows``.
+
+    A remainder shorter than :data:`MIN_WINDOW_S` joins the window before it (a 4.004 s video in 4 s windows is
+    one window, not a 4 ms second one that holds no frame).
+    """
+    count = max(1, math.floor((end_s - start_s) / window_s))
+    if end_s - (start_s + count * window_s) >= MIN_WINDOW_S:
+        count += 1
+    windows = [(start_s + k * window_s, min(end_s, start_s + (k + 1) * window_s)) for k in range(count)]
+    windows[-1] = (windows[-1][0], end_s)
+    return windows[:max_windows]
+
+
+def decode_windows(batch: dict[str, np.ndarray], *, config: SynthCaptionsConfig, sampling, size: int) -> dict:
+    """Ray Data stage (CPU task): the sampled frames of every window of each video.
+
+    Adds ``frames`` (all windows' frames, ``(sum T_k, size, size, 3) uint8``), ``window_num_frames (W,)``,
+    ``window_start_s`` / ``window_end_s (W,)`` seconds. A video that fails gets ``error`` / ``error_type``.
+    """
+    from vidlm.decode import decode_clip, probe
+
+    n = len(batch["clip_id"])
+    frames, counts, starts, ends = [], [], [], []
+    error, error_type = [clean_null(e) for e in batch["error"]], [clean_null(e) for e in batch["error_type"]]
+    for i in range(n):
+        parts: list[np.ndarray] = []
+        windows: list[tuple[float, float]] = []
+        if error_type[i] is None:
+            try:
+                start = clean_null(batch["start_s"][i]) or 0.0
+                end = clean_null(batch["end_s"][i]) or probe(batch["path"][i]).duration_s
+                windows = windows_of(start, end, config.window_s, config.max_windows)
+                for k, (a, b) in enumerate(windows):
+                    clip = decode_clip(batch["path"][i], sampling, size, a, b, clip_key=f"{batch['clip_id'][i]}/{k}")
+                    parts.append(clip.frames)
+            except ClipError as err:
+                error[i], error_type[i] = str(err), err.error_type.value
+                parts, windows = [], []
+        frames.append(np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8))
+        counts.append(np.array([len(p) for p in parts], np.int64))
+        starts.append(np.array([a for a, _ in windows], np.float64))
+        ends.append(np.array([b for _, b in windows], np.float64))
+    return {
+        **batch,
+        "frames": frames,
+        "window_num_frames": counts,
+        "window_start_s": starts,
+        "window_end_s": ends,
+        "error": np.array(error, dtype=object),
+        "error_type": np.array(error_type, dtype=object),
+    }
+
+
+class RecurrentCaptioner(CaptionClips):
+    """Ray Data stage (actor): level-1 captions window by window with history, then the level-3 summary.
+
+    The engine is the recaption job's (:class:`pipelines.recaption.CaptionClips`: one ``AsyncLLMEngine``, the
+    model's prompt format, warm-up, shutdown). The videos of every batch in flight run concurrently, so the
+    engine batches window ``k`` of one video with window ``j`` of another; within a video the windows wait
+    for each other (window ``k`` needs the captions before it). A failed request fails its video
+    (``generation_failed``); the others go on.
+    """
+
+    def __init__(self, model_dir: str, config: SynthCaptionsConfig):
+        from transformers import AutoTokenizer
+
+        super().__init__(model_dir, config.as_recaption(), config.model)
+        self.synth = config
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    async def _request(self, ids: list[int], frames: np.ndarray | None, key: str, template: str):
+        prompt = {"prompt_token_ids": ids}
+        if frames is not None:
+            prompt["multi_modal_data"] = {"video": frames}
+        params = sampling_params(self.config.generation, key, template)
+        final = None
+        async for output in self.engine.generate(prompt, params, f"{key}/{template}/{time.monotonic_ns()}"):
+            final = output
+        return final
+
+    async def _video(self, clip_id: str, frames: np.ndarray, counts: np.ndarray, starts, ends) -> dict:
+        from vidlm.models.processing import video_prompt_ids
+
+        mc = self.model_config
+        captions, prompt_tokens, output_tokens = [], [], 0
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for k in range(len(counts)):
+            history = "\n".join(captions[-self.synth.history :]) if self.synth.history and captions else NO_HISTORY
+            text = self.synth.window_prompt.format(history=history, start=starts[k], end=ends[k])
+            ids = video_prompt_ids(self.tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
+            out = await self._request(ids, frames[offsets[k] : offsets[k + 1]], clip_id, f"w{k}")
+            captions.append(out.outputs[0].text.strip())
+            prompt_tokens.append(len(ids) - 1)
+            output_tokens += len(out.outputs[0].token_ids)
+        numbered = "\n".join(f"{k + 1}. {c}" for k, c in enumerate(captions))
+        messages = [{"role": "user", "content": self.synth.summary_prompt.format(captions=numbered)}]
+        if mc.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": mc.system_prompt})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = await self._request(ids, None, clip_id, "summary")
+        output_tokens += len(out.outputs[0].token_ids)
+        return {
+            "window_captions": captions,
+            "window_prompt_tokens": prompt_tokens,
+            "caption": out.outputs[0].text.strip(),
+            "output_tokens": output_tokens,
+        }
+
+    async def __call__(self, batch: dict):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        await self._warm_up()
+        n = len(batch["clip_id"])
+        error = [clean_null(e) for e in batch["error"]]
+        error_type = [clean_null(e) for e in batch["error_type"]]
+        jobs = {
+            i: asyncio.ensure_future(
+                self._video(
+                    batch["clip_id"][i],
+                    batch["frames"][i],
+                    batch["window_num_frames"][i],
+                    batch["window_start_s"][i],
+                    batch["window_end_s"][i],
+                )
+            )
+            for i in range(n)
+            if error_type[i] is None
+        }
+        results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True), strict=True))
+        columns = {k: [None] * n for k in ("window_captions", "window_prompt_tokens", "caption", "output_tokens")}
+        for i, result in results.items():
+            if isinstance(result, EngineDeadError):
+                raise result
+            if isinstance(result, BaseException):
+                error[i], error_type[i] = f"{type(result).__name__}: {result}", ErrorType.GENERATION_FAILED.value
+                continue
+            for key, value in result.items():
+                columns[key][i] = value
+        for key in ("window_captions", "window_prompt_tokens"):
+            columns[key] = [v if v is not None else [] for v in columns[key]]
+        failed = [i for i in range(n) if error_type[i] is not None]
+        starts = [[] if i in failed else list(batch["window_start_s"][i]) for i in range(n)]
+        ends = [[] if i in failed else list(batch["window_end_s"][i]) for i in range(n)]
+        table = {
+            **{k: batch[k] for k in ("clip_id", "video_id", "path", "start_s", "end_s")},
+            **columns,
+            "window_start_s": starts,
+            "window_end_s": ends,
+            "model": [self.model_name] * n,
+            "error": error,
+            "error_type": error_type,
+        }
+        yield arrow_table(table, CAPTIONS_SCHEMA)
+
+
+def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCaptionsConfig) -> JobSummary:
+    """Recurrent detailed captions of every video of a manifest (LLaVA-Video §2.1), as parquet in ``OUT/captions``.
+
+    Rerunning with the same ``out`` finishes a killed run; every video ends up in the output once.
+
+    Raises:
+        FileNotFoundError: the manifest or the model does not exist.
+        ValueError: an unknown preset, or more CPUs asked for than the local cluster has.
+    """
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.video_llm import VidlmConfig
+
+    out = Path(out).resolve()
+    if not Path(manifest).exists():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    model_dir = resolve_model(config.model)
+    model_config = VidlmConfig.from_pretrained(model_dir)
+    local = init_ray()
+    check_cpu_budget(
+        {"engine actor": config.engine.num_cpus, "one decode task": config.decode.num_cpus}, strict=local, out=out
+    )
+    stage_clips(manifest, config.manifest, out, min_files=4)
+    captions = out / "captions"
+    before = written_clip_ids(captions)
+    started = time.perf_counter()
+    gpus = num_gpus_in_cluster()
+    tp = config.engine.tensor_parallel_size
+    engines = config.engine.num_engines or (max(1, gpus // tp) if gpus else 1)
+    with exactly_once(out):
+        ds = read_staged_clips(out, config.decode.clips_per_task)
+        ds = ds.map_batches(
+            decode_windows,
+            fn_kwargs={"config": config, "sampling": model_config.sampling_config, "size": model_config.image_size},
+            batch_size=config.decode.clips_per_task,
+            num_cpus=config.decode.num_cpus,
+            memory=int(config.decode.memory_gb * 2**30),
+        )
+        in_flight = config.engine.batches_in_flight
+        ds = ds.map_batches(
+            RecurrentCaptioner,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "config": config},
+            batch_size=config.engine.clips_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=in_flight),
+            max_concurrency=in_flight,
+            num_gpus=tp if gpus else 0,
+            num_cpus=config.engine.num_cpus,
+        )
+        write_output(ds, captions, config.output)
+    return JobSummary.collect(captions, before, started, {"output tokens/s": "output_tokens"})

