@@ -433,7 +433,8 @@ def structured_sampling_params(config: SynthGenerationConfig, seed: int, schema_
         "top_p": config.top_p,
         "repetition_penalty": config.repetition_penalty,
         "seed": seed,
-        "structured_outputs": {"json": schema_json},
+        # compact JSON: no whitespace between fields, where a small model can loop until max_tokens
+        "structured_outputs": {"json": schema_json, "disable_any_whitespace": True},
     }
 
 

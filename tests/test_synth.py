@@ -88,7 +88,8 @@ def textvid_run(ray_cluster, tmp_path_factory) -> Path:
     seeds.write_text(yaml.safe_dump({"howto": ["how to make a paper airplane"], "ego": ["folding laundry on the bed"]}))
     args = [
         "textvid", "--num", "6", "--out", str(root / "out"), f"seeds={seeds}", "families=[howto, ego]",
-        "generation.temperature=0", "shape.qas=1", "shape.frame_chars=120", "shape.max_frames=6",
+        "generation.temperature=0", "shape.qas=1", "shape.max_frames=6", "shape.frame_chars=100",
+        "shape.caption_chars=150", "shape.question_chars=80", "shape.option_chars=40", "shape.answer_chars=80",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -163,7 +164,8 @@ def captions(tmp_path_factory) -> Path:
 
 
 def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_path):
-    config = load_config(SynthQAConfig, None, ["per_caption=2", "generation.max_tokens=400"])
+    bounds = ["shape.question_chars=80", "shape.option_chars=40", "shape.answer_chars=80"]
+    config = load_config(SynthQAConfig, None, ["per_caption=2", "generation.temperature=0", *bounds])
     summary = run_synth_qa(captions, tmp_path, config)
     rows = pq.read_table(tmp_path / "qa").to_pylist()
     assert summary.total == len(rows) == 6 and summary.ok == 6, [r["error"] for r in rows]
