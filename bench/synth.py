@@ -28,6 +28,7 @@ from rich.table import Table
 
 from pipelines.synth import (
     TextVidConfig,
+    record_seed,
     resolve_llm,
     run_textvid,
     structured_sampling_params,
@@ -36,7 +37,7 @@ from pipelines.synth import (
     tideo_schema,
 )
 from vidlm.config import load_config
-from vidlm.engine import cpu_engine_env, vllm_engine_kwargs
+from vidlm.engine import cpu_engine_env, on_cpu, vllm_engine_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "bench-synth"
@@ -57,7 +58,7 @@ def bench_bare(config: TextVidConfig, num: int) -> dict:
     messages = [tideo_messages(r["family"], r["topic"], config.shape) for r in rows]
     params = []
     for r in rows:
-        kw = structured_sampling_params(config.generation, r["seed"], schema)
+        kw = structured_sampling_params(config.generation, record_seed(r["seed"], not on_cpu()), schema)
         kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
         params.append(SamplingParams(**kw))
     outputs = llm.chat(messages, params, use_tqdm=False)

