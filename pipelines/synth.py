@@ -14,9 +14,10 @@ Ray Data plan (both jobs)::
     read_parquet(OUT/requests)                one row per record to generate; ids fixed by the request list
       -> ray.data.llm vLLM processor          chat template -> vLLM engine, output constrained by a JSON
                                               schema (vLLM structured outputs)
-      -> map(parse_tideo | parse_qa)          JSON -> a validated record, or an error row (never a crash)
+      -> map_batches(parse_batch)             parse_tideo | parse_qa: JSON -> a validated record, or an error
+                                              row (never a crash)
       -> map_batches(EncodeTextFrames)        textvid: CLIP text features of every textual frame
-      -> write_parquet(OUT/generated)         checkpointed on the id column (a killed run resumes, exactly once)
+      -> write_parquet(OUT/generated | OUT/qa)   checkpointed on the id column (a killed run resumes, exactly once)
     textvid then: OUT/tideos (valid Tideos, near-duplicates dropped) and OUT/memory.npy.
 
 Error types: ``generation_failed`` (the engine failed the request), ``invalid_json`` (not JSON: a
