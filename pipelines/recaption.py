@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -482,7 +483,9 @@ class CaptionClips:
 
     def __del__(self):
         engine = getattr(self, "engine", None)
-        if engine is not None:
+        # At interpreter exit vLLM's own finalizers have stopped the engine already, and shutting it down
+        # again fails on torn-down module globals ("Exception ignored ... TypeError").
+        if engine is not None and not sys.is_finalizing():
             engine.shutdown()  # the EngineCore process would outlive the actor with its memory
 
 
