@@ -9,9 +9,9 @@ Two tables, every number measured in this run on the same clips:
    all cores), decode alone and encode alone each with the cores the job gives that stage (decode: one
    process per core; encode: torch threads, frames decoded beforehand), and the Ray Data job in steady
    state (see :func:`steady_rate`; Ray start-up, actor start-up and the tower's construction come
-   before it and are reported apart). Ratios: job / slower isolated stage (the limit when the stages overlap) and
-   job / sequential loop. All four are measured back to back in each of ``--rounds`` rounds; the table
-   shows the round with the median job / slower-stage ratio and lists every round's ratio.
+   before it and are reported apart). Ratios: job / slower isolated stage (the limit when the stages
+   overlap) and job / sequential loop. All four are measured back to back in each of ``--rounds``
+   rounds; the table shows the round with the median job / slower-stage ratio and every round's ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from _rounds import median_round  # bench/ is the script's folder
 from rich.console import Console
 from rich.table import Table
 
@@ -35,7 +36,7 @@ from pipelines.features import FeaturesConfig, run_features
 from vidlm.clips import ManifestConfig, clips_table
 from vidlm.config import load_config
 from vidlm.decode import decode_clip
-from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
+from vidlm.models.vision_tower import VisionTower, image_size
 from vidlm.sampling import SamplingConfig
 from vidlm.testing import write_video
 
@@ -137,7 +138,6 @@ def bench_pipeline(
     much), so each round's ratios compare numbers taken within a minute or two of each other; the
     table shows the round with the median job / slower-stage ratio, and every round's ratio.
     """
-    size = image_size(VisionTowerConfig(name=tower_name))
     clips = _clip_list(n)
     manifest = _write_manifest(clips, WORK / f"manifest-{n}.csv")
     # The job's split of the cores. Separate stages: an encode-bound tower's actor gets them all (torch
@@ -159,10 +159,11 @@ def bench_pipeline(
     if not fused:
         overrides += [f"encode.num_cpus={encode_cores}", "encode.clips_per_batch=2"]
     config = load_config(FeaturesConfig, FUSED_CONFIG if fused else None, overrides)
+    size = image_size(config.encode.tower)
     # decode alone and the job: one FFmpeg thread per decoding process; the plain loop: FFmpeg's threads
     work = [(c["path"], c["start_s"], c["end_s"], size, 1) for c in clips]
     loop_work = [(*w[:-1], 0) for w in work]
-    tower = VisionTower(VisionTowerConfig(name=tower_name))
+    tower = VisionTower(config.encode.tower)  # the job's tower
     measured: list[dict[str, float]] = []
     for _ in range(rounds):
         r = {}
@@ -197,11 +198,10 @@ def bench_pipeline(
         measured.append(r)
         console.print({k: round(v, 2) for k, v in r.items()})
     ratios = [r["job / slower stage"] for r in measured]
-    median = sorted(measured, key=lambda r: r["job / slower stage"])[(len(measured) - 1) // 2]
     return {
         "cores decode/encode": f"{decode_cores}/{encode_cores}",
-        **median,
-        "ratio range": ", ".join(f"{x:.2f}" for x in ratios),
+        **measured[median_round(ratios)],
+        "every round": ", ".join(f"{x:.2f}" for x in ratios),
     }
 
 
@@ -254,7 +254,7 @@ def main() -> None:
             r["cores decode/encode"],
             *(f"{r[k]:.2f}" for k in ("sequential", "decode alone", "encode alone", "ray job (steady)")),
             f"{r['job / slower stage']:.2f}",
-            r["ratio range"],
+            r["every round"],
             f"{r['job / sequential']:.2f}",
             f"{r['ray job startup s']:.1f}",
         )

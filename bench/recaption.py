@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _rounds import median_round  # bench/ is the script's folder
 from rich.console import Console
 from rich.table import Table
 
@@ -197,7 +198,7 @@ def main() -> None:
         ceilings.append(bench_ceiling(model_dir, cfg, rows, frames, ids))
         jobs.append(bench_job(manifest, cfg))
     ratios = [_rate(j) / _rate(c) for c, j in zip(ceilings, jobs, strict=True)]
-    middle = sorted(range(args.rounds), key=lambda i: ratios[i])[args.rounds // 2]  # the median round
+    middle = median_round(ratios)
     ceiling, job = ceilings[middle], jobs[middle]
     dtype = torch.bfloat16 if _engine_dtype_is_bf16(model_dir, cfg) else torch.float32
     console.print(f"baseline: transformers generate ({dtype}) ...")

@@ -188,11 +188,8 @@ def _decode_pyav(path: str, indices: np.ndarray, info: VideoInfo, scaled: tuple[
     frames: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         stream = container.streams.video[0]
-        if threads == 1:
-            stream.codec_context.thread_count = 1
-        else:  # FFmpeg's frame and slice threads; 0: as many as it finds cores
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = threads
+        stream.thread_type = "AUTO"  # frame and slice threads; with thread_count 1 FFmpeg starts none
+        stream.codec_context.thread_count = threads
         tb = float(stream.time_base)
         start_time = stream.start_time * tb if stream.start_time is not None else 0.0
         keyframes = [round((e.timestamp * tb - start_time) * info.fps) for e in stream.index_entries if e.is_keyframe]
