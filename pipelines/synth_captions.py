@@ -40,22 +40,28 @@ from pipelines._common import (
     JobSummary,
     OutputConfig,
     arrow_table,
-    check_cpu_budget,
     clean_null,
     exactly_once,
-    init_ray,
-    num_gpus_in_cluster,
     read_staged_clips,
     stage_clips,
     write_output,
     written_clip_ids,
 )
-from pipelines.recaption import CaptionClips, EngineConfig, GenerationConfig, RecaptionConfig, sampling_params
+from pipelines.caption_clips import CaptionClips, sampling_params
 from vidlm.clips import ClipError, ErrorType, ManifestConfig
+from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
 from vidlm.config import JobConfig
-from vidlm.engine import engine_on_gpu
+from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count, engine_on_gpu
+from vidlm.jobs import Report
 
-__all__ = ["CAPTIONS_SCHEMA", "RecurrentCaptioner", "SynthCaptionsConfig", "decode_windows", "run_synth_captions"]
+__all__ = [
+    "CAPTIONS_SCHEMA",
+    "RecurrentCaptioner",
+    "SynthCaptionsConfig",
+    "decode_windows",
+    "run_synth_captions",
+    "synth_captions_job",
+]
 
 WINDOW_PROMPT = (
     "You are describing a long video one part at a time. Here is what happened in the previous parts:\n"
@@ -65,7 +71,7 @@ WINDOW_PROMPT = (
 )
 """Level-1 prompt: ``{history}`` (earlier window captions, one per line), ``{start}`` / ``{end}`` (seconds)."""
 
-SUMMARY_PROMPT = (
+VIDEO_SUMMARY_PROMPT = (
     "Here are detailed descriptions of consecutive parts of one video, in time order:\n{captions}\n"
     "Write one detailed description of the whole video: the setting, the main people and objects, and the "
     "course of events from beginning to end."
@@ -110,16 +116,12 @@ class SynthCaptionsConfig(JobConfig):
     history: int = Field(3, ge=0)
     """Earlier window captions in each window's prompt."""
     window_prompt: str = WINDOW_PROMPT
-    summary_prompt: str = SUMMARY_PROMPT
+    summary_prompt: str = VIDEO_SUMMARY_PROMPT
     generation: GenerationConfig = GenerationConfig()
-    engine: EngineConfig = EngineConfig(clips_per_batch=4)
-    """``clips_per_batch`` counts videos here."""
-    decode: DecodeConfig = DecodeConfig(clips_per_task=1)
+    engine: EngineStageConfig = EngineStageConfig(batch_size=4)
+    """``batch_size`` counts videos here."""
+    decode: DecodeConfig = DecodeConfig(batch_size=1)
     output: OutputConfig = OutputConfig()
-
-    def as_recaption(self) -> RecaptionConfig:
-        """The recaption config of the same model, engine and sampling (the engine actor is the recaption job's)."""
-        return RecaptionConfig(model=self.model, generation=self.generation, engine=self.engine)
 
 
 def windows_of(start_s: float, end_s: float, window_s: float, max_windows: int) -> list[tuple[float, float]]:
@@ -179,7 +181,7 @@ def decode_windows(batch: dict[str, np.ndarray], *, config: SynthCaptionsConfig,
 class RecurrentCaptioner(CaptionClips):
     """Ray Data stage (actor): level-1 captions window by window with history, then the level-3 summary.
 
-    The engine is the recaption job's (:class:`pipelines.recaption.CaptionClips`: one ``AsyncLLMEngine``, the
+    The engine is the recaption job's (:class:`pipelines.caption_clips.CaptionClips`: one ``AsyncLLMEngine``, the
     model's prompt format, warm-up, shutdown). The videos of every batch in flight run concurrently, so the
     engine batches window ``k`` of one video with window ``j`` of another; within a video the windows wait
     for each other (window ``k`` needs the captions before it). A failed request fails its video
@@ -189,7 +191,8 @@ class RecurrentCaptioner(CaptionClips):
     def __init__(self, model_dir: str, config: SynthCaptionsConfig):
         from transformers import AutoTokenizer
 
-        super().__init__(model_dir, config.as_recaption(), config.model)
+        first = config.window_prompt.format(history=NO_HISTORY, start=0.0, end=config.window_s)
+        super().__init__(model_dir, {"window": first}, config.generation, config.engine, config.model, CAPTIONS_SCHEMA)
         self.synth = config
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
@@ -197,7 +200,7 @@ class RecurrentCaptioner(CaptionClips):
         prompt = {"prompt_token_ids": ids}
         if frames is not None:
             prompt["multi_modal_data"] = {"video": frames}
-        params = sampling_params(self.config.generation, key, template)
+        params = sampling_params(self.generation, key, template)
         final = None
         async for output in self.engine.generate(prompt, params, f"{key}/{template}/{time.monotonic_ns()}"):
             final = output
@@ -306,22 +309,22 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
     started = time.perf_counter()
     gpus = num_gpus_in_cluster()
     tp = config.engine.tensor_parallel_size
-    on_gpu = engine_on_gpu(config.engine, gpus)  # as the recaption job decides
-    engines = config.engine.num_engines or (max(1, gpus // tp) if on_gpu else 1)
+    on_gpu = engine_on_gpu(config.engine, gpus)
+    engines = engine_count(config.engine, gpus)
     with exactly_once(out):
-        ds = read_staged_clips(out, config.decode.clips_per_task)
+        ds = read_staged_clips(out, config.decode.batch_size)
         ds = ds.map_batches(
             decode_windows,
             fn_kwargs={"config": config, "sampling": model_config.sampling_config, "size": model_config.image_size},
-            batch_size=config.decode.clips_per_task,
+            batch_size=config.decode.batch_size,
             num_cpus=config.decode.num_cpus,
             memory=int(config.decode.memory_gb * 2**30),
         )
-        in_flight = config.engine.batches_in_flight
+        in_flight = config.engine.max_concurrent_batches
         ds = ds.map_batches(
             RecurrentCaptioner,
             fn_constructor_kwargs={"model_dir": str(model_dir), "config": config},
-            batch_size=config.engine.clips_per_batch,
+            batch_size=config.engine.batch_size,
             compute=ray.data.ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=in_flight),
             max_concurrency=in_flight,
             num_gpus=tp if on_gpu else 0,
@@ -329,3 +332,10 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
         )
         write_output(ds, captions, config.output)
     return JobSummary.collect(captions, before, started, {"output tokens/s": "output_tokens"})
+
+
+def synth_captions_job(manifest: Path, out: Path, config: SynthCaptionsConfig) -> Report:
+    """``vidlm synth-captions``: :func:`run_synth_captions`, then its summary."""
+    summary = run_synth_captions(manifest, out, config)
+    lines = [f"captions: [bold]{summary.out}[/] (parquet; caption = the whole-video summary)"]
+    return summary.report("vidlm synth-captions", unit="videos", lines=lines)

@@ -1,6 +1,6 @@
 """Checks a chat request passes before it reaches a vLLM replica: every bad input becomes a 4xx that names it.
 
-:class:`VideoRequestChecker` runs in the endpoint's ingress (:class:`serving.app.VideoIngress`), once per
+:class:`VideoRequestChecker` runs in the endpoint's ingress (:class:`serving.ingress.VideoIngress`), once per
 request, on the request's ``messages`` and ``media_io_kwargs``:
 
 ====================================================  ======  =============================================

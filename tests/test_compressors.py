@@ -17,6 +17,7 @@ from vidlm.models.compressors import (
     pooled_grid,
 )
 from vidlm.models.modality_projection import modality_projection
+from vidlm.models.presets import PLLAVA_POOLING_SHAPE
 
 
 @pytest.mark.parametrize("kind", ["nframe", "pllava", "slowfast", "mean"])
@@ -29,11 +30,14 @@ def test_output_shape_matches_num_visual_tokens(kind, t):
 
 
 def test_token_counts():
-    assert num_visual_tokens(CompressorConfig(kind="pllava"), 16) == 16 * 12 * 12  # PLLaVA default: 2304
+    pllava = CompressorConfig(kind="pllava", pooling_shape=PLLAVA_POOLING_SHAPE)
+    assert num_visual_tokens(pllava, 16) == 16 * 12 * 12  # PLLaVA default: 2304
+    with pytest.raises(ValueError, match="needs pooling_shape"):
+        CompressorConfig(kind="pllava")
     assert num_visual_tokens(CompressorConfig(kind="nframe", grid=(24, 24)), 16) == 16 * 576
     assert num_visual_tokens(CompressorConfig(kind="mean", grid=(16, 16)), 100) == 256 + 100
     with pytest.raises(ValueError):
-        num_visual_tokens(CompressorConfig(), 0)
+        num_visual_tokens(pllava, 0)
 
 
 def test_pllava_pooling_equals_adaptive_avg_pool3d_on_a_known_tensor():

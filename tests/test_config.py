@@ -10,8 +10,9 @@ import yaml
 
 from pipelines.features import FeaturesConfig
 from pipelines.recaption import RecaptionConfig
-from pipelines.synth import SynthQAConfig, TextVidConfig
 from pipelines.synth_captions import SynthCaptionsConfig
+from pipelines.synth_qa import SynthQAConfig
+from pipelines.textvid import TextVidConfig
 from serving.app import IMPORT_PATH, ServeConfig, serve_config
 from vidlm.config import ConfigError, apply_overrides, load_config
 
@@ -90,7 +91,7 @@ def test_overrides_are_parsed_as_yaml_and_nest():
         ("sampling.num_frames=0", "sampling.num_frames"),
         ("sampling.mode=sometimes", "sampling.mode"),
         ("encode.tower.nmae=x", "encode.tower.nmae"),
-        ("decode.clips_per_task=many", "decode.clips_per_task"),
+        ("decode.batch_size=many", "decode.batch_size"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_field(override, field):

@@ -8,7 +8,7 @@ import pytest
 from vidlm.clips import ClipError, ErrorType
 from vidlm.decode import decode_clip, probe
 from vidlm.sampling import SamplingConfig
-from vidlm.testing import index_level, write_video
+from vidlm.writers import index_level, write_video
 
 REAL = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 STRATEGIES = ["seek", "sequential", "pyav"]

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import kill_mid_run
 
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.features import FeaturesConfig, run_features
 from vidlm.config import load_config
-from vidlm.testing import kill_mid_run
-from vidlm.testing import write_panda70m_manifest as _manifest
+from vidlm.writers import write_panda70m_manifest as _manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,8 +82,8 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, 
     out = tmp_path / "out"
     overrides = [
         "encode.tower.name=ViT-B-32",  # random weights, but slow enough on CPU that the kill lands mid-run
-        "encode.clips_per_batch=1",
-        "decode.clips_per_task=1",
+        "encode.batch_size=1",
+        "decode.batch_size=1",
         "sampling.num_frames=4",
         "output.min_rows_per_file=1",
         "output.max_rows_per_file=1",

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from harness import TINY_VARIANTS, kill_mid_run
 
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.recaption import RecaptionConfig, run_recaption
 from vidlm.config import load_config
-from vidlm.testing import TINY_VARIANTS, kill_mid_run, write_panda70m_manifest
+from vidlm.writers import write_panda70m_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -138,9 +139,9 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
     overrides = [  # one clip at a time, each in its own file, long enough that the kill lands mid-run
         "generation.max_tokens=48",
         "generation.ignore_eos=true",
-        "engine.clips_per_batch=1",
-        "engine.batches_in_flight=1",
-        "decode.clips_per_task=1",
+        "engine.batch_size=1",
+        "engine.max_concurrent_batches=1",
+        "decode.batch_size=1",
         "output.min_rows_per_file=1",
         "output.max_rows_per_file=1",
     ]

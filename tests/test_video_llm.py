@@ -128,3 +128,28 @@ def test_siglip_tower_has_no_cls_and_gives_the_full_grid():
     assert hidden.shape[1] == 16  # 4x4 patches, no CLS token to drop
     with pytest.raises(ValueError, match="pixel_values"):
         tower(torch.randn(1, 3, 64, 64))
+
+
+def test_auto_classes_load_a_vidlm_directory_without_remote_code(tiny_models):
+    """``AutoModelForImageTextToText`` / ``AutoProcessor`` give the vidlm classes, and the processor's inputs are
+    the ones the model's own path builds (prompt ids with the placeholder expanded, preprocessed frames)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vidlm.models.processing import VidlmProcessor, video_prompt_ids
+
+    path = tiny_models["pllava"]
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert isinstance(model, VidlmForConditionalGeneration) and isinstance(processor, VidlmProcessor)
+    c = model.config
+    ids = video_prompt_ids(processor.tokenizer, "Describe the video.", c.video_token, c.video_token_index, None)
+    text = processor.tokenizer.decode(ids)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 50, 70, 3), dtype=np.uint8)
+    inputs = processor(text=text, videos=frames)
+    assert inputs["input_ids"][0].tolist() == expand_video_tokens(ids, c.video_token_index, c.num_visual_tokens(3))
+    torch.testing.assert_close(inputs["pixel_values_videos"][0], model.preprocess(frames))
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+    with pytest.raises(ValueError, match="one video per prompt"):
+        processor(text=[text, text], videos=frames)

@@ -25,7 +25,7 @@ def _cpu_engine_env(monkeypatch):
 
 
 def _greedy_hf(model, ids, frames) -> list[int]:
-    from vidlm.testing import hf_greedy
+    from harness import hf_greedy
 
     return hf_greedy(model, ids, frames, MAX_TOKENS)[0]
 

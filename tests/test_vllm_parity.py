@@ -10,8 +10,7 @@ import gc
 
 import numpy as np
 import pytest
-
-from vidlm.testing import TINY_VARIANTS
+from harness import TINY_VARIANTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,8 +31,9 @@ def _prompt_ids(tokenizer) -> list[int]:
 
 
 def _hf_greedy(model_dir, ids, frames):
+    from harness import hf_greedy
+
     from vidlm.models.video_llm import VidlmForConditionalGeneration
-    from vidlm.testing import hf_greedy
 
     return hf_greedy(VidlmForConditionalGeneration.from_pretrained(model_dir).eval(), ids, frames, MAX_TOKENS)
 

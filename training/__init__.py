@@ -1,1 +1,36 @@
-"""Ray Train jobs (DeepSpeed ZeRO-3 recipes): added with the training issue."""
+"""Training on Ray Train + DeepSpeed (``vidlm train``) and multiple-choice evaluation (``vidlm eval mc``).
+
+This module declares the two jobs for the command line (:mod:`vidlm.jobs`; registered in ``pyproject.toml``).
+"""
+
+from pathlib import Path
+
+from vidlm.jobs import Job, Param
+
+TRAIN = Job(
+    "train",
+    "Train a video LLM with Ray Train + DeepSpeed (TOPA pre-alignment or video instruction tuning).",
+    run="training.trainer:train_job",
+    config="training.config:TrainConfig",
+    params=(
+        Param("out", Path, "run folder (checkpoints, metrics, export/); rerun to resume", flags=("--out", "-o")),
+        Param("plan", bool, "print the memory plan and exit (any model size)", flags=("--plan",), default=False),
+    ),
+)
+EVAL_MC = Job(
+    "eval mc",
+    "Multiple-choice video QA (EgoSchema / MVBench layout): option loss (TOPA) and generation accuracy.",
+    run="training.eval:eval_mc_job",
+    params=(
+        Param(
+            "benchmark",
+            Path,
+            "JSONL: question, options, answer, video|features",
+            flags=("--benchmark", "-b"),
+            must_exist=True,
+        ),
+        Param("model", str, "vidlm model directory (e.g. runs/topa/export) or preset", flags=("--model", "-m")),
+        Param("generate", bool, "also score by greedy generation", flags=("--generate/--no-generate",), default=True),
+        Param("limit", int | None, "first N questions only", flags=("--limit",), default=None),
+    ),
+)

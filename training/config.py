@@ -9,8 +9,8 @@ Two recipes share one trainer:
   (pooling or SlowFast in the model), LLaVA-style multi-turn conversations, loss on answers only.
 
 The DeepSpeed JSON files are those of the LLaVA-NeXT / PLLaVA references (``training/configs/deepspeed``);
-their ``"auto"`` values are filled from this config (:func:`training.deepspeed.fill_deepspeed_config`), as
-the Hugging Face Trainer does.
+their ``"auto"`` values are filled from this config (:func:`training.trainer.fill_deepspeed_config`) by
+transformers' ``HfTrainerDeepSpeedConfig``, as the Hugging Face Trainer does.
 """
 
 from __future__ import annotations

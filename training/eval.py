@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from training.data import IGNORE_INDEX, LETTERS, conversation_ids, mc_answer, mc_prompt
+from vidlm.jobs import Report
 
 __all__ = ["McResult", "evaluate_mc", "load_benchmark"]
 
@@ -207,3 +208,13 @@ def evaluate_mc(
                 _generated_choice(model, tokenizer, row, inputs, max_new_tokens) == row["answer"],
             )
     return result
+
+
+def eval_mc_job(benchmark: Path, model: str, generate: bool = True, limit: int | None = None) -> Report:
+    """``vidlm eval mc``: :func:`evaluate_mc`, as a table of accuracy per task type and score."""
+    result = evaluate_mc(model, benchmark, generate=generate, limit=limit)
+    scores = ["loss", "generate"] if generate else ["loss"]
+    rows = [(t, *(f"{result.accuracy(s, t):.3f}" for s in scores)) for t in result.task_types]
+    rows.append(("[bold]overall[/]", *(f"[bold]{result.accuracy(s):.3f}[/]" for s in scores)))
+    header = ("task type", *(f"accuracy ({s})" for s in scores))
+    return Report(f"{Path(benchmark).name}: {result.n} questions", rows, header=header)

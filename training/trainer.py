@@ -29,14 +29,18 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from training.config import TrainConfig
 from training.memory import MemoryPlan, memory_plan
+from vidlm.jobs import Report
+from vidlm.models.lora import ADAPTER_DIR
 
 __all__ = [
     "PreparedRun",
@@ -51,7 +55,7 @@ __all__ = [
 
 TAG = "zero"  # DeepSpeed checkpoint tag inside each Ray checkpoint directory
 CONSOLIDATED = "consolidated.bin"
-EXPORT_DIR, ADAPTER_DIR, METRICS = "export", "adapter", "metrics.jsonl"
+EXPORT_DIR, METRICS = "export", "metrics.jsonl"
 
 
 class TrainingConfigError(ValueError):
@@ -59,16 +63,21 @@ class TrainingConfigError(ValueError):
 
 
 def fill_deepspeed_config(config: TrainConfig, hidden_size: int, total_steps: int, world_size: int) -> dict:
-    """The DeepSpeed JSON of ``config.deepspeed.config`` with its ``"auto"`` values filled (as HF Trainer does).
+    """The DeepSpeed JSON of ``config.deepspeed.config`` with its ``"auto"`` values filled by transformers'
+    ``HfTrainerDeepSpeedConfig`` -- the Hugging Face Trainer's own filling, from this config's values.
 
-    Batch sizes, clipping and precision come from ``config``; ZeRO bucket sizes from the LLM's hidden size
-    ``h`` (``h*h``, ``0.9*h*h``, ``10*h``); an AdamW optimizer and a warm-up + cosine scheduler
-    (``WarmupCosineLR`` over ``total_steps``) are added when the JSON has none.
+    Batch sizes, clipping, precision and the optimizer's hyper-parameters come from ``config``; ZeRO bucket sizes
+    from the LLM's hidden size ``h`` (``h*h``, ``0.9*h*h``, ``10*h``). A JSON without an optimizer or a scheduler
+    gets AdamW and a linear warm-up + cosine schedule (``WarmupCosineLR`` over ``total_steps``, warm-up
+    ``ceil(optim.warmup_ratio * total_steps)``, at least 1): the Trainer builds those in torch instead.
 
     Raises:
         FileNotFoundError: the JSON does not exist.
-        TrainingConfigError: an ``"auto"`` left that this function does not know.
+        TrainingConfigError: a value that contradicts this config, or an ``"auto"`` left that transformers does
+            not fill.
     """
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
     path = Path(config.deepspeed.config)
     if not path.is_file() and not path.is_absolute():  # a shipped config named from the repository root
         path = Path(__file__).resolve().parents[1] / path
@@ -76,37 +85,18 @@ def fill_deepspeed_config(config: TrainConfig, hidden_size: int, total_steps: in
         raise FileNotFoundError(f"deepspeed.config: no file {config.deepspeed.config}")
     ds = json.loads(path.read_text())
     o, d = config.optim, config.data
-    top = {
-        "train_micro_batch_size_per_gpu": d.micro_batch_size,
-        "gradient_accumulation_steps": o.gradient_accumulation_steps,
-        "train_batch_size": d.micro_batch_size * o.gradient_accumulation_steps * world_size,
-        "gradient_clipping": o.grad_clip,
-    }
-    for key, value in top.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    ds.setdefault("fp16", {})["enabled"] = False
-    ds.setdefault("bf16", {})["enabled"] = config.bf16
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    buckets = {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-    for key, value in buckets.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
+    ds.setdefault("fp16", {"enabled": "auto"})
+    ds.setdefault("bf16", {"enabled": "auto"})
     ds.setdefault(
-        "optimizer",
-        {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8, "weight_decay": o.weight_decay}},
+        "optimizer", {"type": "AdamW", "params": dict.fromkeys(["lr", "betas", "eps", "weight_decay"], "auto")}
     )
     ds.setdefault(
         "scheduler",
         {
             "type": "WarmupCosineLR",
             "params": {
-                "total_num_steps": total_steps,
-                "warmup_num_steps": max(1, math.ceil(o.warmup_ratio * total_steps)),
+                "total_num_steps": "auto",
+                "warmup_num_steps": "auto",
                 "warmup_type": "linear",
                 "cos_min_ratio": 0.0,
             },
@@ -114,10 +104,35 @@ def fill_deepspeed_config(config: TrainConfig, hidden_size: int, total_steps: in
     )
     ds.setdefault("steps_per_print", 10**9)  # progress goes to metrics.jsonl, not DeepSpeed's log
     ds.setdefault("wall_clock_breakdown", False)
-    left = [k for k, v in _flatten(ds) if v == "auto"]
+    args = SimpleNamespace(  # the TrainingArguments fields HfTrainerDeepSpeedConfig reads
+        world_size=world_size,
+        per_device_train_batch_size=d.micro_batch_size,
+        gradient_accumulation_steps=o.gradient_accumulation_steps,
+        max_grad_norm=o.grad_clip,
+        learning_rate=o.lr,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=1e-8,
+        weight_decay=o.weight_decay,
+        save_on_each_node=False,
+        fp16=False,
+        fp16_full_eval=False,
+        bf16=config.bf16,
+        bf16_full_eval=False,
+        get_warmup_steps=lambda steps: math.ceil(o.warmup_ratio * steps),
+    )
+    hf = HfTrainerDeepSpeedConfig(ds)  # registers itself globally (weakly): dropped below
+    try:
+        hf.trainer_config_process(args)
+        hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)), total_steps)
+    except ValueError as err:
+        raise TrainingConfigError(f"{path}: {err}") from None
+    filled = hf.config
+    del hf
+    left = [k for k, v in _flatten(filled) if v == "auto"]
     if left:
         raise TrainingConfigError(f"{path}: cannot fill 'auto' for {', '.join(left)}")
-    return ds
+    return filled
 
 
 def _flatten(node: Any, prefix: str = ""):
@@ -172,8 +187,8 @@ def prepare_training(config: TrainConfig) -> PreparedRun:
         FileNotFoundError: no model weights or no data.
         ValueError: data columns that do not fit the recipe.
     """
-    from pipelines._common import init_ray
     from training.data import build_dataset
+    from vidlm.cluster import init_ray
     from vidlm.models.presets import resolve_model
 
     plan = plan_training(config)
@@ -453,3 +468,28 @@ def export_model(state_dict_path: Path, model_dir: str, config: TrainConfig, out
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(export)
     state_dict_path.unlink()
     return export
+
+
+def train_job(out: Path, config: TrainConfig, plan: bool = False, echo: Callable[[Any], None] = print) -> Report:
+    """``vidlm train``: the memory plan (echoed first), then the run; ``plan``: the plan alone.
+
+    Raises:
+        TrainingConfigError: the plan does not fit ``scaling.device_memory_gb``.
+        FileNotFoundError, ValueError: see :func:`prepare_training`.
+    """
+    memory = plan_training(config)
+    table = Report(f"memory plan: {config.model}, {config.recipe}", memory.rows())
+    if memory.refusal():
+        raise TrainingConfigError("memory plan: " + memory.refusal())
+    if plan:
+        return table
+    echo(table)
+    summary = run_training(prepare_training(config), out)
+    rows = [
+        ("steps", str(summary.steps)),
+        ("loss (first -> last)", f"{summary.first_loss:.4f} -> {summary.final_loss:.4f}"),
+        ("attempts", str(summary.attempts)),
+        ("metrics", str(summary.out / METRICS)),
+        ("export", str(summary.export)),
+    ]
+    return Report("vidlm train", rows)

@@ -1,29 +1,28 @@
-"""``vidlm doctor``: what is installed, which accelerator and engine will run, and repairs for known traps.
+"""``vidlm doctor``: what is installed, which accelerator and engine will run, and what is broken. A check only:
+it changes nothing.
 
 Known traps of a CPU-only torch with wheels from PyPI (which are CUDA builds):
 
-- ``torchaudio`` and ``torchcodec`` fail at import against the CPU torch; vLLM imports them when
-  present and otherwise falls back to OpenCV for video, so ``--fix`` uninstalls them.
-- ``torchvision``'s ``_meta_registrations.py`` calls ``torch.library.register_fake`` for
-  ``torchvision::nms`` / ``qnms`` without the ``_has_ops()`` guard its other registrations have, and
-  raises ``operator torchvision::nms does not exist`` when its C++ ops cannot load. ``--fix`` adds the
-  guard; torchvision's Python side (transforms, which open_clip and vLLM use) then works.
+- ``torchaudio`` and ``torchcodec`` fail at import against the CPU torch; vLLM imports them when present and
+  otherwise falls back to OpenCV for video. ``make install`` (``ENGINE=cpu``) leaves them out; the doctor fails
+  naming the ``pip uninstall`` to run where they are installed.
+- ``torchvision``'s C++ ops do not load, and its import fails: vidlm guards it in every interpreter
+  (:mod:`vidlm._torchvision`), so its Python side (transforms, which open_clip and vLLM use) works; the doctor
+  checks that a bare interpreter imports it.
 
-The checks run each import in a subprocess, so one broken package cannot hide the others.
+The checks run each import in a subprocess (after ``import vidlm``, as every vidlm process does), so one broken
+package cannot hide the others.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
-import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-__all__ = ["Check", "fix_environment", "run_checks"]
+__all__ = ["Check", "run_checks"]
 
 REQUIRED_IMPORTS = ("torch", "open_clip", "transformers", "peft", "deepspeed", "ray", "vllm", "decord", "av")
 DISTRIBUTIONS = (
@@ -31,8 +30,6 @@ DISTRIBUTIONS = (
     "open_clip_torch", "decord", "av", "torchvision",
 )  # fmt: skip
 CPU_INCOMPATIBLE = ("torchaudio", "torchcodec")
-
-_UNGUARDED = re.compile(r'^@torch\.library\.register_fake\("torchvision::(q?nms)"\)$', re.M)
 
 
 @dataclass
@@ -52,46 +49,12 @@ def _version(dist: str) -> str | None:
 
 
 def _try_import(module: str) -> tuple[bool, str]:
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+    code = f"import vidlm; import {module}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if proc.returncode == 0:
         return True, "imports"
     last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     return False, last[-1] if last else f"exit {proc.returncode}"
-
-
-def _torchvision_meta_file() -> Path | None:
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "_meta_registrations.py"
-
-
-def fix_environment() -> list[str]:
-    """Repair the known traps in the current environment.
-
-    Returns:
-        One line per change made (empty when nothing needed fixing).
-    """
-    changes = []
-    torch_version = _version("torch") or ""
-    if "+cpu" in torch_version:
-        present = [d for d in CPU_INCOMPATIBLE if _version(d)]
-        if present:
-            subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present], check=True)
-            changes.append(
-                f"uninstalled {', '.join(present)} (CUDA builds that fail to import with torch {torch_version})"
-            )
-    meta = _torchvision_meta_file()
-    if meta is not None and meta.is_file():
-        text = meta.read_text()
-        guarded = (
-            r'@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))'
-        )
-        fixed = _UNGUARDED.sub(guarded, text)
-        if fixed != text:
-            meta.write_text(fixed)
-            changes.append(f"guarded torchvision::nms/qnms fake registrations in {meta}")
-    return changes
 
 
 def _accelerator() -> tuple[str, str]:
@@ -132,13 +95,23 @@ def run_checks() -> tuple[list[Check], dict[str, str]]:
         checks.append(Check("engine", not mismatch or engine == "vllm", detail))
     present = [d for d in CPU_INCOMPATIBLE if _version(d)]
     if present and "+cpu" in (_version("torch") or ""):
-        checks.append(
-            Check("cpu torch", False, f"{', '.join(present)} installed with a CPU torch: run vidlm doctor --fix")
-        )
-    meta = _torchvision_meta_file()
-    if meta is not None and meta.is_file() and _UNGUARDED.search(meta.read_text()):
-        ok = accel == "cuda"
-        checks.append(
-            Check("torchvision", ok, "unguarded nms fake registration" + ("" if ok else ": run vidlm doctor --fix"))
-        )
+        fix = f"pip uninstall {' '.join(present)}"
+        checks.append(Check("cpu torch", False, f"{', '.join(present)} fail to import with a CPU torch: {fix}"))
+    if _version("torchvision"):
+        checks.append(_torchvision_check())
     return checks, facts
+
+
+def _torchvision_check() -> Check:
+    """torchvision in a bare interpreter (as Ray's workers and vLLM's engines start): it must import, with its C++
+    ops or behind vidlm's guard."""
+    code = "import torchvision; print(torchvision.extension._has_ops())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        fix = "python -c 'from vidlm._torchvision import write_pth; write_pth()'"
+        return Check("torchvision", False, f"fails to import outside vidlm: run {fix}")
+    if proc.stdout.strip().endswith("True"):
+        return Check("torchvision", True, "C++ ops load")
+    return Check(
+        "torchvision", True, "C++ ops do not load (a CUDA wheel beside a CPU torch): imports behind vidlm's guard"
+    )

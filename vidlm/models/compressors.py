@@ -6,8 +6,9 @@ that method, so the model, the recaption job's context check and the capacity pl
 
 - ``nframe``: no pooling, every patch of every frame (the baseline of PLLaVA Table 1, "n-frame").
 - ``pllava``: PLLaVA adaptive structure pooling (PLLaVA §3.3, eq. 2): 3-D adaptive average pooling of
-  ``(T, h, w)`` to ``(T', h', w')``; default ``(16, 12, 12)`` from 16 frames of a 24x24 grid (2304
-  tokens). A video with fewer than ``T'`` frames is padded by repeating frames, as the reference does.
+  ``(T, h, w)`` to ``(T', h', w')`` (the paper's shape: 16 frames of a 24x24 grid to 2304 tokens,
+  :data:`vidlm.models.presets.PLLAVA_POOLING_SHAPE`). A video with fewer than ``T'`` frames is padded by
+  repeating frames, as the reference does.
 - ``slowfast``: LLaVA-Video SlowFast frame tokens ``V = (T, M, s, p)`` (LLaVA-Video §3.2): every s-th frame
   (frames ``s-1, 2s-1, ...``, so ``floor(T/s)`` of them) is *slow* and pooled ``p x p``; the others are *fast*
   and pooled ``2p x 2p``; tokens stay in time order. The token count is the paper's
@@ -53,8 +54,9 @@ class CompressorConfig(Section):
     """Which compressor, with its numbers."""
 
     kind: Literal["nframe", "pllava", "slowfast", "mean", "global"] = "pllava"
-    pooling_shape: tuple[int, int, int] = (16, 12, 12)
-    """``pllava``: output ``(T', h', w')`` of the 3-D adaptive average pooling (PLLaVA default)."""
+    pooling_shape: tuple[int, int, int] | None = None
+    """``pllava`` (required there): output ``(T', h', w')`` of the 3-D adaptive average pooling; the paper's shape
+    is :data:`vidlm.models.presets.PLLAVA_POOLING_SHAPE`."""
     slow_stride: int = Field(1, ge=1)
     """``slowfast``: s, every s-th frame is slow (LLaVA-Video: 1 for 7B's 64x182 tokens, 3 for the fast mode)."""
     slow_pool: int = Field(2, ge=1)
@@ -64,7 +66,9 @@ class CompressorConfig(Section):
 
     @model_validator(mode="after")
     def _positive(self) -> CompressorConfig:
-        if min(self.pooling_shape) < 1 or min(self.grid) < 1:
+        if self.kind == "pllava" and self.pooling_shape is None:
+            raise ValueError("compressor.kind 'pllava' needs pooling_shape (T', h', w')")
+        if min(self.pooling_shape or (1,)) < 1 or min(self.grid) < 1:
             raise ValueError("pooling_shape and grid must be positive")
         return self
 
@@ -97,7 +101,7 @@ class AdaptiveStructurePooling(nn.Module):
         pooling_shape: ``(T', h', w')``.
     """
 
-    def __init__(self, pooling_shape: tuple[int, int, int] = (16, 12, 12)):
+    def __init__(self, pooling_shape: tuple[int, int, int]):
         super().__init__()
         self.pooling_shape = tuple(pooling_shape)
 

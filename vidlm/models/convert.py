@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidlm.models.lora import ADAPTER_DIR, LoraSettings, lora_config
+from vidlm.models.presets import PLLAVA_POOLING_SHAPE
 from vidlm.models.video_llm import CLIP_MEAN, CLIP_STD, VidlmConfig
 
 __all__ = ["convert_checkpoint", "detect_layout"]
@@ -109,7 +110,10 @@ def _vidlm_config(src_config: dict, layout: Layout, image_mean, image_std) -> Vi
     if layout == "pllava":
         return VidlmConfig(
             **common,
-            compressor={"kind": "pllava", "pooling_shape": tuple(src_config.get("pooling_shape", (16, 12, 12)))},
+            compressor={
+                "kind": "pllava",
+                "pooling_shape": tuple(src_config.get("pooling_shape", PLLAVA_POOLING_SHAPE)),
+            },
             sampling={"mode": "uniform", "num_frames": src_config.get("num_frames", 16)},
             video_token="<image>",
             video_token_index=src_config.get("image_token_index", 32000),

@@ -1,7 +1,7 @@
 """Named presets: the papers' numbers, each a few lines calling the builders.
 
 - ``pllava-7b/13b/34b``: LLaVA-NeXT bases (Vicuna-7B/13B, Yi-34B), CLIP ViT-L/14-336 penultimate patch
-  features, 16 uniformly sampled frames, adaptive structure pooling to ``(16, 12, 12)`` (PLLaVA §3.3),
+  features, 16 uniformly sampled frames, adaptive structure pooling to :data:`PLLAVA_POOLING_SHAPE` (PLLaVA §3.3),
   LoRA ``r=128, alpha=32`` on ``q_proj, v_proj`` (PLLaVA §4.1; inference mixes at alpha=4, §3.4).
 - ``llava-video-7b/72b``: SigLIP-so400m-patch14-384 (27x27 = 729 tokens per frame), Qwen2-7B/72B, 64
   frames, SlowFast ``V = (64, 729, 1, 2)`` and ``(64, 729, 3, 2)`` (LLaVA-Video §3.2).
@@ -70,11 +70,16 @@ def _qwen2(*sizes: int) -> Qwen2Config:
     return _decoder(Qwen2Config, *sizes, 152064, max_position_embeddings=32768, rope_theta=1e6)
 
 
+PLLAVA_POOLING_SHAPE = (16, 12, 12)
+"""PLLaVA's adaptive structure pooling output ``(T', h', w')``: 16 frames of a 24x24 grid to 2304 tokens
+(PLLaVA §3.3)."""
+
+
 def _pllava(text_config) -> VidlmConfig:
     return VidlmConfig(
         vision_config=_vit_l14_336(),
         text_config=text_config,
-        compressor={"kind": "pllava", "pooling_shape": (16, 12, 12)},
+        compressor={"kind": "pllava", "pooling_shape": PLLAVA_POOLING_SHAPE},
         sampling={"mode": "uniform", "num_frames": 16},
         video_token="<image>",  # PLLaVA reuses LLaVA's image token for videos
         video_token_index=32000,
@@ -158,6 +163,10 @@ LORA_PRESETS = {name: LoraSettings() for name in PRESETS if name.startswith("pll
 """LoRA settings the papers train with, by preset (:class:`LoraSettings`' defaults are PLLaVA's)."""
 
 MATERIALISED = ("tiny", "tiny-video", "tiny-topa", "smol")
+"""Presets with weights here (built once into the cache); the paper presets are configurations only."""
+
+LLM_PRESETS = ("smol",)
+"""Presets whose LLM is a released model on disk (SmolLM2-135M-Instruct), usable alone by the text-only jobs."""
 
 
 def preset_config(name: str) -> VidlmConfig:
@@ -190,12 +199,18 @@ def build_preset(name: str, overrides: dict | None = None, seed: int = 0):
     return build_video_llm(config, tokenizer, llm_dir=llm if name == "smol" else None, seed=seed)
 
 
-def resolve_model(spec: str | os.PathLike) -> Path:
+def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
     """A model directory from a path or a preset name; ``tiny`` and ``smol`` are built once into the cache.
+
+    Args:
+        spec: a preset name or a directory holding ``config.json``.
+        llm_only: the caller wants a plain causal LM (the synthetic-data jobs): a preset name then gives the
+            preset's LLM (``smol``: SmolLM2-135M-Instruct), a directory is any Hugging Face causal LM.
 
     Raises:
         FileNotFoundError: a path without ``config.json``.
-        ValueError: an unknown name, or a paper preset (no local weights).
+        ValueError: an unknown name, a paper preset (no local weights), or with ``llm_only`` a preset whose LLM is
+            not stored on its own (``tiny``: random weights inside the video model).
     """
     path = Path(spec)
     if path.exists():
@@ -204,6 +219,12 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return path
     name = str(spec)
     preset_config(name)  # unknown names raise here
+    if llm_only:
+        if name not in LLM_PRESETS:
+            raise ValueError(
+                f"preset {name!r} has no LLM of its own; use {', '.join(LLM_PRESETS)} or a model directory"
+            )
+        return smollm2_dir()
 
     def write(tmp: Path) -> None:
         model, tokenizer = build_preset(name)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import BatchFeature, ProcessorMixin
 
-__all__ = ["expand_video_tokens", "preprocess_frames", "video_prompt_ids"]
+__all__ = ["VidlmProcessor", "expand_video_tokens", "preprocess_frames", "video_prompt_ids"]
 
 
 def preprocess_frames(
@@ -108,3 +109,123 @@ def video_prompt_ids(
             f"prompt must hold exactly one {video_token!r} (id {video_token_id}), found {ids.count(video_token_id)}"
         )
     return ids
+
+
+class VidlmProcessor(ProcessorMixin):
+    """The Hugging Face processor of a vidlm model: text with one video placeholder plus frames -> model inputs.
+
+    ``AutoProcessor.from_pretrained(model_dir)`` returns one (``import vidlm.models`` registers it; no
+    ``trust_remote_code``). It is built from the model's ``config.json`` and tokenizer, so every vidlm model
+    directory has one without extra files. Calling it::
+
+        inputs = processor(text="<video>\\nDescribe the video.", videos=frames)   # frames (T, H, W, 3) uint8
+        model.generate(**inputs)
+
+    Args:
+        tokenizer: the model's tokenizer (with ``video_token`` in its vocabulary).
+        video_token, video_token_index: the placeholder and its id (``VidlmConfig.video_token*``).
+        image_size, image_mean, image_std: the tower's input side ``S`` (pixels) and statistics.
+        compressor: the compressor fields with the tower's ``grid`` (``VidlmConfig.compressor_config``), which
+            give ``num_visual_tokens(T)``.
+    """
+
+    attributes = ["tokenizer"]
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        tokenizer=None,
+        video_token: str = "<video>",
+        video_token_index: int = 0,
+        image_size: int = 224,
+        image_mean: Sequence[float] = (0.0, 0.0, 0.0),
+        image_std: Sequence[float] = (1.0, 1.0, 1.0),
+        compressor: dict | None = None,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
+        self.video_token = video_token
+        self.video_token_index = video_token_index
+        self.image_size = image_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.compressor = dict(compressor or {})
+        super().__init__(tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, tokenizer) -> VidlmProcessor:
+        """The processor of a :class:`~vidlm.models.video_llm.VidlmConfig` with its tokenizer."""
+        return cls(
+            tokenizer,
+            video_token=config.video_token,
+            video_token_index=config.video_token_index,
+            image_size=config.image_size,
+            image_mean=config.image_mean,
+            image_std=config.image_std,
+            compressor=config.compressor_config.model_dump(),
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> VidlmProcessor:
+        """The processor of a vidlm model directory (its ``config.json`` and tokenizer).
+
+        Raises:
+            OSError: no such directory, or no tokenizer in it (transformers' errors).
+        """
+        from transformers import AutoTokenizer
+
+        from vidlm.models.video_llm import VidlmConfig
+
+        config = VidlmConfig.from_pretrained(pretrained_model_name_or_path)
+        return cls.from_config(config, AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs))
+
+    def num_visual_tokens(self, num_frames: int) -> int:
+        """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
+        from vidlm.models.compressors import CompressorConfig, num_visual_tokens
+
+        return num_visual_tokens(CompressorConfig(**self.compressor), num_frames)
+
+    def __call__(self, text: str | list[str], videos=None, **kwargs) -> BatchFeature:
+        """Tokenise ``text`` (one prompt or a batch) and preprocess one video per prompt.
+
+        Args:
+            text: prompts, each holding one ``video_token`` when ``videos`` is given (e.g. rendered with the
+                tokenizer's chat template).
+            videos: ``(T, H, W, 3) uint8`` frames, or a list of them (one per prompt, all of one length ``T``).
+
+        Returns:
+            ``input_ids (B, L) int64`` (placeholders expanded to ``num_visual_tokens(T)``, left-padded),
+            ``attention_mask (B, L)``, and ``pixel_values_videos (B, T, 3, S, S) float32`` with videos.
+
+        Raises:
+            ValueError: a prompt without exactly one placeholder, videos of different lengths, or a count of
+                videos other than the count of prompts.
+        """
+        prompts = [text] if isinstance(text, str) else list(text)
+        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        data: dict = {}
+        if videos is not None:
+            clips = [videos] if isinstance(videos, (np.ndarray, torch.Tensor)) and np.ndim(videos) == 4 else videos
+            if len(clips) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(clips)} videos: give one video per prompt")
+            pixels = [preprocess_frames(v, self.image_size, self.image_mean, self.image_std) for v in clips]
+            if len({p.shape[0] for p in pixels}) > 1:
+                raise ValueError("the videos of one call must have the same number of frames")
+            ids = [
+                expand_video_tokens(i, self.video_token_index, self.num_visual_tokens(len(p)))
+                for i, p in zip(ids, pixels, strict=True)
+            ]
+            data["pixel_values_videos"] = torch.stack(pixels)
+        longest = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        data["input_ids"] = torch.tensor([[pad] * (longest - len(i)) + i for i in ids])
+        data["attention_mask"] = torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids])
+        return BatchFeature(data)
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        """The tokenizer's ``batch_decode``."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        """The tokenizer's ``decode``."""
+        return self.tokenizer.decode(*args, **kwargs)

@@ -4,7 +4,7 @@ One definition of the family of the three papers (PLLaVA, LLaVA-Video, TOPA); wh
 is configuration (:class:`VidlmConfig`):
 
 - PLLaVA: penultimate-layer patch features of CLIP ViT-L/14-336, LLaVA's ``mlp2x_gelu`` projector, then
-  adaptive structure pooling to ``(16, 12, 12)`` (PLLaVA §3.3, eq. 2); LoRA on the LLM (§3.4).
+  adaptive structure pooling (PLLaVA §3.3, eq. 2); LoRA on the LLM (§3.4).
 - LLaVA-Video: SigLIP-so400m patch features, ``mlp2x_gelu``, then SlowFast pooling (LLaVA-Video §3.2).
 - TOPA: one pooled CLIP embedding per frame, optionally modality-projected onto a memory of CLIP text
   features (TOPA eq. 2), then a linear projection plus temporal embedding (TOPA §3.2).
@@ -23,12 +23,20 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.models.auto import CONFIG_MAPPING
 
 from vidlm.models.compressors import CompressorConfig, build_compressor, num_visual_tokens
 from vidlm.models.modality_projection import modality_projection
-from vidlm.models.processing import preprocess_frames
+from vidlm.models.processing import VidlmProcessor, preprocess_frames
 from vidlm.models.projector import ProjectorConfig, build_projector
 from vidlm.models.vision_tower import HFVisionTower
 from vidlm.sampling import SamplingConfig
@@ -404,3 +412,5 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
 
 AutoConfig.register("vidlm", VidlmConfig, exist_ok=True)
+AutoModelForImageTextToText.register(VidlmConfig, VidlmForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(VidlmConfig, VidlmProcessor, exist_ok=True)

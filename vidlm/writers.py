@@ -1,0 +1,102 @@
+"""Writers of inputs for trying vidlm without a corpus: real mp4s with known frames, and Panda-70M manifests.
+
+``write_video`` encodes an H.264 mp4 with PyAV (no ffmpeg binary needed) and can stamp each frame with its own
+index (frame ``i`` is a flat grey of level :func:`index_level` ``(i)``), so the decoded pixels tell which frames
+were sampled. ``write_panda70m_manifest`` writes the manifest the jobs read, giving each video the same clip windows.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+
+__all__ = ["index_level", "write_panda70m_manifest", "write_video"]
+
+
+def index_level(i: int) -> int:
+    """Grey level (0..255) of frame ``i`` in an ``index`` pattern video; 8 levels apart, period 32."""
+    return 4 + 8 * (i % 32)
+
+
+def write_video(
+    path: str | os.PathLike,
+    seconds: float,
+    fps: int = 25,
+    width: int = 320,
+    height: int = 240,
+    pattern: Literal["index", "texture"] = "index",
+    codec: str = "libx264",
+    gop: int | None = None,
+) -> Path:
+    """Write an H.264 mp4 (or ``codec``) of ``round(seconds * fps)`` frames.
+
+    Args:
+        pattern: ``index``: flat frames of grey :func:`index_level` ``(i)``; ``texture``: moving noise, as
+            costly to decode as camera footage.
+        gop: keyframe interval in frames (the encoder's default when ``None``).
+
+    Returns:
+        The path written.
+
+    The calling thread's scheduling policy is restored afterwards: the SVT-AV1 encoder (``libsvtav1``) switches
+    it to ``SCHED_FIFO`` 99, which every process forked later inherits (a Ray cluster, DeepSpeed workers); there,
+    py-cpuinfo's busy-waiting parent starves its own child on a 2-core machine and DeepSpeed never starts.
+    """
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        return _encode(Path(path), seconds, fps, width, height, pattern, codec, gop)
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
+def _encode(path: Path, seconds, fps, width, height, pattern, codec, gop) -> Path:
+    n = round(seconds * fps)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(height + n, width, 3), dtype=np.uint8) if pattern == "texture" else None
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
+        for i in range(n):
+            flat = base is None
+            img = np.full((height, width, 3), index_level(i), np.uint8) if flat else base[i : i + height]  # scrolls
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def write_panda70m_manifest(
+    path: str | os.PathLike,
+    videos: dict[str, os.PathLike],
+    windows: list[tuple[str, str]] = (("0:00:00.000", "0:00:02.000"), ("0:00:02.000", "0:00:04.000")),
+    repeat: int = 1,
+) -> Path:
+    """A Panda-70M CSV (with a ``path`` column) giving each video the same clip windows.
+
+    Clip ids are ``{video}_{i}``, and ``{video}-r{k}_{i}`` for the ``k``-th repeat; window ``i`` has the
+    caption ``c{i+1}`` and matching score ``0.5 + 0.1 i``.
+
+    Args:
+        videos: ``videoID -> file``.
+        windows: ``(start, end)`` timestamps ``H:MM:SS.mmm``.
+        repeat: copies of every video under different ids.
+    """
+    stamps = "[" + ", ".join(f"['{a}', '{b}']" for a, b in windows) + "]"
+    captions = "[" + ", ".join(f"'c{i + 1}'" for i in range(len(windows))) + "]"
+    scores = "[" + ", ".join(f"{0.5 + 0.1 * i:.1f}" for i in range(len(windows))) + "]"
+    lines = ["videoID,url,timestamp,caption,matching_score,path"]
+    for r in range(repeat):
+        for vid, p in videos.items():
+            lines.append(f'{vid}{"" if r == 0 else f"-r{r}"},u,"{stamps}","{captions}","{scores}",{p}')
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
