@@ -113,3 +113,15 @@ def test_configs_are_frozen():
     cfg = load_config(FeaturesConfig)
     with pytest.raises(ValueError):
         cfg.sampling.num_frames = 3
+
+
+def test_a_partial_override_keeps_the_job_s_own_section_defaults():
+    """Jobs share section classes with their own defaults (TextVid samples 1024 tokens at temperature 0.7, the
+    class says 256 greedy); setting one field keeps the job's others, and a plain mapping field is replaced."""
+    textvid = load_config(TextVidConfig, None, ["generation.temperature=0"])
+    assert (textvid.generation.max_tokens, textvid.generation.temperature, textvid.generation.top_p) == (1024, 0, 0.95)
+    assert textvid.engine.max_concurrent_batches == 8
+    assert load_config(SynthCaptionsConfig, None, ["engine.num_cpus=2"]).engine.batch_size == 4
+    assert load_config(RecaptionConfig, None, ["prompts={zh: pllava_recaption_zh}"]).prompts == {
+        "zh": "pllava_recaption_zh"
+    }

@@ -79,3 +79,13 @@ def test_importing_the_core_and_the_help_start_neither_torch_nor_ray():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_torchvision_imports_after_vidlm_even_without_the_site_file():
+    """``import vidlm`` alone lets torchvision import (its guard), with site-packages' ``.pth`` files skipped (-S):
+    what a process gets that imports vidlm before anything else."""
+    import sysconfig
+
+    paths = [str(REPO), sysconfig.get_paths()["purelib"]]
+    code = f"import sys; sys.path[:0] = {paths!r}; import vidlm, torchvision.transforms, open_clip"
+    subprocess.run([sys.executable, "-S", "-c", code], check=True, cwd=REPO, timeout=300)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -88,12 +89,14 @@ def main_options(
 
 
 def _progress_bars() -> None:
-    """Ray Data's rich progress bars (rows/s per stage) on a terminal; its plain log lines elsewhere."""
-    if console.is_terminal:
-        from ray.data import DataContext
+    """Ray Data's rich progress bars (rows/s per stage) on a terminal; its plain log lines elsewhere.
 
-        ctx = DataContext.get_current()
-        ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False
+    Set through Ray Data's environment defaults, so the command line imports no Ray before the job does (``vidlm
+    deploy`` must choose its auth mode first).
+    """
+    if console.is_terminal:
+        os.environ.setdefault("RAY_DATA_ENABLE_RICH_PROGRESS_BARS", "1")
+        os.environ.setdefault("RAY_TQDM", "0")
 
 
 def _typer_param(param: Param) -> Any:

@@ -18,7 +18,15 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "JobConfig", "Section", "apply_overrides", "load_config"]
+__all__ = [
+    "ConfigError",
+    "JobConfig",
+    "Section",
+    "apply_overrides",
+    "load_config",
+    "validate_config",
+    "with_section_defaults",
+]
 
 
 class ConfigError(ValueError):
@@ -84,10 +92,36 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def with_section_defaults(cls: type[BaseModel], data: dict[str, Any], default: BaseModel | None = None) -> dict:
+    """``data`` for a section of type ``cls`` with the values its default instance sets filled in, recursively.
+
+    A job may give a shared section its own defaults (``generation: GenerationConfig = GenerationConfig(
+    max_tokens=1024)``); a YAML or override that sets only some of its fields (``generation.temperature=0``)
+    keeps the job's other defaults instead of falling back to the class's. Plain ``dict`` fields are values, not
+    sections: a mapping given for one replaces the default.
+
+    Args:
+        cls: the section's model.
+        data: the mapping given for it.
+        default: the section's default instance (``None``: the field defaults of ``cls``).
+    """
+    merged = dict(data)
+    if default is not None:
+        for name in default.model_fields_set:
+            merged.setdefault(name, getattr(default, name))
+    for name, field in cls.model_fields.items():
+        section = field.annotation
+        if isinstance(merged.get(name), dict) and isinstance(section, type) and issubclass(section, BaseModel):
+            inner = getattr(default, name) if default is not None else field.default
+            merged[name] = with_section_defaults(section, merged[name], inner if isinstance(inner, BaseModel) else None)
+    return merged
+
+
 def validate_config(cls: type[C], data: dict[str, Any]) -> C:
-    """Validate a mapping into ``cls``; raises :class:`ConfigError` naming each bad field."""
+    """Validate a mapping into ``cls`` (its sections' own defaults kept: :func:`with_section_defaults`); raises
+    :class:`ConfigError` naming each bad field."""
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as err:
         raise ConfigError(f"{cls.__name__}: {_format_validation_error(err)}") from None
 
