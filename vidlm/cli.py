@@ -166,13 +166,16 @@ def _job_command(job: Job):
 
 
 def _add_jobs(root: typer.Typer) -> None:
+    """One command per registered job; ``eval mc`` becomes the command ``mc`` of a group ``eval``."""
     groups: dict[str, typer.Typer] = {}
-    for job in registered_jobs().values():
+    jobs = registered_jobs().values()
+    for job in jobs:
         group, _, name = job.name.rpartition(" ")
         target = root
         if group:
             if group not in groups:
-                groups[group] = typer.Typer(no_args_is_help=True, help=f"{group} commands")
+                members = [j.name.rpartition(" ")[2] for j in jobs if j.name.rpartition(" ")[0] == group]
+                groups[group] = typer.Typer(no_args_is_help=True, help=f"{group} jobs: {', '.join(members)}")
                 root.add_typer(groups[group], name=group)
             target = groups[group]
         target.command(name)(_job_command(job))
