@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.structured_llm import record_seed, structured_sampling_params
+from pipelines.structured_llm import structured_sampling_params
 from pipelines.textvid import TextVidConfig, run_textvid, textvid_requests, tideo_messages, tideo_schema
 from vidlm.config import load_config
 from vidlm.engine import cpu_engine_env, on_cpu, vllm_engine_kwargs
@@ -53,7 +53,7 @@ def bench_bare(config: TextVidConfig, num: int) -> dict:
     messages = [tideo_messages(r["family"], r["topic"], config.shape) for r in rows]
     params = []
     for r in rows:
-        kw = structured_sampling_params(config.generation, record_seed(r["seed"], not on_cpu()), schema)
+        kw = structured_sampling_params(config.generation, r["seed"], not on_cpu(), schema)
         kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
         params.append(SamplingParams(**kw))
     outputs = llm.chat(messages, params, use_tqdm=False)

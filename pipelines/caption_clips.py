@@ -23,7 +23,16 @@ import pyarrow as pa
 
 from pipelines._common import arrow_table, clean_null
 from vidlm.clips import ErrorType
-from vidlm.engine import GenerationConfig, VllmEngineConfig, cpu_engine_env, on_cpu, vllm_engine_kwargs
+from vidlm.engine import (
+    EngineStageConfig,
+    GenerationConfig,
+    VllmEngineConfig,
+    cpu_engine_env,
+    engine_count,
+    engine_on_gpu,
+    on_cpu,
+    vllm_engine_kwargs,
+)
 
 __all__ = [
     "CAPTION_STATS",
@@ -31,6 +40,7 @@ __all__ = [
     "CaptionClips",
     "ContextOverflow",
     "engine_args",
+    "engine_stage_args",
     "sampling_params",
     "stat_column",
 ]
@@ -60,6 +70,29 @@ def engine_args(model_dir: str | Path, engine: VllmEngineConfig, generation: Gen
     """
     os.environ.update(cpu_engine_env(engine))
     return vllm_engine_kwargs(model_dir, engine, seed=generation.seed)
+
+
+def engine_stage_args(engine: EngineStageConfig, gpus: int) -> dict[str, Any]:
+    """Ray Data ``map_batches`` arguments of an engine actor pool (:class:`CaptionClips` or a subclass).
+
+    :func:`vidlm.engine.engine_count` actors of ``engine.num_cpus`` CPUs (and ``tensor_parallel_size`` GPUs with
+    GPU engines), ``engine.batch_size`` rows per call, each actor running ``engine.max_concurrent_batches`` calls
+    (coroutines) at once.
+
+    Args:
+        engine: the engine stage's section.
+        gpus: GPUs in the cluster (decides ``engine.accelerator: auto``).
+    """
+    import ray
+
+    in_flight = engine.max_concurrent_batches
+    return {
+        "batch_size": engine.batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=engine_count(engine, gpus), max_tasks_in_flight_per_actor=in_flight),
+        "max_concurrency": in_flight,  # the actor runs that many batches (coroutines) at once
+        "num_gpus": engine.tensor_parallel_size if engine_on_gpu(engine, gpus) else 0,
+        "num_cpus": engine.num_cpus,
+    }
 
 
 def sampling_params(config: GenerationConfig, clip_id: str, template: str):

@@ -53,11 +53,11 @@ from pipelines._common import (
     write_output,
     written_clip_ids,
 )
-from pipelines.caption_clips import CAPTION_STATS, PRIMARY_COLUMN, CaptionClips, stat_column
+from pipelines.caption_clips import CAPTION_STATS, PRIMARY_COLUMN, CaptionClips, engine_stage_args, stat_column
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
 from vidlm.config import JobConfig, Section
-from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count, engine_on_gpu
+from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count
 from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
 
@@ -310,10 +310,10 @@ def run_recaption(
         )
     local = init_ray()
     gpus = num_gpus_in_cluster()
-    tp = config.engine.tensor_parallel_size
-    on_gpu = engine_on_gpu(config.engine, gpus)
-    engines = engine_count(config.engine, gpus)
-    stages = {"engine actors": engines * config.engine.num_cpus, "one decode task": config.decode.num_cpus}
+    stages = {
+        "engine actors": engine_count(config.engine, gpus) * config.engine.num_cpus,
+        "one decode task": config.decode.num_cpus,
+    }
     check_cpu_budget(stages, strict=local, out=out)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
@@ -345,7 +345,6 @@ def run_recaption(
                 num_cpus=config.decode.num_cpus,
                 memory=int(config.decode.memory_gb * 2**30),
             )
-            in_flight = config.engine.max_concurrent_batches
             ds = ds.map_batches(
                 CaptionClips,
                 fn_constructor_kwargs={
@@ -357,11 +356,7 @@ def run_recaption(
                     "schema": output_schema(config),
                     "progress": progress,
                 },
-                batch_size=config.engine.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=in_flight),
-                max_concurrency=in_flight,  # the actor runs that many batches (coroutines) at once
-                num_gpus=tp if on_gpu else 0,
-                num_cpus=config.engine.num_cpus,
+                **engine_stage_args(config.engine, gpus),
             )
             write_output(ds, captions_dir, config.output)
     finally:

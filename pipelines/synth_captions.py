@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
 from pydantic import Field
 
 from pipelines._common import (
@@ -47,11 +46,11 @@ from pipelines._common import (
     write_output,
     written_clip_ids,
 )
-from pipelines.caption_clips import CaptionClips, sampling_params
+from pipelines.caption_clips import CaptionClips, engine_stage_args, sampling_params
 from vidlm.clips import ClipError, ErrorType, ManifestConfig
 from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
 from vidlm.config import JobConfig
-from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count, engine_on_gpu
+from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count
 from vidlm.jobs import Report
 
 __all__ = [
@@ -300,17 +299,13 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
     model_dir = resolve_model(config.model)
     model_config = VidlmConfig.from_pretrained(model_dir)
     local = init_ray()
-    check_cpu_budget(
-        {"engine actor": config.engine.num_cpus, "one decode task": config.decode.num_cpus}, strict=local, out=out
-    )
+    gpus = num_gpus_in_cluster()
+    engines = {"engine actors": engine_count(config.engine, gpus) * config.engine.num_cpus}
+    check_cpu_budget({**engines, "one decode task": config.decode.num_cpus}, strict=local, out=out)
     stage_clips(manifest, config.manifest, out, min_files=4)
     captions = out / "captions"
     before = written_clip_ids(captions)
     started = time.perf_counter()
-    gpus = num_gpus_in_cluster()
-    tp = config.engine.tensor_parallel_size
-    on_gpu = engine_on_gpu(config.engine, gpus)
-    engines = engine_count(config.engine, gpus)
     with exactly_once(out):
         ds = read_staged_clips(out, config.decode.batch_size)
         ds = ds.map_batches(
@@ -320,15 +315,10 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
             num_cpus=config.decode.num_cpus,
             memory=int(config.decode.memory_gb * 2**30),
         )
-        in_flight = config.engine.max_concurrent_batches
         ds = ds.map_batches(
             RecurrentCaptioner,
             fn_constructor_kwargs={"model_dir": str(model_dir), "config": config},
-            batch_size=config.engine.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=in_flight),
-            max_concurrency=in_flight,
-            num_gpus=tp if on_gpu else 0,
-            num_cpus=config.engine.num_cpus,
+            **engine_stage_args(config.engine, gpus),
         )
         write_output(ds, captions, config.output)
     return JobSummary.collect(captions, before, started, {"output tokens/s": "output_tokens"})

@@ -28,8 +28,7 @@ from pipelines.structured_llm import (
     generate_records,
     parse_json,
     qa_schema,
-    record_seed,
-    row_stats,
+    record_stats,
     structured_sampling_params,
 )
 from vidlm.config import JobConfig
@@ -133,10 +132,7 @@ def parse_qa(row: dict, schema: dict, max_tokens: int) -> dict:
         "options": qa["options"] if qa else [],
         "answer": qa["answer"] if qa else None,
         "answer_open_ended": qa["answer_open_ended"] if qa else None,
-        **row_stats(row),
-        "raw": None if qa else (row.get("generated_text") or ""),
-        "error": error,
-        "error_type": error_type,
+        **record_stats(row, error, error_type),
     }
 
 
@@ -204,9 +200,7 @@ def _qa_request(row: dict, config: SynthQAConfig, schema_json: str, on_gpu: bool
     return {
         **row,
         "messages": qa_messages(row["caption"], row["qa_type"]),
-        "sampling_params": structured_sampling_params(
-            config.generation, record_seed(int(row["seed"]), on_gpu), schema_json
-        ),
+        "sampling_params": structured_sampling_params(config.generation, int(row["seed"]), on_gpu, schema_json),
     }
 
 

@@ -40,8 +40,7 @@ from pipelines.structured_llm import (
     generate_records,
     parse_json,
     qa_schema,
-    record_seed,
-    row_stats,
+    record_stats,
     structured_sampling_params,
 )
 from vidlm.config import JobConfig, Section
@@ -193,10 +192,7 @@ def parse_tideo(row: dict, schema: dict, max_tokens: int) -> dict:
         "frames": [f.strip() for f in record["frames"]] if ok else [],
         "global_video_caption": record["global_video_caption"].strip() if ok else None,
         "QAs": json.dumps([clean_qa(q) for q in record["QAs"]]) if ok else None,
-        **row_stats(row),
-        "raw": None if ok else (row.get("generated_text") or ""),
-        "error": error,
-        "error_type": error_type,
+        **record_stats(row, error, error_type),
     }
 
 
@@ -252,11 +248,10 @@ def tideo_messages(family: str, topic: str, shape: TideoShape) -> list[dict]:
 
 
 def _tideo_request(row: dict, config: TextVidConfig, schema_json: str, on_gpu: bool) -> dict:
-    seed = record_seed(int(row["seed"]), on_gpu)
     return {
         **row,
         "messages": tideo_messages(row["family"], row["topic"], config.shape),
-        "sampling_params": structured_sampling_params(config.generation, seed, schema_json),
+        "sampling_params": structured_sampling_params(config.generation, int(row["seed"]), on_gpu, schema_json),
     }
 
 

@@ -109,3 +109,20 @@ def test_log_level_sets_the_vidlm_loggers():
     assert logging.getLogger("vidlm.cluster").getEffectiveLevel() == logging.DEBUG
     runner.invoke(app, ["--log-level", "warning", "config", "features"])
     assert logging.getLogger("vidlm.cluster").getEffectiveLevel() == logging.WARNING
+
+
+def test_text_jobs_refuse_models_without_an_llm_of_their_own_and_bad_counts(tmp_path):
+    """``--model`` of textvid / synth-qa: a preset whose LLM is not stored alone, an unknown name, a folder that is
+    no model, and ``--num`` below 1 are usage errors naming the problem, before Ray starts."""
+    cases = [
+        (["--model", "tiny"], "has no LLM of its own"),
+        (["--model", "pllava-7b"], "has no LLM of its own"),
+        (["--model", "no-such-model"], "unknown preset"),
+        (["--model", "../../etc"], "no config.json"),
+        (["--model", str(tmp_path)], "no config.json"),
+    ]
+    for extra, words in cases:
+        result = runner.invoke(app, ["textvid", "--num", "1", "--out", str(tmp_path / "o"), *extra], terminal_width=300)
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), (extra, result.output)
+    result = runner.invoke(app, ["textvid", "--num", "0", "--out", str(tmp_path / "o")], terminal_width=200)
+    assert result.exit_code == 2 and "--num must be at least 1" in result.output

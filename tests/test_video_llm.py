@@ -153,3 +153,12 @@ def test_auto_classes_load_a_vidlm_directory_without_remote_code(tiny_models):
     assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
     with pytest.raises(ValueError, match="one video per prompt"):
         processor(text=[text, text], videos=frames)
+    with pytest.raises(ValueError, match="no video was given"):
+        processor(text=text)
+    with pytest.raises(ValueError, match="exactly one video placeholder"):
+        processor(text=text + text, videos=frames)
+    with pytest.raises(ValueError, match="uint8"):
+        processor(text=text, videos=frames.astype(np.float32))
+    with pytest.raises(ValueError, match="same number of frames"):
+        processor(text=[text, text], videos=[frames, frames[:2]])
+    assert processor(text="no video here")["input_ids"].shape[0] == 1

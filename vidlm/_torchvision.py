@@ -39,18 +39,15 @@ PTH_LINE = 'import importlib.util; importlib.util.find_spec("vidlm") and __impor
 """Its one line: a no-op where vidlm is gone (``site`` runs lines that start with ``import``)."""
 
 
-def _declare_missing_ops() -> list[str]:
-    """Declare the schemas of :data:`MISSING_OP_SCHEMAS` that torch does not know; returns their names."""
+def _declare_missing_ops() -> None:
+    """Declare the schemas of :data:`MISSING_OP_SCHEMAS` that torch does not know."""
     import torch
 
-    declared = []
     for name, schema in MISSING_OP_SCHEMAS.items():
         try:
             torch._C._dispatch_find_schema_or_throw(name, "")
         except RuntimeError:
             torch.library.define(name, schema)
-            declared.append(name)
-    return declared
 
 
 class _Hook(importlib.abc.MetaPathFinder):

@@ -198,8 +198,8 @@ class VidlmProcessor(ProcessorMixin):
             ``attention_mask (B, L)``, and ``pixel_values_videos (B, T, 3, S, S) float32`` with videos.
 
         Raises:
-            ValueError: a prompt without exactly one placeholder, videos of different lengths, or a count of
-                videos other than the count of prompts.
+            ValueError: a prompt without exactly one placeholder, a placeholder without a video, videos of
+                different lengths, or a count of videos other than the count of prompts.
         """
         prompts = [text] if isinstance(text, str) else list(text)
         ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -216,6 +216,8 @@ class VidlmProcessor(ProcessorMixin):
                 for i, p in zip(ids, pixels, strict=True)
             ]
             data["pixel_values_videos"] = torch.stack(pixels)
+        elif any(self.video_token_index in i for i in ids):
+            raise ValueError(f"a prompt holds the video placeholder {self.video_token!r} but no video was given")
         longest = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         data["input_ids"] = torch.tensor([[pad] * (longest - len(i)) + i for i in ids])
