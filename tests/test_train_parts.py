@@ -215,6 +215,7 @@ def test_cli_refuses_a_plan_that_does_not_fit():
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "memory plan:" in result.output and "ZeRO-3 on 2 ranks" in result.output
+    assert "ZeRO stage / ranks" in result.output  # the plan's table is shown before the refusal
 
 
 def test_benchmark_rows_are_checked(tmp_path):

@@ -470,20 +470,20 @@ def export_model(state_dict_path: Path, model_dir: str, config: TrainConfig, out
     return export
 
 
-def train_job(out: Path, config: TrainConfig, plan: bool = False, echo: Callable[[Any], None] = print) -> Report:
-    """``vidlm train``: the memory plan (echoed first), then the run; ``plan``: the plan alone.
+def train_job(out: Path, config: TrainConfig, plan: bool = False, echo: Callable[[Any], None] = print) -> Report | None:
+    """``vidlm train``: the memory plan (echoed first, also when it does not fit), then the run; ``plan``: the plan
+    alone.
 
     Raises:
         TrainingConfigError: the plan does not fit ``scaling.device_memory_gb``.
         FileNotFoundError, ValueError: see :func:`prepare_training`.
     """
     memory = plan_training(config)
-    table = Report(f"memory plan: {config.model}, {config.recipe}", memory.rows())
+    echo(Report(f"memory plan: {config.model}, {config.recipe}", memory.rows()))
     if memory.refusal():
         raise TrainingConfigError("memory plan: " + memory.refusal())
     if plan:
-        return table
-    echo(table)
+        return None
     summary = run_training(prepare_training(config), out)
     rows = [
         ("steps", str(summary.steps)),
