@@ -138,3 +138,27 @@ def test_slowfast_keeps_time_order_and_pools_slow_and_fast_frames():
     z = torch.randn(1, 1, 8, 8, 3)
     ref = F.avg_pool2d(z[0].permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
     assert torch.allclose(SlowFast(1, 2)(z), ref)
+
+
+PLLAVA_SHAPE_SENTENCE = (
+    "For the pooling layer, we uniformly select 16 frames as input and set the target pooling shape to be "
+    "$16 \\times 12 \\times 12 \\times d$"
+)
+"""PLLaVA §4.1, Models and Implementation Details (``../shared/papers/pllava.txt``)."""
+
+
+def test_pllava_pooling_shape_is_the_paper_s():
+    import re
+    from pathlib import Path
+
+    from vidlm.models.presets import preset_config
+
+    paper = Path(__file__).resolve().parents[2] / "shared" / "papers" / "pllava.txt"
+    if paper.is_file():
+        assert PLLAVA_SHAPE_SENTENCE in paper.read_text()
+    quoted = tuple(int(n) for n in re.findall(r"(\d+) \\times", PLLAVA_SHAPE_SENTENCE))
+    assert PLLAVA_POOLING_SHAPE == quoted == (16, 12, 12)
+    for name in ("pllava-7b", "pllava-13b", "pllava-34b"):
+        config = preset_config(name)
+        assert config.compressor_config.pooling_shape == quoted
+        assert config.sampling_config.max_frames_per_clip() == 16  # "we uniformly select 16 frames as input"
