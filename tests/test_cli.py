@@ -118,7 +118,7 @@ def test_text_jobs_refuse_models_without_an_llm_of_their_own_and_bad_counts(tmp_
         (["--model", "tiny"], "has no LLM of its own"),
         (["--model", "pllava-7b"], "has no LLM of its own"),
         (["--model", "no-such-model"], "unknown preset"),
-        (["--model", "../../etc"], "no config.json"),
+        (["--model", str(tmp_path / ".." / tmp_path.name)], "no config.json"),  # a dotted path to a non-model
         (["--model", str(tmp_path)], "no config.json"),
     ]
     for extra, words in cases:
