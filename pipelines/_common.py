@@ -30,7 +30,7 @@ from ray.data.checkpoint import CheckpointConfig
 
 from vidlm.clips import ClipError, ManifestConfig, clips_table
 from vidlm.config import Section
-from vidlm.decode import DecodeStrategy, decode_clip
+from vidlm.decode import DecodeLimits, DecodeStrategy, decode_clip
 from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
 
@@ -78,6 +78,8 @@ class DecodeConfig(Section):
     memory_gb: float = Field(0.5, gt=0)
     """Memory reserved per decode task (Ray ``memory``). Being a resource the model actors do not ask
     for, it also keeps Ray Data from fusing decode into them, so the stages overlap."""
+    limits: DecodeLimits = DecodeLimits()
+    """The largest video decoded (pixels per frame, seconds, frames, fps); a larger one is a ``too_large`` row."""
 
 
 def clean_null(value: Any) -> Any:
@@ -85,8 +87,16 @@ def clean_null(value: Any) -> Any:
     return None if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)) else value
 
 
-def decode_frames(batch: dict[str, np.ndarray], *, sampling: SamplingConfig, size: int, strategy: str) -> dict:
-    """Ray Data stage (CPU task): decode the sampled frames of each clip in the batch.
+def decode_frames(
+    batch: dict[str, np.ndarray],
+    *,
+    sampling: SamplingConfig,
+    size: int,
+    strategy: str,
+    limits: DecodeLimits | None = None,
+) -> dict:
+    """Ray Data stage (CPU task): decode the sampled frames of each clip in the batch (``limits``: see
+    :class:`vidlm.decode.DecodeLimits`; ``None``: its defaults).
 
     Input columns: those of :data:`vidlm.clips.CLIP_SCHEMA`. Adds ``frames (T, size, size, 3) uint8``,
     ``frame_times_s (T,) float64``, ``num_frames``, ``decoder``; clamps ``start_s`` / ``end_s`` to the
@@ -108,6 +118,7 @@ def decode_frames(batch: dict[str, np.ndarray], *, sampling: SamplingConfig, siz
                     clean_null(end_s[i]),
                     strategy=strategy,
                     clip_key=batch["clip_id"][i],
+                    limits=limits,
                 )
             except ClipError as err:
                 error[i], error_type[i] = str(err), err.error_type.value

@@ -203,7 +203,12 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
         )
         ds = ds.map_batches(
             decode_frames,
-            fn_kwargs={"sampling": config.sampling, "size": size, "strategy": config.decode.strategy},
+            fn_kwargs={
+                "sampling": config.sampling,
+                "size": size,
+                "strategy": config.decode.strategy,
+                "limits": config.decode.limits,
+            },
             batch_size=config.decode.batch_size,
             **decode_resources,
         )

@@ -57,6 +57,7 @@ from pipelines.caption_clips import CAPTION_STATS, PRIMARY_COLUMN, CaptionClips,
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
 from vidlm.config import JobConfig, Section
+from vidlm.decode import DecodeLimits
 from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count
 from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
@@ -206,14 +207,20 @@ def thumbnail_strip(frames: np.ndarray, count: int, height: int) -> bytes | None
 
 
 def decode_for_captions(
-    batch: dict[str, np.ndarray], *, sampling: SamplingConfig, size: int, strategy: str, report: ReportConfig
+    batch: dict[str, np.ndarray],
+    *,
+    sampling: SamplingConfig,
+    size: int,
+    strategy: str,
+    report: ReportConfig,
+    limits: DecodeLimits | None = None,
 ) -> dict:
     """Ray Data stage (CPU task): :func:`pipelines._common.decode_frames` plus each clip's thumbnail strip.
 
     Adds ``frames (T, size, size, 3) uint8`` (the model's input side, so the engine only normalises),
     ``frame_times_s``, ``num_frames``, ``decoder`` and ``thumbnail`` (JPEG bytes or None).
     """
-    out = decode_frames(batch, sampling=sampling, size=size, strategy=strategy)
+    out = decode_frames(batch, sampling=sampling, size=size, strategy=strategy, limits=limits)
     out["thumbnail"] = np.array(
         [thumbnail_strip(f, report.thumbnails, report.thumbnail_height) for f in out["frames"]], dtype=object
     )
@@ -339,6 +346,7 @@ def run_recaption(
                     "sampling": sampling,
                     "size": model_config.image_size,
                     "strategy": config.decode.strategy,
+                    "limits": config.decode.limits,
                     "report": config.report,
                 },
                 batch_size=config.decode.batch_size,

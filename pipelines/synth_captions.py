@@ -157,7 +157,15 @@ def decode_windows(batch: dict[str, np.ndarray], *, config: SynthCaptionsConfig,
                 end = clean_null(batch["end_s"][i]) or probe(batch["path"][i]).duration_s
                 windows = windows_of(start, end, config.window_s, config.max_windows)
                 for k, (a, b) in enumerate(windows):
-                    clip = decode_clip(batch["path"][i], sampling, size, a, b, clip_key=f"{batch['clip_id'][i]}/{k}")
+                    clip = decode_clip(
+                        batch["path"][i],
+                        sampling,
+                        size,
+                        a,
+                        b,
+                        clip_key=f"{batch['clip_id'][i]}/{k}",
+                        limits=config.decode.limits,
+                    )
                     parts.append(clip.frames)
             except ClipError as err:
                 error[i], error_type[i] = str(err), err.error_type.value

@@ -34,10 +34,12 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from vidlm.config import JobConfig, Section
+from vidlm.decode import DecodeLimits
 from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, vllm_engine_kwargs
 
 __all__ = [
     "AutoscalingConfig",
+    "IngressConfig",
     "LoraServeConfig",
     "MediaConfig",
     "ServeConfig",
@@ -61,13 +63,29 @@ class MediaConfig(Section):
     """Directories ``file://`` videos must lie in (after resolving symlinks; ``pkg://PACKAGE/SUB`` names a
     folder inside an installed package); empty: no ``file://``."""
     allow_http: bool = True
-    """Fetch ``http(s)://`` videos (in the ingress, with the two limits below)."""
+    """Fetch ``http(s)://`` videos (in the ingress, under the SSRF policy of ``serving/_fetch.py``: public
+    addresses only, on every redirect hop, with the two limits below)."""
+    allow_hosts: list[str] = []
+    """Hosts the fetch policy opens besides public addresses: names (``videos.internal``) or networks
+    (``10.1.0.0/16``, ``127.0.0.1``)."""
+    max_redirects: int = Field(3, ge=0)
+    """Redirects an ``http(s)`` fetch follows, each hop checked again."""
     max_video_mb: float = Field(64.0, gt=0)
     """Largest ``http(s)`` or ``data:`` video, MiB."""
     fetch_timeout_s: float = Field(10.0, gt=0)
     """Time limit of one ``http(s)`` fetch, seconds."""
     max_body_mb: float = Field(96.0, gt=0)
     """Largest request body, MiB (a ``data:`` video is 4/3 of its bytes in base64)."""
+    limits: DecodeLimits = DecodeLimits()
+    """The largest video decoded (frame pixels, seconds, frames, fps; checked on the header in the ingress and
+    again in the replica's loader)."""
+
+    @model_validator(mode="after")
+    def _hosts_parse(self) -> MediaConfig:
+        from serving._fetch import VideoFetcher
+
+        VideoFetcher(1, 1.0, self.allow_hosts)  # raises on an entry that is neither a name nor a network
+        return self
 
     @model_validator(mode="after")
     def _body_holds_a_video(self) -> MediaConfig:
@@ -103,6 +121,28 @@ class AutoscalingConfig(Section):
         return self
 
 
+class IngressConfig(Section):
+    """Backpressure at the endpoint's ingress: bounded work, and 503 + ``Retry-After`` beyond it.
+
+    A request's body is read, parsed, decoded and probed only while it holds one of ``max_concurrent_checks``
+    slots, so the ingress holds at most that many bodies (``max_concurrent_checks x media.max_body_mb``); one
+    that waits ``check_wait_s`` for a slot gets 503. Requests over ``max_ongoing_requests`` (checks plus
+    answers being streamed) wait in Ray Serve's proxy, at most ``max_queued_requests`` of them; beyond, Serve
+    answers 503 (``BackpressureConfig``).
+    """
+
+    max_ongoing_requests: int = Field(256, gt=0)
+    """Requests the ingress replica holds at once (Serve's ``max_ongoing_requests``)."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Requests waiting for the ingress in Serve's proxy (``-1``: no limit)."""
+    max_concurrent_checks: int = Field(4, gt=0)
+    """Requests whose body is read and checked at once."""
+    check_wait_s: float = Field(10.0, gt=0)
+    """Seconds a request waits for a check slot before its 503."""
+    retry_after_s: float = Field(1.0, ge=0)
+    """The ``Retry-After`` of a 503, seconds."""
+
+
 class LoraServeConfig(Section):
     """LoRA adapters served by name (Ray Serve LLM multiplexing): ``model="<model_id>:<adapter>"``."""
 
@@ -129,6 +169,7 @@ class ServeConfig(JobConfig):
     port: int = Field(8000, gt=0, lt=65536)
     engine: VllmEngineConfig = VllmEngineConfig()
     media: MediaConfig = MediaConfig()
+    ingress: IngressConfig = IngressConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     max_ongoing_requests: int = Field(32, gt=0)
     """Requests one replica holds at once; more wait in Serve's queue (and count as load)."""
@@ -169,6 +210,7 @@ def llm_config(config: ServeConfig, model_dir: Path, gpus: int) -> Any:
             "video_backend": VIDEO_LOADER,
             "sampling": model_config.sampling_config.model_dump(),
             "size": model_config.image_size,
+            "limits": config.media.limits.model_dump(),
         }
     }
     kwargs["limit_mm_per_prompt"] = {"video": 1}
@@ -236,8 +278,13 @@ def build_app(config: ServeConfig, gpus: int | None = None):
             "ingress_cls": VideoIngress,
             "ingress_extra_kwargs": {"serve_configs": {llm.model_id: (config.model_dump(), str(model_dir))}},
         },
-        # The ingress only routes: on a CPU machine, a CPU held by it is one no engine can use.
-        ingress_deployment_config={"ray_actor_options": {"num_cpus": 0}},
+        ingress_deployment_config={
+            # The ingress only routes: on a CPU machine, a CPU held by it is one no engine can use.
+            "ray_actor_options": {"num_cpus": 0},
+            "max_ongoing_requests": config.ingress.max_ongoing_requests,
+            "max_queued_requests": config.ingress.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": config.ingress.retry_after_s},
+        },
     )
     return build_openai_app(args)
 

@@ -6,18 +6,24 @@ Ray's ingress methods this class calls (``_get_model_id``, ``_process_llm_reques
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.requests import Request
 
-from serving.app import MiB, ServeConfig
+from serving.app import IngressConfig, MiB, ServeConfig
 
 __all__ = ["VideoIngress"]
 
 
 class VideoIngress(OpenAiIngress):
     """Ray Serve LLM's ``OpenAiIngress`` whose ``/v1/chat/completions`` checks videos before any replica.
+
+    A request is read and checked only while it holds one of ``ingress.max_concurrent_checks`` slots (see
+    :class:`serving.app.IngressConfig`); JSON parsing, validation, base64, probing and tokenizing run in
+    worker threads, so the event loop keeps answering.
 
     Args:
         llm_deployments, model_cards, lora_paths: what ``build_openai_app`` binds (Ray's).
@@ -33,21 +39,18 @@ class VideoIngress(OpenAiIngress):
 
         self.checkers: dict[str, VideoRequestChecker] = {}
         self.max_body_bytes = 0
+        ingress = IngressConfig()
         for model_id, (data, model_dir) in (serve_configs or {}).items():
             config = ServeConfig.model_validate(data)
             model_config = VidlmConfig.from_pretrained(model_dir)
             max_len = config.engine.max_model_len or model_config.text_config.max_position_embeddings
-            media = config.media
             self.checkers[model_id] = VideoRequestChecker(
-                AutoTokenizer.from_pretrained(model_dir),
-                model_config,
-                max_model_len=max_len,
-                roots=media.roots,
-                allow_http=media.allow_http,
-                max_video_bytes=int(media.max_video_mb * MiB),
-                fetch_timeout_s=media.fetch_timeout_s,
+                AutoTokenizer.from_pretrained(model_dir), model_config, max_len, config.media
             )
-            self.max_body_bytes = max(self.max_body_bytes, int(media.max_body_mb * MiB))
+            self.max_body_bytes = max(self.max_body_bytes, int(config.media.max_body_mb * MiB))
+            ingress = config.ingress
+        self.ingress = ingress
+        self.check_slots = asyncio.Semaphore(ingress.max_concurrent_checks)
 
     async def _read_json(self, request: Request) -> dict:
         from serving._checks import RequestError
@@ -63,37 +66,45 @@ class VideoIngress(OpenAiIngress):
                 raise RequestError(413, f"request body is over {limit} bytes (media.max_body_mb)")
             chunks.append(chunk)
         try:
-            payload = json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            payload = await asyncio.to_thread(json.loads, b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise RequestError(400, f"malformed JSON body: {err}") from None
         if not isinstance(payload, dict):
             raise RequestError(400, f"the body must be a JSON object, got {type(payload).__name__}")
         return payload
 
+    async def _checked(self, request: Request):
+        """The request as the replica gets it: parsed by Ray's ``ChatCompletionRequest``, then checked."""
+        from fastapi import HTTPException
+
+        from serving._checks import RequestError, parse_request
+
+        body = await asyncio.to_thread(parse_request, await self._read_json(request))
+        try:
+            model_id = await self._get_model_id(body.model)
+        except HTTPException as err:
+            raise RequestError(err.status_code, str(err.detail), "model") from None
+        checker = self.checkers.get(model_id.split(":", 1)[0])
+        if checker is not None:
+            body.messages, body.media_io_kwargs = await checker.check(body.messages, body.media_io_kwargs)
+        return body
+
     async def chat(self, request: Request):
         """``POST /v1/chat/completions``: the checks, then Ray Serve LLM's own chat (streaming or not)."""
-        from fastapi import HTTPException
-        from pydantic import ValidationError
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest
         from starlette.responses import JSONResponse
 
         from serving._checks import RequestError
 
         try:
-            payload = await self._read_json(request)
-            try:
-                body = ChatCompletionRequest.model_validate(payload)
-            except ValidationError as err:
-                first = err.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise RequestError(400, f"not a chat completion request: {where}: {first['msg']}", where) from None
-            try:
-                model_id = await self._get_model_id(body.model)
-            except HTTPException as err:
-                raise RequestError(err.status_code, str(err.detail), "model") from None
-            checker = self.checkers.get(model_id.split(":", 1)[0])
-            if checker is not None:
-                body.media_io_kwargs = await checker.check(body.messages, body.media_io_kwargs)
+            await asyncio.wait_for(self.check_slots.acquire(), self.ingress.check_wait_s)
+        except asyncio.TimeoutError:
+            retry = str(math.ceil(self.ingress.retry_after_s))  # Serve's own rounding of its Retry-After
+            error = RequestError(503, "the endpoint is busy checking other requests; retry later")
+            return JSONResponse(status_code=503, content=error.body(), headers={"Retry-After": retry})
+        try:
+            body = await self._checked(request)
         except RequestError as err:
             return JSONResponse(status_code=err.status, content=err.body())
+        finally:
+            self.check_slots.release()
         return await self._process_llm_request(body, call_method="chat", raw_request=request)

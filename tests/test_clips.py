@@ -58,6 +58,17 @@ def test_panda70m_path_column_and_template(tmp_path):
     assert rows[1]["caption"] is None and rows[1]["matching_score"] is None
 
 
+def test_a_bad_path_template_is_a_config_error_not_a_row_per_line(tmp_path):
+    from vidlm.config import ConfigError
+
+    for template in ("{root}/{0}.mp4", "{root.__class__}", "{videoID!r}", "{videoID:>9}", "{root}/{", "{}"):
+        with pytest.raises(ValueError, match="path_template"):
+            ManifestConfig(path_template=template)
+    csv = _write(tmp_path / "p.csv", "videoID,url,timestamp\nv1,u,\"[['0:00:00.000', '0:00:01.000']]\"\n")
+    with pytest.raises(ConfigError, match=r"\['shard'\] is not a column of p.csv"):
+        list(read_manifest(csv, ManifestConfig(path_template="{root}/{shard}/{videoID}.mp4")))
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

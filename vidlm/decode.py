@@ -4,7 +4,10 @@
 frames a model is trained on and the frames it is served are produced the same way:
 
 1. ``probe`` reads the container header with PyAV and classifies bad files (missing, empty, not a
-   video, truncated, audio only, unknown codec) into :class:`~vidlm.clips.ClipError`.
+   video, truncated, audio only, unknown codec) into :class:`~vidlm.clips.ClipError`; then
+   :class:`DecodeLimits` refuses, before any frame is decoded, a video whose header claims more pixels per
+   frame, seconds or frames than the limits (a decode bomb: a 2-second 8192 x 8192 H.264 file is a few KB
+   and 96 MiB per decoded frame), as ``too_large``.
 2. frame indices come from :func:`vidlm.sampling.sample_frame_indices`.
 3. frames are decoded by one of three strategies: decord seeking to each index (``seek``), decord
    reading the window front to back and converting only the sampled frames (``sequential``), or
@@ -30,13 +33,16 @@ from typing import Literal
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
+from pydantic import Field
 
 from vidlm.clips import ClipError, ErrorType
+from vidlm.config import Section
 from vidlm.sampling import EmptyWindowError, SamplingConfig, sample_frame_indices
 
 __all__ = [
     "DECORD_MIN_SIDE",
     "FALLBACKS",
+    "DecodeLimits",
     "DecodeStrategy",
     "DecodedClip",
     "VideoInfo",
@@ -63,7 +69,7 @@ fastest, or within noise of it, for 16 frames from short and long videos at 360p
 def _decord_errors() -> tuple[type[BaseException], ...]:
     import decord
 
-    return (decord.DECORDError, RuntimeError, IndexError, StopIteration)
+    return (decord.DECORDError, StopIteration)  # what decord raises on bad data; a bug in vidlm is not caught
 
 
 # Signatures of container formats; a file that starts like one but does not open is truncated.
@@ -84,6 +90,41 @@ class VideoInfo:
     @property
     def duration_s(self) -> float:
         return self.num_frames / self.fps
+
+
+class DecodeLimits(Section):
+    """The largest video a job or the endpoint decodes, checked on the header before any frame is decoded.
+
+    The defaults let through 8K (7680 x 4320) video of up to 4 hours at up to 240 fps; the endpoint's config
+    usually sets smaller ones (``media.limits``).
+    """
+
+    max_pixels: int = Field(7680 * 4320, gt=0)
+    """Largest ``width x height`` of a frame, pixels."""
+    max_duration_s: float = Field(4 * 3600.0, gt=0)
+    """Longest video, seconds (header frame count / frame rate)."""
+    max_frames: int = Field(4 * 3600 * 60, gt=0)
+    """Most frames the header may claim."""
+    max_fps: float = Field(240.0, gt=0)
+    """Highest frame rate the header may claim, frames per second."""
+
+    def check(self, info: VideoInfo, name: str) -> None:
+        """Refuse ``info`` over a limit.
+
+        Raises:
+            ClipError: ``too_large``, naming the header value and the limit.
+        """
+        problems = []
+        if info.width * info.height > self.max_pixels:
+            problems.append(f"{info.width} x {info.height} pixels > max_pixels {self.max_pixels}")
+        if info.fps > self.max_fps:
+            problems.append(f"{info.fps:g} fps > max_fps {self.max_fps:g}")
+        if info.num_frames > self.max_frames:
+            problems.append(f"{info.num_frames} frames > max_frames {self.max_frames}")
+        elif info.duration_s > self.max_duration_s:
+            problems.append(f"{info.duration_s:.1f} s > max_duration_s {self.max_duration_s:g}")
+        if problems:
+            raise ClipError(ErrorType.TOO_LARGE, f"video over the decode limits ({'; '.join(problems)}): {name}")
 
 
 @dataclass(frozen=True)
@@ -235,6 +276,7 @@ def decode_clip(
     strategy: DecodeStrategy = "auto",
     clip_key: str = "",
     threads: int = 1,
+    limits: DecodeLimits | None = None,
 ) -> DecodedClip:
     """Decode the sampled frames of the window ``[start_s, end_s)`` of one video.
 
@@ -251,6 +293,8 @@ def decode_clip(
             ends on; the scaler starts and joins a pool per frame). On 2 cores, 2 decode processes,
             16 frames at 224 px from the real mp4s: 12-14 clips/s with ``0``, 15-19 with ``1``. ``0``
             suits a lone decoder with idle cores (a plain loop).
+        limits: the largest video decoded (checked on the header first); ``None``: the defaults of
+            :class:`DecodeLimits`.
 
     Returns:
         A :class:`DecodedClip` with ``frames`` ``(T, size, size, 3) uint8``.
@@ -259,6 +303,7 @@ def decode_clip(
         ClipError: with the ``error_type`` of the failure (see :class:`~vidlm.clips.ErrorType`).
     """
     info = probe(path)
+    (limits or DecodeLimits()).check(info, str(path))
     try:
         indices = sample_frame_indices(
             sampling, info.num_frames, info.fps, start_s, end_s, _clip_rng(sampling, clip_key)

@@ -10,7 +10,8 @@ Four modes, each from a reference implementation:
   (``np.linspace``), as LLaVA-Video's ``load_video`` does.
 - ``fixed``: ``num_frames`` evenly spaced frames including both ends of the window (TOPA, 10 frames).
 
-The arithmetic is pure: frame counts in, int64 indices out. Timestamps are ``index / video_fps`` in
+The arithmetic is pure: frame counts in, int64 indices out, and allocates only the ``T`` indices returned,
+whatever a header or a request claims (a billion frames, 1e5 fps). Timestamps are ``index / video_fps`` in
 seconds. A window is clamped to ``[0, duration)``; a window with no frame inside raises
 :class:`EmptyWindowError`, which the pipelines turn into an error row.
 """
@@ -122,10 +123,13 @@ def sample_frame_indices(
     elif config.mode == "fixed":
         idx = np.round(np.linspace(first, last, t))
     else:  # fps
-        step = max(1, round(video_fps / config.fps))  # LLaVA-Video: round(avg_fps / fps)
-        idx = np.arange(first, last + 1, step)
-        if config.force_sample or len(idx) > config.max_frames:
+        ratio = video_fps / config.fps  # LLaVA-Video's step: round(avg_fps / fps), at most the window
+        step = n if not math.isfinite(ratio) or ratio > n else max(1, round(ratio))
+        count = (last - first) // step + 1  # frames of np.arange(first, last + 1, step), counted first
+        if config.force_sample or count > config.max_frames:
             idx = np.linspace(first, last, config.max_frames).astype(np.int64)
+        else:
+            idx = np.arange(first, last + 1, step)
     return np.asarray(idx, dtype=np.int64)
 
 

@@ -47,7 +47,7 @@ from vllm.multimodal.video import VideoLoader
 from vllm.sequence import IntermediateTensors
 
 from vidlm.clips import ClipError
-from vidlm.decode import decode_clip
+from vidlm.decode import DecodeLimits, decode_clip
 from vidlm.models.processing import preprocess_frames
 from vidlm.models.video_llm import VidlmConfig, build_video_parts, encode_videos
 from vidlm.sampling import SamplingConfig, request_sampling
@@ -77,6 +77,7 @@ class VidlmVideoLoader(VideoLoader):
         *,
         sampling: dict | None = None,
         size: int | None = None,
+        limits: dict | None = None,
         **kwargs,
     ) -> tuple[np.ndarray, dict]:
         """Decode one video.
@@ -85,6 +86,7 @@ class VidlmVideoLoader(VideoLoader):
             data: the video file's bytes.
             num_frames, fps: the request's options (frames; frames per second), ``-1`` when not asked.
             sampling, size: the engine's defaults (see the class docstring).
+            limits: the engine's :class:`~vidlm.decode.DecodeLimits` as a dict (``None``: the defaults).
 
         Returns:
             ``(frames, metadata)``: frames ``(T, size, size, 3) uint8``; metadata as vLLM's loaders give it
@@ -105,7 +107,7 @@ class VidlmVideoLoader(VideoLoader):
             f.write(data)
             f.flush()
             try:
-                clip = decode_clip(f.name, config, int(size))
+                clip = decode_clip(f.name, config, int(size), limits=DecodeLimits.model_validate(limits or {}))
             except ClipError as err:
                 raise ValueError(f"{err.error_type.value}: {err}") from None
         indices = np.rint(clip.frame_times_s * clip.info.fps).astype(int).tolist()
