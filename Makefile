@@ -8,7 +8,7 @@ ENGINE  ?= cpu
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.vidlm-installed-$(ENGINE)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench soak clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ bench: install
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/synth.py
+
+soak: install
+	$(BIN)/python bench/soak_serve.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -153,7 +153,6 @@ def bench_pipeline(
         f"encode.tower.name={tower_name}",
         "sampling.num_frames=16",
         f"output.min_rows_per_file={max(2, n // 32)}",
-        f"output.max_rows_per_file={max(2, n // 32)}",
         f"encode.patch_features={patch_features}",
     ]
     if not fused:

@@ -28,7 +28,7 @@ from pydantic import Field
 from ray.data import DataContext
 from ray.data.checkpoint import CheckpointConfig
 
-from vidlm.clips import ClipError, ManifestConfig, clips_table
+from vidlm.clips import TRANSIENT_ERRORS, ClipError, ManifestConfig, clips_table
 from vidlm.config import Section
 from vidlm.decode import DecodeLimits, DecodeStrategy, decode_clip
 from vidlm.jobs import Report
@@ -59,11 +59,12 @@ class OutputConfig(Section):
     """How a job writes its parquet."""
 
     min_rows_per_file: int = Field(64, gt=0)
-    """Rows gathered before a file is written (fewer files; at most this many clips redone after a kill)."""
-    max_rows_per_file: int = Field(1000, gt=0)
-    """Upper bound of rows per parquet file."""
+    """Rows gathered before a file is written (fewer files; at most about this many clips redone after a kill)."""
     write_num_cpus: float = Field(0.25, gt=0)
     """CPUs reserved per write task: small, so writes run beside decode and encode instead of after them."""
+    replace: bool = False
+    """A rerun on an output folder that holds another configuration's output deletes it and starts afresh
+    (otherwise it is refused, naming the fields that differ; see ``pipelines/_output.py``)."""
 
 
 class DecodeConfig(Section):
@@ -182,13 +183,16 @@ def read_staged_clips(out: Path, clips_per_block: int) -> ray.data.Dataset:
 
 
 def write_output(ds: ray.data.Dataset, folder: Path, config: OutputConfig) -> None:
-    """Write a job's dataset as parquet into ``folder`` with the file sizes and write CPUs of ``config``."""
-    ds.write_parquet(
-        str(folder),
-        min_rows_per_file=config.min_rows_per_file,
-        max_rows_per_file=config.max_rows_per_file,
-        ray_remote_args={"num_cpus": config.write_num_cpus},
-    )
+    """Write a job's dataset as parquet into ``folder`` (``OUT/<results>``) with the file sizes and write CPUs of
+    ``config``, fenced by the run that owns ``OUT`` (:class:`pipelines._output.FencedParquetDatasink`)."""
+    from pipelines._output import FencedParquetDatasink, current_run_id
+
+    out = folder.parent
+    run_id = current_run_id(out)
+    if run_id is None:
+        raise RuntimeError(f"{out} has no run recorded: write_output runs inside a job wrapped by owns_output")
+    sink = FencedParquetDatasink(str(folder), str(out), run_id, config.min_rows_per_file)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": config.write_num_cpus})
 
 
 def arrow_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
@@ -239,7 +243,12 @@ def read_output_columns(folder: Path, columns: list[str], skip_unreadable: bool 
         files = [f for f in files if _readable(f)]
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+    # the files of one output may differ in columns (a column a file lacks reads as nulls)
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    for name in columns:
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, pa.int64()))
+    return pads.dataset([str(f) for f in files], schema=schema, format="parquet").to_table(columns=columns)
 
 
 def written_clip_ids(folder: Path, id_column: str = CLIP_ID) -> set[str]:
@@ -280,7 +289,11 @@ class JobSummary:
             lines: printed after the table.
         """
         rows = [("output", str(self.out)), (f"{unit} in output", str(self.total)), ("ok", f"[green]{self.ok}[/]")]
-        rows += [(f"failed: {kind}", f"[red]{count}[/]") for kind, count in sorted(self.failed.items())]
+        transient = {e.value for e in TRANSIENT_ERRORS}
+        rows += [
+            (f"failed: {kind}" + (" (transient: a rerun retries)" if kind in transient else ""), f"[red]{count}[/]")
+            for kind, count in sorted(self.failed.items())
+        ]
         rows.append(("written by this run", f"{self.new_clips} in {self.seconds:.1f} s"))
         rows += [(name, f"{value:.2f}") for name, value in self.rates.items()]
         return Report(title, rows, lines=list(lines or []))

@@ -8,7 +8,6 @@ every clip of several in-flight batches at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -203,11 +202,15 @@ class CaptionClips:
                 return
             started = time.perf_counter()
             size = self.model_config.image_size
-            frames = np.zeros((self.model_config.sampling_config.max_frames_per_clip(), size, size, 3), np.uint8)
-            template = next(iter(self.prompts))
-            # It may fail (e.g. the most frames overflow a small max_model_len): the clips will say why.
-            with contextlib.suppress(Exception):
-                await self._generate("warm-up", template, frames)
+            most = self.model_config.sampling_config.max_frames_per_clip()
+            fits = next((n for n in range(most, 0, -1) if not self._overflows(n)), 0)
+            if fits:  # else every clip is a context_overflow row, which needs no engine
+                frames = np.zeros((fits, size, size, 3), np.uint8)
+                try:
+                    await self._generate("warm-up", next(iter(self.prompts)), frames)
+                except Exception as err:
+                    # an engine that cannot caption a blank clip would turn every clip into an error row
+                    raise RuntimeError(f"the engine failed its warm-up request: {type(err).__name__}: {err}") from err
             self.startup_s += time.perf_counter() - started
             self._warmed = True
             if self.progress is not None:
@@ -221,6 +224,13 @@ class CaptionClips:
         async for output in self.engine.generate(prompt, params, request_id):
             final = output
         return final
+
+    def _overflows(self, num_frames: int) -> bool:
+        try:
+            self._check_context(num_frames)
+        except ContextOverflow:
+            return True
+        return False
 
     def _check_context(self, num_frames: int) -> int:
         name = self._longest

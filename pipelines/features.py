@@ -41,6 +41,7 @@ from pipelines._common import (
     write_output,
     written_clip_ids,
 )
+from pipelines._output import owns_output
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import (
     CHECKPOINT_FILTER_CPUS,
@@ -54,6 +55,7 @@ from vidlm.config import JobConfig, Section
 from vidlm.jobs import Report
 from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
 from vidlm.sampling import SamplingConfig
+from vidlm.writers import write_atomic
 
 __all__ = ["EncodeFrames", "FeaturesConfig", "decode_frames", "features_job", "output_table", "run_features"]
 
@@ -156,6 +158,7 @@ def output_table(batch: dict[str, Any], tensors: dict[str, list[np.ndarray]]) ->
     return table
 
 
+@owns_output("features", "features")
 def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) -> JobSummary:
     """Run the feature job on the connected Ray cluster (``ray.init`` first, or a local one starts).
 
@@ -222,7 +225,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
         )
         write_output(ds, features_dir, config.output)
     summary = JobSummary.collect(features_dir, before, started, {"frames/s": "num_frames"})
-    (out / "summary.json").write_text(json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
+    write_atomic(out / "summary.json", json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
     return summary
 
 

@@ -53,6 +53,7 @@ from pipelines._common import (
     write_output,
     written_clip_ids,
 )
+from pipelines._output import owns_output
 from pipelines.caption_clips import CAPTION_STATS, PRIMARY_COLUMN, CaptionClips, engine_stage_args, stat_column
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
@@ -61,6 +62,7 @@ from vidlm.decode import DecodeLimits
 from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count
 from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
+from vidlm.writers import write_atomic
 
 __all__ = [
     "NAMED_PROMPTS",
@@ -278,6 +280,7 @@ def _show_progress(progress, total: int, stop: threading.Event) -> None:
             bar.update(task, completed=snap["clips"], rate=rate)
 
 
+@owns_output("recaption", "captions")
 def run_recaption(
     manifest: str | Path, out: str | Path, config: RecaptionConfig, show_progress: bool = False
 ) -> JobSummary:
@@ -383,7 +386,7 @@ def run_recaption(
         summary.rates["steady output tokens/s"] = snap["output_tokens"] / steady
     write_report(out, captions_dir, config)
     record = {"manifest_clips": n_clips, "model": config.model, **summary.to_dict()}
-    (out / "summary.json").write_text(json.dumps(record, indent=2))
+    write_atomic(out / "summary.json", json.dumps(record, indent=2))
     return summary
 
 

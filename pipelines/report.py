@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from vidlm.writers import write_atomic
 
 __all__ = ["write_browser", "write_length_histogram", "write_report"]
 
@@ -101,16 +104,17 @@ def write_browser(captions_dir: Path, out_dir: Path, caption_columns: list[str],
     num_pages = -(-total // clips_per_page)
     names = [out_dir / ("index.html" if i == 0 else f"page-{i + 1:04d}.html") for i in range(num_pages)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.html"):
-        old.unlink()
     nav = "<nav>pages: " + "".join(f'<a href="{p.name}">{i + 1}</a>' for i, p in enumerate(names)) + "</nav>"
     for i, (path, rows) in enumerate(zip(names, _pages(files, clips_per_page), strict=True)):
         cards = "\n".join(_card(r, caption_columns) for r in rows)
         title = f"vidlm recaption: {total} clips, {failed} failed (page {i + 1}/{num_pages})"
-        path.write_text(
+        write_atomic(
+            path,
             f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{nav}\n{cards}\n{nav}</body></html>\n"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{nav}\n{cards}\n{nav}</body></html>\n",
         )
+    for stale in set(out_dir.glob("*.html")) - set(names):  # pages of an earlier, longer output
+        stale.unlink()
     return names
 
 
@@ -143,8 +147,10 @@ def write_length_histogram(captions_dir: Path, png: Path, caption_columns: list[
     ax.set_title("caption lengths")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    write_atomic(png, buffer.getvalue())
     return png
 
 
@@ -161,5 +167,5 @@ def write_report(out: Path, captions_dir: Path, config) -> dict:
     pages = write_browser(captions_dir, out / "browser", columns, config.report.clips_per_page)
     png = write_length_histogram(captions_dir, out / "caption_lengths.png", columns)
     record = {"browser": str(pages[0]) if pages else None, "histogram": str(png) if png else None}
-    (out / "report.json").write_text(json.dumps(record, indent=2))
+    write_atomic(out / "report.json", json.dumps(record, indent=2))
     return record

@@ -46,6 +46,7 @@ from pipelines._common import (
     write_output,
     written_clip_ids,
 )
+from pipelines._output import owns_output
 from pipelines.caption_clips import CaptionClips, engine_stage_args, sampling_params
 from vidlm.clips import ClipError, ErrorType, ManifestConfig
 from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
@@ -289,6 +290,7 @@ class RecurrentCaptioner(CaptionClips):
         yield arrow_table(table, CAPTIONS_SCHEMA)
 
 
+@owns_output("synth-captions", "captions")
 def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCaptionsConfig) -> JobSummary:
     """Recurrent detailed captions of every video of a manifest (LLaVA-Video §2.1), as parquet in ``OUT/captions``.
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from pipelines._common import JobSummary, OutputConfig
+from pipelines._output import owns_output
 from pipelines.structured_llm import (
     STATS_FIELDS,
     QAShape,
@@ -204,6 +205,7 @@ def _qa_request(row: dict, config: SynthQAConfig, schema_json: str, on_gpu: bool
     }
 
 
+@owns_output("synth-qa", "qa", "qa_id")
 def run_synth_qa(captions: str | Path, out: str | Path, config: SynthQAConfig) -> JobSummary:
     """QA pairs of LLaVA-Video's 16 types from captions, with an LLM on vLLM (``ray.data.llm``).
 

@@ -15,6 +15,7 @@ Ray Data plan (:mod:`pipelines.structured_llm` for the generation and parsing)::
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pipelines._common import (
     OutputConfig,
     read_output_columns,
 )
+from pipelines._output import owns_output
 from pipelines.structured_llm import (
     STATS_FIELDS,
     QAShape,
@@ -48,6 +50,7 @@ from vidlm.engine import EngineStageConfig, GenerationConfig
 from vidlm.jobs import Report
 from vidlm.models.presets import resolve_model
 from vidlm.models.vision_tower import VisionTowerConfig
+from vidlm.writers import write_atomic
 
 __all__ = [
     "TIDEO_FAMILIES",
@@ -348,6 +351,7 @@ class TextVidSummary:
     memory_size: int
 
 
+@owns_output("textvid", "generated", "tideo_id")
 def run_textvid(num: int, out: str | Path, config: TextVidConfig) -> TextVidSummary:
     """Generate ``num`` Tideos with an LLM on vLLM (``ray.data.llm``), encode their frames, deduplicate.
 
@@ -394,8 +398,10 @@ def run_textvid(num: int, out: str | Path, config: TextVidConfig) -> TextVidSumm
     tideos = out / "tideos"
     kept = _dedup_tideos(generated, tideos, config.dedup)
     memory, texts = build_memory(tideos, config.memory)
-    np.save(out / "memory.npy", memory)
-    (out / "memory_texts.json").write_text(json.dumps(texts))
+    buffer = io.BytesIO()
+    np.save(buffer, memory)
+    write_atomic(out / "memory.npy", buffer.getvalue())
+    write_atomic(out / "memory_texts.json", json.dumps(texts))
     return TextVidSummary(job, tideos, kept, job.ok - kept, out / "memory.npy", len(texts))
 
 

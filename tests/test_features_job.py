@@ -86,7 +86,6 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, 
         "decode.batch_size=1",
         "sampling.num_frames=4",
         "output.min_rows_per_file=1",
-        "output.max_rows_per_file=1",
     ]
     script = (
         "import sys; from pipelines.features import FeaturesConfig, run_features; "

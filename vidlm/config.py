@@ -23,6 +23,8 @@ __all__ = [
     "JobConfig",
     "Section",
     "apply_overrides",
+    "config_differences",
+    "flat_fields",
     "load_config",
     "validate_config",
     "with_section_defaults",
@@ -149,3 +151,35 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
     return validate_config(cls, apply_overrides(data, overrides or []))
+
+
+def flat_fields(config: BaseModel, skip: frozenset[str] = frozenset(), skip_sections: tuple[str, ...] = ()) -> dict:
+    """``{"section.field": value}`` of a config as JSON values, for recording and comparing configurations.
+
+    Args:
+        skip: field names (the last name of the dotted path) left out.
+        skip_sections: top-level sections left out.
+    """
+
+    def walk(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            flat: dict[str, Any] = {}
+            for key, item in value.items():
+                flat.update(walk(item, f"{prefix}{key}."))
+            return flat
+        return {prefix.rstrip("."): value}
+
+    return {
+        key: value
+        for key, value in walk(config.model_dump(mode="json"), "").items()
+        if key.rsplit(".", 1)[-1] not in skip and key.split(".", 1)[0] not in skip_sections
+    }
+
+
+def config_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every key whose value differs between two :func:`flat_fields` records."""
+    return [
+        f"{key}: {before.get(key, '<unset>')!r} -> {now.get(key, '<unset>')!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]

@@ -3,6 +3,8 @@
 ``write_video`` encodes an H.264 mp4 with PyAV (no ffmpeg binary needed) and can stamp each frame with its own
 index (frame ``i`` is a flat grey of level :func:`index_level` ``(i)``), so the decoded pixels tell which frames
 were sampled. ``write_panda70m_manifest`` writes the manifest the jobs read, giving each video the same clip windows.
+``write_atomic`` writes a file so that a reader or a kill never sees it half-written (the jobs' summaries, reports
+and metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +17,25 @@ from typing import Literal
 import av
 import numpy as np
 
-__all__ = ["index_level", "write_panda70m_manifest", "write_video"]
+__all__ = ["index_level", "write_atomic", "write_panda70m_manifest", "write_video"]
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` all at once: into a temporary file beside it, flushed, then renamed over it.
+
+    A reader sees the old file or the new one, never a part; a kill leaves at most a ``.NAME.*.tmp`` file.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def index_level(i: int) -> int:
