@@ -9,8 +9,9 @@ request fields, malformed JSON, an oversized body.
 
 Reported, from this run only: requests by answer (good ones must get 200, hostile ones a 4xx), 5xx answers and
 lost requests (no answer; both must be 0), p50 latency of the good requests in the first and the last minute
-(their ratio), and the RSS of the ingress and of the engine replica, sampled every 5 s: at the start of the
-load, at its end, the largest, and end / start (the ratios). Prints the CPU flags it ran on.
+(their ratio), and the RSS of the ingress and of the engine replica, sampled every 5 s: at the start, the
+largest of each minute, and the last minute's over the first's (the first minute warms caches and allocator
+pools; flat after it means nothing leaks). Prints the CPU flags it ran on.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
     url = serve_endpoint(config) + "/chat/completions"
     bodies = _requests(root, args)
     processes = _replica_processes()
-    memory: dict[str, list[int]] = {name: [] for name in processes}
+    memory: dict[str, list[tuple[float, int]]] = {name: [] for name in processes}  # (seconds into the load, RSS)
     answers: dict[str, dict[int, int]] = {}
     latencies: list[tuple[float, float]] = []  # (start offset s, latency s) of good requests
     lost: list[str] = []
@@ -154,7 +155,7 @@ def main() -> None:
     def sample() -> None:
         while not done.is_set():
             for name, process in processes.items():
-                memory[name].append(process.memory_info().rss)
+                memory[name].append((time.perf_counter() - started, process.memory_info().rss))
             done.wait(5.0)
 
     started = time.perf_counter()
@@ -212,12 +213,13 @@ def main() -> None:
         summary.add_row("good p50 latency, last minute s", f"{p50_last:.2f}")
         summary.add_row("last / first", f"{p50_last / p50_first:.2f}")
     for name, samples in memory.items():
-        if samples:
-            summary.add_row(
-                f"{name} RSS start / end / max MiB",
-                " / ".join(f"{v / 2**20:.0f}" for v in (samples[0], samples[-1], max(samples))),
-            )
-            summary.add_row(f"{name} RSS end / start", f"{samples[-1] / samples[0]:.2f}")
+        if not samples:
+            continue
+        minutes = [max(v for at, v in samples if at < m * 60) for m in range(1, int(elapsed // 60) + 1)]
+        shown = " / ".join(f"{v / 2**20:.0f}" for v in (samples[0][1], *minutes))
+        summary.add_row(f"{name} RSS MiB: start / max in minute 1, 2...", shown)
+        if len(minutes) > 1:  # the first minute warms caches and allocator pools; after it, flat means no leak
+            summary.add_row(f"{name} RSS max last minute / max minute 1", f"{minutes[-1] / minutes[0]:.2f}")
     console.print(summary)
     for line in lost[:5]:
         console.print(f"[red]lost[/] {line}")

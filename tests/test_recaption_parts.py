@@ -133,3 +133,34 @@ def test_more_frames_than_the_model_samples_is_refused_before_any_work(tmp_path)
     with pytest.raises(ValueError, match="up to 32 frames per clip.*model's 4"):
         run_recaption(manifest, tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_engine_that_fails_its_warm_up_fails_the_job_instead_of_every_clip(tiny_models):
+    """CaptionClips' warm-up: a request the engine fails raises (the Ray task fails, so the job does); a warm-up
+    whose frames cannot fit the context uses fewer frames, or none."""
+    import asyncio
+
+    from pipelines.caption_clips import CaptionClips
+    from vidlm.models.video_llm import VidlmConfig
+
+    stage = CaptionClips.__new__(CaptionClips)  # the stage without its vLLM engine: _generate stands in below
+    stage.model_config = VidlmConfig.from_pretrained(tiny_models["pllava"])
+    stage.prompts, stage._longest = {"caption": [1, 2, stage.model_config.video_token_index, 3]}, "caption"
+    stage.progress, stage.startup_s = None, 0.0
+    asked = []
+
+    async def failing(clip_id, template, frames):
+        asked.append(len(frames))
+        raise ValueError("the engine rejected the request")
+
+    for max_model_len, frames in [(4096, stage.model_config.sampling_config.max_frames_per_clip()), (1, None)]:
+        stage._warm, stage._warmed, stage.max_model_len = asyncio.Lock(), False, max_model_len
+        stage._generate = failing
+        asked.clear()
+        if frames is None:  # not even one frame fits: every clip is a context_overflow row, no warm-up request
+            asyncio.run(stage._warm_up())
+            assert asked == [] and stage._warmed
+        else:
+            with pytest.raises(RuntimeError, match="failed its warm-up request: ValueError: the engine rejected"):
+                asyncio.run(stage._warm_up())
+            assert asked == [frames]

@@ -272,3 +272,20 @@ def test_deepspeed_values_that_contradict_the_config_are_refused(tmp_path):
     cfg = load_config(TrainConfig, "training/configs/topa_tiny.yaml", [f"deepspeed.config={bad}"])
     with pytest.raises(TrainingConfigError, match="train_micro_batch_size_per_gpu"):
         fill_deepspeed_config(cfg, 128, 10, 2)
+
+
+def test_checkpoint_shards_stage_beside_the_storage_only_when_they_fit(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    from training import checkpoints
+
+    engine = SimpleNamespace(module=torch.nn.Linear(1000, 1000))  # 1M fp32 trainable: ~16 MB of state
+    with checkpoints.staging_dir(engine, tmp_path) as folder:
+        assert Path(folder).parent == tmp_path / ".staging"  # on the storage's file system, not /tmp
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda _: usage._replace(free=10 * 2**20))
+    with pytest.raises(OSError, match=r"needs about 0.08 GiB, 0.01 GiB are free"):
+        checkpoints.staging_dir(engine, tmp_path)
