@@ -222,6 +222,8 @@ def llm_config(config: ServeConfig, model_dir: Path, gpus: int) -> Any:
         kwargs.update(enable_lora=True, max_lora_rank=config.lora.max_lora_rank)
     # CPU replicas share nodes: each runs as many threads as the CPUs its bundle reserves.
     env = {} if on_gpu else cpu_engine_env(engine, threads=max(1, round(engine.num_cpus)))
+    # The replica decodes request videos in vLLM's media threads: two malloc arenas, as in the ingress.
+    env["MALLOC_ARENA_MAX"] = "2"
     autoscaling = config.autoscaling.model_dump(exclude_none=True)
     if "initial_replicas" not in autoscaling:
         autoscaling["initial_replicas"] = max(1, config.autoscaling.min_replicas)
@@ -279,8 +281,10 @@ def build_app(config: ServeConfig, gpus: int | None = None):
             "ingress_extra_kwargs": {"serve_configs": {llm.model_id: (config.model_dump(), str(model_dir))}},
         },
         ingress_deployment_config={
-            # The ingress only routes: on a CPU machine, a CPU held by it is one no engine can use.
-            "ray_actor_options": {"num_cpus": 0},
+            # The ingress only routes: on a CPU machine, a CPU held by it is one no engine can use. Its checks run
+            # in worker threads on request bodies of megabytes: two malloc arenas keep glibc from growing one
+            # arena per thread with the freed bodies fragmented across them.
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}},
             "max_ongoing_requests": config.ingress.max_ongoing_requests,
             "max_queued_requests": config.ingress.max_queued_requests,
             "backpressure_config": {"status_code": 503, "retry_after_s": config.ingress.retry_after_s},
