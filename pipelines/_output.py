@@ -5,8 +5,8 @@
 1. takes ``OUT/.vidlm.lock`` (``filelock``: an OS lock, so the lock of a killed job is gone with its process --
    no stale lock is left behind to detect); a second job on the same ``OUT`` is refused with who holds it
    (:class:`OutputInUse`), before it can delete the first one's staged input or pending checkpoints;
-2. compares the configuration that decides the output (:func:`output_record`: the job, every config field but
-   how the work is spread -- batch sizes, CPUs, engine counts, file sizes, the report -- and a hash
+2. when ``OUT`` holds rows, compares the configuration that decides them (:func:`output_record`: the job, every
+   config field but how the work is spread -- batch sizes, CPUs, engine counts, file sizes, the report -- and a hash
    of the model's ``config.json``) with the one recorded in ``OUT/run.json``; a different one is refused with
    the fields that differ (:class:`OutputMismatch`), unless ``output.replace`` starts the output afresh;
 3. deletes the rows whose ``error_type`` is transient (:data:`vidlm.clips.TRANSIENT_ERRORS`) from the output
@@ -227,6 +227,7 @@ def owns_output(job: str, results: str, id_column: str = "clip_id") -> Callable:
         @functools.wraps(run)
         def wrapped(source, out, config, *args, **kwargs):
             out = Path(out).resolve()
+            created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
             lock = FileLock(out / LOCK_FILE)
             try:
@@ -240,7 +241,8 @@ def owns_output(job: str, results: str, id_column: str = "clip_id") -> Callable:
                 (out / OWNER_FILE).write_text(f"{job}, pid {os.getpid()} on {socket.gethostname()}\n")
                 record = output_record(job, config)
                 previous = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
-                if previous is not None and previous.get("config") != record:
+                rows = any((out / results).glob("*.parquet")) if (out / results).is_dir() else False
+                if previous is not None and previous.get("config") != record and rows:
                     if not config.output.replace:
                         changed = config_differences(previous.get("config") or {}, record)
                         raise OutputMismatch(
@@ -261,7 +263,12 @@ def owns_output(job: str, results: str, id_column: str = "clip_id") -> Callable:
                 write_atomic(out / RUN_FILE, json.dumps(this_run, indent=2))
                 if previous is not None and not previous.get("finished"):
                     time.sleep(FENCE_GRACE_S)  # a killed run's leftover writes end or fail (module docstring)
-                result = run(source, out, config, *args, **kwargs)
+                try:
+                    result = run(source, out, config, *args, **kwargs)
+                except BaseException:
+                    if created and not any((out / results).glob("*.parquet")):
+                        shutil.rmtree(out, ignore_errors=True)  # a run refused before any row leaves no folder
+                    raise
                 write_atomic(out / RUN_FILE, json.dumps({**this_run, "finished": True}, indent=2))
                 return result
             finally:

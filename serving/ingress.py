@@ -73,6 +73,19 @@ class VideoIngress(OpenAiIngress):
             raise RequestError(400, f"the body must be a JSON object, got {type(payload).__name__}")
         return payload
 
+    async def _discard_body(self, request: Request) -> None:
+        """Read a refused request's body to its end, chunk by chunk, keeping nothing (up to ``media.max_body_mb``):
+        answering before the client has sent it would close the connection under the upload, and the client would
+        see a reset instead of the answer."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return
+
     async def _checked(self, request: Request):
         """The request as the replica gets it: parsed by Ray's ``ChatCompletionRequest``, then checked."""
         from fastapi import HTTPException
@@ -98,6 +111,7 @@ class VideoIngress(OpenAiIngress):
         try:
             await asyncio.wait_for(self.check_slots.acquire(), self.ingress.check_wait_s)
         except asyncio.TimeoutError:
+            await self._discard_body(request)
             retry = str(math.ceil(self.ingress.retry_after_s))  # Serve's own rounding of its Retry-After
             error = RequestError(503, "the endpoint is busy checking other requests; retry later")
             return JSONResponse(status_code=503, content=error.body(), headers={"Retry-After": retry})

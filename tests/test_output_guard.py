@@ -39,11 +39,18 @@ class DemoConfig(JobConfig):
 
 
 @owns_output("demo", "rows")
-def run_demo(source, out, config, seconds: float = 0.0):
+def run_demo(source, out, config, seconds: float = 0.0, fail: bool = False):
+    if fail:
+        raise ValueError("refused before any row")
     (out / "rows").mkdir(exist_ok=True)
-    (out / "rows" / "marker").write_text(str(config.generation.max_tokens))
+    rows = pa.table({"clip_id": [source], "max_tokens": [config.generation.max_tokens]})
+    pq.write_table(rows, out / "rows" / "r.parquet")
     time.sleep(seconds)
     return out
+
+
+def _max_tokens(out: Path) -> int:
+    return pq.read_table(out / "rows" / "r.parquet").column("max_tokens")[0].as_py()
 
 
 HOLDER = """
@@ -67,7 +74,7 @@ def test_a_second_job_on_the_same_output_is_refused_and_a_killed_holder_leaves_n
             time.sleep(0.1)
         with pytest.raises(OutputInUse, match=rf"in use by another vidlm job \(demo, pid {holder.pid} on "):
             run_demo("src", out, DemoConfig())
-        assert (out / "rows" / "marker").read_text() == "256"  # the holder's output untouched
+        assert _max_tokens(out) == 256  # the holder's output untouched
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # a crash: no clean-up runs
         holder.wait()
@@ -82,15 +89,27 @@ def test_a_different_configuration_is_refused_naming_the_fields_unless_replaced(
     run_demo("src", out, DemoConfig(engine=EngineStageConfig(batch_size=3, num_engines=2)))
     with pytest.raises(OutputMismatch) as err:
         run_demo("src", out, DemoConfig(generation=GenerationConfig(max_tokens=8, temperature=0.5)))
-    assert "generation.max_tokens: 256 -> 8" in str(err.value) and "generation.temperature: 0.0 -> 0.5" in str(
-        err.value
-    )
-    assert (out / "rows" / "marker").read_text() == "256"
+    message = str(err.value)
+    assert "generation.max_tokens: 256 -> 8" in message and "generation.temperature: 0.0 -> 0.5" in message
+    assert _max_tokens(out) == 256
     run_demo("a-longer-manifest", out, DemoConfig())  # more input, same configuration: rows are added
     (out / "stale.txt").write_text("from the earlier output")
     run_demo("src", out, DemoConfig(generation=GenerationConfig(max_tokens=8), output=OutputConfig(replace=True)))
-    assert not (out / "stale.txt").exists() and (out / "rows" / "marker").read_text() == "8"
+    assert not (out / "stale.txt").exists() and _max_tokens(out) == 8
     assert json.loads((out / RUN_FILE).read_text())["config"]["generation.max_tokens"] == 8
+
+
+def test_a_run_refused_before_any_row_pins_nothing_and_leaves_no_new_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="refused before any row"):
+        run_demo("src", out, DemoConfig(), fail=True)
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(ValueError):
+        run_demo("src", out, DemoConfig(generation=GenerationConfig(max_tokens=8)), fail=True)
+    assert out.exists()  # a folder the user made stays
+    run_demo("src", out, DemoConfig())  # the failed run's configuration, recorded without rows, binds nothing
+    assert _max_tokens(out) == 256
 
 
 def _rows(ids: list[str], kinds: list[str | None]) -> pa.Table:
