@@ -126,3 +126,16 @@ def test_text_jobs_refuse_models_without_an_llm_of_their_own_and_bad_counts(tmp_
         assert result.exit_code == 2 and words in " ".join(result.output.split()), (extra, result.output)
     result = runner.invoke(app, ["textvid", "--num", "0", "--out", str(tmp_path / "o")], terminal_width=200)
     assert result.exit_code == 2 and "--num must be at least 1" in result.output
+
+
+def test_model_json_gives_the_token_arithmetic_and_context():
+    result = runner.invoke(app, ["model", "llava-video-7b", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["frames"] == 64 and info["visual_tokens"] == 64 * 169  # LLaVA-Video Table 4: 169 per frame
+    assert info["max_position_embeddings"] == 32768 and info["compressor"]["pool_mode"] == "average"
+    assert "paper" in info["origin"]
+    result = runner.invoke(app, ["model", "llava-video-7b", "--json", "--frames", "110"])
+    assert json.loads(result.output)["visual_tokens"] == 18590  # LLaVA-Video §4: "18,590"
+    assert runner.invoke(app, ["model", "llava-video-7b", "--frames", "0"]).exit_code == 2
+    assert runner.invoke(app, ["model", "no-such-model", "--json"]).exit_code == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,7 @@ from vidlm.models.compressors import (
     SpatialTemporalMean,
     build_compressor,
     num_visual_tokens,
+    pool_2d,
     pooled_grid,
 )
 from vidlm.models.modality_projection import modality_projection
@@ -49,12 +53,16 @@ def test_pllava_pooling_equals_adaptive_avg_pool3d_on_a_known_tensor():
     assert y[0, 0, 0] == x[0, :2, :2, :2, 0].mean()
 
 
-def test_pllava_pads_short_videos_by_repeating_frames():
-    x = torch.randn(1, 2, 4, 4, 5)
-    y = AdaptiveStructurePooling((4, 2, 2))(x)
-    repeated = x[:, [0, 0, 1, 1]]
-    assert torch.allclose(y, AdaptiveStructurePooling((4, 2, 2))(repeated))
-    assert torch.allclose(y[:, :4], y[:, 4:8])  # time steps 0 and 1 both come from frame 0
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 7, 15])
+def test_pllava_pads_short_videos_as_the_reference(t):
+    # PllavaMultiModalProjector: multiplier = int(num_frames/total_frames)+1; repeat_interleave(multiplier)[:num_frames]
+    x = torch.randn(1, t, 4, 4, 5)
+    order = [i // (16 // t + 1) for i in range(16)]
+    assert order == torch.arange(t).repeat_interleave(16 // t + 1)[:16].tolist()
+    y = AdaptiveStructurePooling((16, 2, 2))(x)
+    assert torch.equal(y, AdaptiveStructurePooling((16, 2, 2))(x[:, order]))
+    if t == 3:  # 6, 6, 4 copies: not the even floor(i*T/T') spread (6, 5, 5)
+        assert order.count(0) == 6 and order.count(2) == 4
 
 
 def test_nframe_and_mean_by_hand():
@@ -105,24 +113,78 @@ def test_modality_projection_rejects_bad_inputs():
         modality_projection(torch.randn(2, 8), torch.randn(3, 8), tau=0)
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 7, 16, 64])
-@pytest.mark.parametrize("side", [6, 8, 9, 24, 27])
+PAPERS = Path(__file__).resolve().parents[2] / "shared" / "papers"
+
+LLAVA_VIDEO_TABLE4_ROW = "110\t110\t169\t82.0 (+1.6)"
+"""LLaVA-Video Table 4, first group: T_train = T_test = 110 frames at ``M/p^2 = 169`` tokens per frame."""
+LLAVA_VIDEO_TOTAL = "(18,590 versus 21,632)"
+"""LLaVA-Video §4 text on Table 4: 110 x 169 = 18,590 visual tokens."""
+LLAVA_VIDEO_TABLE5_SIMPLE = "Simple representation\tn (32, 729, 1, 2\t) 5,408"
+"""LLaVA-Video Table 5: the simple representation ``V = (32, 729, 1, 2)`` has 5,408 visual tokens."""
+LLAVA_VIDEO_POOLING = "For each group, we apply different pooling rate using Pytorch function pooling avg\\_pool2d()."
+"""LLaVA-Video §3.2: the pooling is ``avg_pool2d``."""
+
+
+def _quoted(name: str, *sentences: str) -> None:
+    paper = PAPERS / name
+    if paper.is_file():
+        text = paper.read_text()
+        for sentence in sentences:
+            assert sentence in text, sentence
+
+
+def test_slowfast_token_counts_are_the_papers_tables():
+    _quoted("llava-video.txt", LLAVA_VIDEO_TABLE4_ROW, LLAVA_VIDEO_TOTAL, LLAVA_VIDEO_TABLE5_SIMPLE, LLAVA_VIDEO_POOLING)
+    siglip = CompressorConfig(kind="slowfast", slow_stride=1, slow_pool=2, grid=(27, 27))  # M = 729, p = 2
+    assert num_visual_tokens(siglip, 1) == 169  # Table 4: M/p^2
+    assert num_visual_tokens(siglip, 32) == 5408  # Table 5: (32, 729, 1, 2)
+    assert num_visual_tokens(siglip, 110) == 18590  # §4: 18,590 for 110 frames
+    assert num_visual_tokens(siglip.model_copy(update={"slow_pool": 1}), 32) == 32 * 729  # Table 4: 729 per frame
+
+
+def test_slowfast_row_of_table5_from_the_pooled_grids():
+    # (64, 729, 3, 2): 21 slow frames of 13x13 and 43 fast frames of avg_pool2d(4): 6x6; Table 5 prints 5,396,
+    # the paper's floor(M/4p^2) = 45 would give 5,484 -- the README says why vidlm gives 5,097
+    cfg = CompressorConfig(kind="slowfast", slow_stride=3, slow_pool=2, grid=(27, 27))
+    assert num_visual_tokens(cfg, 64) == 21 * 13 * 13 + 43 * 6 * 6 == 5097
+
+
+@pytest.mark.parametrize("mode", ["average", "max", "bilinear"])
+@pytest.mark.parametrize("side", [6, 9, 27])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_pool_modes_are_llava_next_get_2dpool(mode, side, k):
+    x = torch.randn(3, 5, side, side)  # (N, D, h, w)
+    if mode == "average":
+        ref = F.avg_pool2d(x, k)
+    elif mode == "max":
+        ref = F.max_pool2d(x, k)
+    else:
+        ref = F.interpolate(x, size=[math.ceil(side / k)] * 2, mode="bilinear")
+    assert torch.equal(pool_2d(x, k, mode), ref)
+    assert pooled_grid(side, side, k, mode) == tuple(ref.shape[-2:])
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 7])
 @pytest.mark.parametrize("s", [1, 2, 3])
-@pytest.mark.parametrize("p", [1, 2])
-def test_slowfast_token_count_is_the_papers_formula(t, side, s, p):
-    m = side * side
-    expected = (t // s) * (m // p**2) + (t - t // s) * (m // (4 * p**2))  # LLaVA-Video §3.2
-    cfg = CompressorConfig(kind="slowfast", slow_stride=s, slow_pool=p, grid=(side, side))
-    assert num_visual_tokens(cfg, t) == expected
-    y = SlowFast(s, p)(torch.randn(1, t, side, side, 4))
-    assert y.shape == (1, expected, 4)
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+@pytest.mark.parametrize("newline", ["none", "grid", "frame", "one_token"])
+def test_slowfast_output_length_is_its_token_count(t, s, mode, newline):
+    cfg = CompressorConfig(kind="slowfast", slow_stride=s, slow_pool=2, pool_mode=mode, newline=newline, grid=(9, 9))
+    y = build_compressor(cfg, dim=4)(torch.randn(2, t, 9, 9, 4))
+    assert y.shape == (2, num_visual_tokens(cfg, t), 4)
 
 
-def test_slowfast_presets_of_llava_video():
-    siglip = {"grid": (27, 27), "kind": "slowfast", "slow_pool": 2}
-    assert num_visual_tokens(CompressorConfig(slow_stride=1, **siglip), 64) == 64 * 182
-    assert num_visual_tokens(CompressorConfig(slow_stride=3, **siglip), 64) == 21 * 182 + 43 * 45
-    assert pooled_grid(27, 27, 2) == (13, 14) and pooled_grid(24, 24, 2) == (12, 12)
+def test_slowfast_grid_newline_follows_each_row():
+    # LLaVA-NeXT add_token_per_grid: (T, h'*w', D) -> rows of w' tokens, each followed by image_newline
+    torch.manual_seed(0)
+    sf = SlowFast(slow_stride=1, slow_pool=2, pool_mode="bilinear", newline="grid", dim=3)
+    x = torch.randn(1, 2, 5, 5, 3)
+    y = sf(x)[0]
+    pooled = F.interpolate(x[0].permute(0, 3, 1, 2), size=[3, 3], mode="bilinear").permute(0, 2, 3, 1)  # (2,3,3,D)
+    rows = torch.cat([pooled, sf.image_newline.expand(2, 3, 1, 3)], dim=2)  # (2, 3, 4, D)
+    assert torch.equal(y, rows.reshape(-1, 3))
+    one = SlowFast(1, 2, "average", "one_token", dim=3)
+    assert torch.equal(one(x)[0, -1], one.image_newline) and one(x).shape[1] == 2 * 4 + 1
 
 
 def test_slowfast_keeps_time_order_and_pools_slow_and_fast_frames():
@@ -134,7 +196,6 @@ def test_slowfast_keeps_time_order_and_pools_slow_and_fast_frames():
     sizes = [fast, slow, fast, slow, fast]  # frames 1 and 3 are slow ((i+1) % 2 == 0)
     assert y.numel() == sum(sizes)
     assert torch.equal(y, torch.cat([torch.full((n,), i + 1.0) for i, n in enumerate(sizes)]))
-    # where the pooling divides the grid it is plain average pooling
     z = torch.randn(1, 1, 8, 8, 3)
     ref = F.avg_pool2d(z[0].permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
     assert torch.allclose(SlowFast(1, 2)(z), ref)

@@ -14,16 +14,37 @@ from vidlm.models.video_llm import VidlmConfig, VidlmForConditionalGeneration
 @pytest.mark.parametrize(
     ("name", "tokens"),
     [
-        ("pllava-7b", 16 * 12 * 12),
-        ("pllava-34b", 2304),
-        ("llava-video-7b", 64 * 182),  # V = (64, 729, 1, 2)
-        ("llava-video-72b", 21 * 182 + 43 * 45),  # V = (64, 729, 3, 2)
-        ("topa-llama2-7b", 10),
+        ("pllava-7b", 16 * 12 * 12),  # PLLaVA §4.1: "16 x 12 x 12 x d"
+        ("pllava-34b", 16 * 12 * 12),
+        ("llava-video-7b", 64 * 169),  # Table 4: 64 frames at M/p^2 = 169
+        ("llava-video-72b", 21 * 169 + 43 * 36),  # V = (64, 729, 3, 2) from the pooled grids (README)
+        ("topa-llama2-7b", 10),  # TOPA: one feature per frame, 10 frames
     ],
 )
 def test_paper_presets_token_counts(name, tokens):
     config = preset_config(name)
     assert config.num_visual_tokens(config.sampling_config.max_frames_per_clip()) == tokens
+
+
+PROMPT_ROOM = 256
+"""Text tokens a preset's context must hold besides its visual tokens (a recaption prompt and a caption)."""
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith(("tiny", "smol"))])
+def test_paper_presets_hold_their_visual_tokens_and_a_prompt(name):
+    config = preset_config(name)
+    frames = config.sampling_config.max_frames_per_clip()
+    context = config.text_config.max_position_embeddings
+    assert context >= config.num_visual_tokens(frames) + PROMPT_ROOM
+    # the released LLMs' own context: Vicuna v1.5, Llama-2 and Yi-34B 4096, Qwen2 32768
+    assert context == (32768 if config.text_config.model_type == "qwen2" else 4096)
+    assert config.video_token_index < config.text_config.vocab_size
+
+
+def test_pllava_34b_placeholder_is_llava_next_34b_s():
+    # Yi-34B's 64,000-token vocabulary: 32000 is an ordinary token; llava-v1.6-34b-hf puts <image> at 64000
+    config = preset_config("pllava-34b")
+    assert (config.video_token, config.video_token_index, config.text_config.vocab_size) == ("<image>", 64000, 64064)
 
 
 def test_every_preset_builds_its_config_and_unknown_names_fail():

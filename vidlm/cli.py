@@ -248,6 +248,8 @@ def submit(
 @app.command()
 def model(
     spec: str = typer.Argument(..., help="preset name (tiny, smol, pllava-7b, ...) or model directory"),
+    frames: int | None = typer.Option(None, "--frames", min=1, help="frames per clip (default: the model's sampling)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Show a model: its directory (tiny and smol are built once into the cache) and token arithmetic."""
     from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
@@ -259,18 +261,36 @@ def model(
         else:
             path = resolve_model(spec)
             config = VidlmConfig.from_pretrained(path)
+        frames = frames or config.sampling_config.max_frames_per_clip()
+        visual = config.num_visual_tokens(frames)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
-    frames = config.sampling_config.max_frames_per_clip()
+    origin = config.origin or (f"preset {spec}: the paper's configuration" if spec in PRESETS else "vidlm checkpoint")
+    info = {
+        "model": spec,
+        "directory": str(path) if path else None,
+        "origin": origin,
+        "vision_tower": f"{config.vision_config.model_type} {config.image_size}px",
+        "llm": f"{config.text_config.model_type} hidden={config.text_config.hidden_size}",
+        "compressor": config.compressor_config.model_dump(mode="json"),
+        "frames": frames,
+        "visual_tokens": visual,
+        "max_position_embeddings": int(config.text_config.max_position_embeddings),
+        "video_token": config.video_token,
+        "video_token_index": config.video_token_index,
+        "modality_memory_size": config.modality_memory_size,
+    }
+    if as_json:
+        print(json.dumps(info))
+        return
     table = Table(title=f"vidlm model {spec}")
     table.add_column("field")
     table.add_column("value")
     table.add_row("directory", str(path) if path else "(configuration only: bring weights with `vidlm convert`)")
-    table.add_row("vision tower", f"{config.vision_config.model_type} {config.image_size}px")
-    table.add_row("llm", f"{config.text_config.model_type} hidden={config.text_config.hidden_size}")
-    table.add_row("compressor", json.dumps(config.compressor))
-    table.add_row("frames", str(frames))
-    table.add_row("visual tokens", str(config.num_visual_tokens(frames)))
+    for key in ("origin", "vision_tower", "llm", "compressor", "frames", "visual_tokens", "max_position_embeddings"):
+        value = info[key]
+        table.add_row(key.replace("_", " "), json.dumps(value) if isinstance(value, dict) else str(value))
+    table.add_row("placeholder", f"{config.video_token} (id {config.video_token_index})")
     console.print(table)
 
 

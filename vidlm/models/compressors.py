@@ -8,16 +8,18 @@ that method, so the model, the recaption job's context check and the capacity pl
 - ``pllava``: PLLaVA adaptive structure pooling (PLLaVA §3.3, eq. 2): 3-D adaptive average pooling of
   ``(T, h, w)`` to ``(T', h', w')`` (the paper's shape: 16 frames of a 24x24 grid to 2304 tokens,
   :data:`vidlm.models.presets.PLLAVA_POOLING_SHAPE`). A video with fewer than ``T'`` frames is padded by
-  repeating frames, as the reference does.
+  repeating frames exactly as the reference does.
 - ``slowfast``: LLaVA-Video SlowFast frame tokens ``V = (T, M, s, p)`` (LLaVA-Video §3.2): every s-th frame
   (frames ``s-1, 2s-1, ...``, so ``floor(T/s)`` of them) is *slow* and pooled ``p x p``; the others are *fast*
-  and pooled ``2p x 2p``; tokens stay in time order. The token count is the paper's
-  ``floor(T/s)*floor(M/p^2) + (T-floor(T/s))*floor(M/(4p^2))`` exactly: a ``k x k`` pooling of an
-  ``h x w`` grid whose sides ``k`` does not divide (27x27 SigLIP-384 patches) cannot give ``floor(M/k^2)``
-  tokens by striding (ceil gives 196, floor 169, the formula 182), so each frame is adaptive-average-pooled
-  to the ``(h', w')`` with ``h'*w' = floor(M/k^2)`` whose aspect is nearest the grid's (13x14 for 182).
-  Where ``k`` divides both sides this *is* the plain ``k x k`` average pooling (24x24 -> 12x12, as
-  LLaVA-NeXT-Video's ``AvgPool2d(2)``).
+  and pooled ``2p x 2p``; tokens stay in time order. Pooling is LLaVA-NeXT's ``get_2dPool``
+  (``llava/model/llava_arch.py``): ``average`` is ``avg_pool2d(k)`` (the paper's, "Pytorch function pooling
+  avg_pool2d()"), ``max`` is ``max_pool2d(k)``, both ``floor(h/k) x floor(w/k)``; ``bilinear`` interpolates to
+  ``ceil(h/k) x ceil(w/k)`` (what the LLaVA-Video releases' ``config.json`` selects). SigLIP-384's 27 x 27 grid at
+  p = 2 gives 13 x 13 = 169 tokens per slow frame and 6 x 6 = 36 per fast frame (``average``), 14 x 14 = 196
+  (``bilinear``). The paper's ``#tokens`` formula with ``floor(M/p^2)`` (182) is its shorthand; the count here
+  comes from the pooled grid (:func:`pooled_grid`). Optionally LLaVA-NeXT's learned ``image_newline`` token is
+  placed after each row of a frame's grid (``grid``), after each frame (``frame``) or once after the video
+  (``one_token``), as the releases' ``mm_newline_position`` says.
 - ``mean``: Video-ChatGPT's spatial and temporal means (Video-ChatGPT §3): ``h*w`` temporal-mean tokens
   followed by ``T`` spatial-mean tokens.
 - ``global``: one token per frame, the frame's pooled CLIP embedding (TOPA §3.2); input ``(B, T, 1, 1, D)``.
@@ -44,10 +46,15 @@ __all__ = [
     "NFrame",
     "SlowFast",
     "SpatialTemporalMean",
+    "pool_2d",
     "pooled_grid",
     "build_compressor",
     "num_visual_tokens",
 ]
+
+
+PoolMode = Literal["average", "bilinear", "max"]
+NewlinePosition = Literal["none", "grid", "frame", "one_token"]
 
 
 class CompressorConfig(Section):
@@ -58,9 +65,14 @@ class CompressorConfig(Section):
     """``pllava`` (required there): output ``(T', h', w')`` of the 3-D adaptive average pooling; the paper's shape
     is :data:`vidlm.models.presets.PLLAVA_POOLING_SHAPE`."""
     slow_stride: int = Field(1, ge=1)
-    """``slowfast``: s, every s-th frame is slow (LLaVA-Video: 1 for 7B's 64x182 tokens, 3 for the fast mode)."""
+    """``slowfast``: s, every s-th frame is slow (1: every frame, the simple representation; Table 5's SlowFast: 3)."""
     slow_pool: int = Field(2, ge=1)
     """``slowfast``: p, the slow frames' pooling side; fast frames pool 2p (LLaVA-Video: 2)."""
+    pool_mode: PoolMode = "average"
+    """``slowfast``: ``average`` (``avg_pool2d``, the paper's), ``bilinear`` or ``max`` (LLaVA-NeXT's
+    ``mm_spatial_pool_mode``)."""
+    newline: NewlinePosition = "none"
+    """``slowfast``: where LLaVA-NeXT's learned ``image_newline`` token goes (``mm_newline_position``)."""
     grid: tuple[int, int] = Field((24, 24))
     """``(h, w)`` patch grid of the vision tower (24x24 for CLIP ViT-L/14-336)."""
 
@@ -94,8 +106,11 @@ class NFrame(nn.Module):
 class AdaptiveStructurePooling(nn.Module):
     """PLLaVA adaptive structure pooling (PLLaVA §3.3, eq. 2).
 
-    ``(B, T, h, w, D) -> (B, T'*h'*w', D)`` by ``adaptive_avg_pool3d`` over ``(T, h, w)``. With ``T < T'``
-    the frames are first repeated (frame ``floor(i*T/T')`` at position ``i``) to ``T'``.
+    ``(B, T, h, w, D) -> (B, T'*h'*w', D)`` by ``adaptive_avg_pool3d`` over ``(T, h, w)``. A video with
+    ``T < T'`` frames is first padded as the reference does (``PllavaMultiModalProjector``:
+    ``repeat_interleave(int(T'/T) + 1)[:T']``, each frame repeated ``m = int(T'/T) + 1`` times and the tail cut),
+    so frame ``floor(i/m)`` sits at position ``i``. The reference then asserts ``T % T' == 0``; here any
+    ``T >= T'`` is pooled adaptively (uniform frame sampling gives ``T'`` frames, where the two agree).
 
     Args:
         pooling_shape: ``(T', h', w')``.
@@ -112,50 +127,90 @@ class AdaptiveStructurePooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, d = _check(x)
         tp = self.pooling_shape[0]
-        if t < tp:  # pad by repetition, in time order
-            idx = torch.div(torch.arange(tp, device=x.device) * t, tp, rounding_mode="floor")
-            x = x[:, idx]  # (B, T, h, w, D) -> (B, T', h, w, D)
+        if t < tp:  # PLLaVA's padding, in time order
+            x = x.repeat_interleave(tp // t + 1, dim=1)[:, :tp]  # (B, T, h, w, D) -> (B, T', h, w, D)
         y = x.permute(0, 4, 1, 2, 3)  # (B, T, h, w, D) -> (B, D, T, h, w)
         y = F.adaptive_avg_pool3d(y, self.pooling_shape)  # PLLaVA eq. 2 -> (B, D, T', h', w')
         return y.flatten(2).transpose(1, 2)  # (B, D, T'*h'*w') -> (B, T'*h'*w', D)
 
 
-def pooled_grid(h: int, w: int, k: int) -> tuple[int, int]:
-    """The ``(h', w')`` grid a ``k x k`` pooling of an ``h x w`` patch grid gives: ``h'*w' = floor(h*w/k^2)``.
+def pooled_grid(h: int, w: int, k: int, mode: PoolMode = "average") -> tuple[int, int]:
+    """The ``(h', w')`` grid LLaVA-NeXT's ``get_2dPool`` leaves of an ``h x w`` patch grid with stride ``k``.
 
-    ``(h/k, w/k)`` when ``k`` divides both sides; otherwise the factor pair of ``floor(h*w/k^2)`` whose
-    aspect ``h'/w'`` is nearest ``h/w`` (ties: fewer rows), so the count is LLaVA-Video's formula exactly.
+    ``average`` / ``max`` (``avg_pool2d(k)`` / ``max_pool2d(k)``): ``(floor(h/k), floor(w/k))``; ``bilinear``
+    (``interpolate`` to ``ceil(h/k) x ceil(w/k)``). LLaVA-Video Table 4: ``M/p^2 = 169`` for SigLIP's 27 x 27 at
+    p = 2, i.e. 13 x 13.
 
     Raises:
-        ValueError: ``k*k > h*w`` (nothing would be left).
+        ValueError: nothing would be left (``k > h`` or ``k > w`` with floor pooling).
     """
-    n = (h * w) // (k * k)  # LLaVA-Video SlowFast #tokens per frame
-    if n < 1:
+    if mode == "bilinear":
+        hw = (math.ceil(h / k), math.ceil(w / k))
+    else:
+        hw = (h // k, w // k)
+    if min(hw) < 1:
         raise ValueError(f"pooling {k}x{k} leaves no token of a {h}x{w} grid")
-    if h % k == 0 and w % k == 0:
-        return h // k, w // k
-    pairs = [(a, n // a) for a in range(1, n + 1) if n % a == 0]
-    return min(pairs, key=lambda hw: (round(abs(math.log(hw[0] / hw[1]) - math.log(h / w)), 9), hw[0]))
+    return hw
+
+
+def pool_2d(frames: torch.Tensor, k: int, mode: PoolMode) -> torch.Tensor:
+    """LLaVA-NeXT ``get_2dPool``: ``(N, D, h, w) -> (N, D, h', w')`` with ``(h', w') = pooled_grid(h, w, k, mode)``."""
+    if mode == "average":
+        return F.avg_pool2d(frames, k)
+    if mode == "max":
+        return F.max_pool2d(frames, k)
+    return F.interpolate(frames, size=pooled_grid(*frames.shape[-2:], k, mode), mode="bilinear")
 
 
 class SlowFast(nn.Module):
     """LLaVA-Video SlowFast frame tokens ``V = (T, M, s, p)`` (LLaVA-Video §3.2).
 
-    ``(B, T, h, w, D) -> (B, N, D)`` with ``N = floor(T/s)*floor(M/p^2) + (T-floor(T/s))*floor(M/(4p^2))``,
-    ``M = h*w``. Frame ``i`` is slow when ``(i+1) % s == 0``; each frame's tokens follow the previous frame's.
+    ``(B, T, h, w, D) -> (B, N, D)``: frame ``i`` is slow when ``(i+1) % s == 0`` and pooled ``p x p``, else
+    pooled ``2p x 2p`` (:func:`pool_2d`); each frame's tokens (row-major) follow the previous frame's.
+    ``N = sum_i h'_i * w'_i`` plus the newline tokens (:meth:`num_tokens`).
 
     Args:
         slow_stride: s.
         slow_pool: p.
+        pool_mode: ``average`` (the paper's ``avg_pool2d``), ``bilinear`` or ``max`` (LLaVA-NeXT's
+            ``mm_spatial_pool_mode``).
+        newline: where the learned ``image_newline`` ``(D,)`` goes (LLaVA-NeXT's ``mm_newline_position``):
+            ``grid`` after each row of every frame, ``frame`` after every frame, ``one_token`` once at the end,
+            ``none`` nowhere.
+        dim: D, the width of the newline parameter (needed unless ``newline == "none"``).
+
+    Raises:
+        ValueError: a newline without ``dim``.
     """
 
-    def __init__(self, slow_stride: int = 1, slow_pool: int = 2):
+    def __init__(
+        self,
+        slow_stride: int = 1,
+        slow_pool: int = 2,
+        pool_mode: PoolMode = "average",
+        newline: NewlinePosition = "none",
+        dim: int | None = None,
+    ):
         super().__init__()
-        self.slow_stride, self.slow_pool = slow_stride, slow_pool
+        self.slow_stride, self.slow_pool, self.pool_mode, self.newline = slow_stride, slow_pool, pool_mode, newline
+        if newline != "none":
+            if not dim:
+                raise ValueError(f"newline={newline!r} needs the token width dim")
+            self.image_newline = nn.Parameter(torch.randn(dim) / math.sqrt(dim))  # LLaVA-NeXT's init
+        else:
+            self.image_newline = None
+
+    def frame_grid(self, slow: bool, h: int, w: int) -> tuple[int, int]:
+        """``(h', w')`` of a slow or a fast frame."""
+        return pooled_grid(h, w, self.slow_pool * (1 if slow else 2), self.pool_mode)
 
     def num_tokens(self, t: int, h: int, w: int) -> int:
-        m, s, p = h * w, self.slow_stride, self.slow_pool
-        return (t // s) * (m // p**2) + (t - t // s) * (m // (4 * p**2))  # LLaVA-Video SlowFast #tokens
+        """Tokens of ``t`` frames of an ``h x w`` grid: the pooled grids' cells plus the newline tokens."""
+        total = 0
+        for slow in self.is_slow(t).tolist():
+            gh, gw = self.frame_grid(slow, h, w)
+            total += gh * gw + {"grid": gh, "frame": 1}.get(self.newline, 0)
+        return total + (self.newline == "one_token")
 
     def is_slow(self, t: int) -> torch.Tensor:
         """``(T,) bool``: which frames are slow."""
@@ -164,11 +219,23 @@ class SlowFast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, d = _check(x)
         frames = x.permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w)  # (B, T, h, w, D) -> (B*T, D, h, w)
-        slow_hw = pooled_grid(h, w, self.slow_pool)
-        fast_hw = pooled_grid(h, w, 2 * self.slow_pool)
-        slow = F.adaptive_avg_pool2d(frames, slow_hw).reshape(b, t, d, -1)  # (B, T, D, h's*w's)
-        fast = F.adaptive_avg_pool2d(frames, fast_hw).reshape(b, t, d, -1)  # (B, T, D, h'f*w'f)
-        per_frame = [(slow if is_slow else fast)[:, i] for i, is_slow in enumerate(self.is_slow(t).tolist())]
+        pooled = {
+            slow: pool_2d(frames, self.slow_pool * (1 if slow else 2), self.pool_mode).reshape(b, t, d, *hw)
+            for slow, hw in ((True, self.frame_grid(True, h, w)), (False, self.frame_grid(False, h, w)))
+        }  # slow / fast: (B, T, D, h', w')
+        newline = None if self.image_newline is None else self.image_newline.to(x.dtype).view(1, d, 1)
+        per_frame = []
+        for i, slow in enumerate(self.is_slow(t).tolist()):
+            grid = pooled[slow][:, i]  # (B, D, h', w')
+            if self.newline == "grid":  # LLaVA-NeXT add_token_per_grid: a newline after each row
+                rows = newline[..., None].expand(b, d, grid.shape[2], 1)
+                grid = torch.cat([grid, rows], dim=3)  # (B, D, h', w'+1)
+            tokens = grid.flatten(2)  # (B, D, h'*w' [+h'])
+            if self.newline == "frame":  # add_token_per_frame
+                tokens = torch.cat([tokens, newline.expand(b, d, 1)], dim=2)
+            per_frame.append(tokens)
+        if self.newline == "one_token":
+            per_frame.append(newline.expand(b, d, 1))
         return torch.cat(per_frame, dim=2).transpose(1, 2)  # (B, D, N) -> (B, N, D), frames in time order
 
 
@@ -203,12 +270,12 @@ class SpatialTemporalMean(nn.Module):
         return torch.cat([temporal, spatial], dim=1)
 
 
-def build_compressor(config: CompressorConfig) -> nn.Module:
-    """The compressor module a config names."""
+def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Module:
+    """The compressor module a config names; ``dim``: the token width D (for SlowFast's newline parameter)."""
     if config.kind == "pllava":
         return AdaptiveStructurePooling(config.pooling_shape)
     if config.kind == "slowfast":
-        return SlowFast(config.slow_stride, config.slow_pool)
+        return SlowFast(config.slow_stride, config.slow_pool, config.pool_mode, config.newline, dim)
     return {"nframe": NFrame, "mean": SpatialTemporalMean, "global": GlobalFrames}[config.kind]()
 
 
@@ -221,4 +288,4 @@ def num_visual_tokens(config: CompressorConfig, num_frames: int) -> int:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     h, w = (1, 1) if config.kind == "global" else config.grid
-    return build_compressor(config).num_tokens(num_frames, h, w)
+    return build_compressor(config, dim=1).num_tokens(num_frames, h, w)  # counts never read the newline's width

@@ -1,10 +1,14 @@
 """Named presets: the papers' numbers, each a few lines calling the builders.
 
+- Context lengths are the LLMs' own ``max_position_embeddings`` (4096 for Vicuna v1.5, Llama-2 and Yi-34B; 32768
+  for Qwen2), which hold each preset's visual tokens plus its prompt.
 - ``pllava-7b/13b/34b``: LLaVA-NeXT bases (Vicuna-7B/13B, Yi-34B), CLIP ViT-L/14-336 penultimate patch
   features, 16 uniformly sampled frames, adaptive structure pooling to :data:`PLLAVA_POOLING_SHAPE` (PLLaVA §3.3),
   LoRA ``r=128, alpha=32`` on ``q_proj, v_proj`` (PLLaVA §4.1; inference mixes at alpha=4, §3.4).
 - ``llava-video-7b/72b``: SigLIP-so400m-patch14-384 (27x27 = 729 tokens per frame), Qwen2-7B/72B, 64
-  frames, SlowFast ``V = (64, 729, 1, 2)`` and ``(64, 729, 3, 2)`` (LLaVA-Video §3.2).
+  frames, SlowFast ``V = (64, 729, 1, 2)`` and ``(64, 729, 3, 2)`` with the paper's ``avg_pool2d`` (LLaVA-Video
+  §3.2): 169 tokens per slow frame, 36 per fast one. A converted release follows its own ``config.json``
+  (``mm_spatial_pool_mode``, ``mm_newline_position``), which ``vidlm model`` shows.
 - ``topa-llama2-7b/13b``: CLIP ViT-L/14 pooled (projected, 768-d) features of 10 frames, a linear
   projection plus temporal embedding, Llama-2 (TOPA §3.2). The modality memory comes from training data
   (``modality_memory_size`` is set when a checkpoint brings one).
@@ -75,14 +79,14 @@ PLLAVA_POOLING_SHAPE = (16, 12, 12)
 (PLLaVA §3.3)."""
 
 
-def _pllava(text_config) -> VidlmConfig:
+def _pllava(text_config, image_token_index: int = 32000) -> VidlmConfig:
     return VidlmConfig(
         vision_config=_vit_l14_336(),
         text_config=text_config,
         compressor={"kind": "pllava", "pooling_shape": PLLAVA_POOLING_SHAPE},
         sampling={"mode": "uniform", "num_frames": 16},
         video_token="<image>",  # PLLaVA reuses LLaVA's image token for videos
-        video_token_index=32000,
+        video_token_index=image_token_index,
     )
 
 
@@ -90,7 +94,7 @@ def _llava_video(text_config, slow_stride: int) -> VidlmConfig:
     return VidlmConfig(
         vision_config=vision_config("siglip_vision_model", 384, 14, 1152, 27, 16, 4304),
         text_config=text_config,
-        compressor={"kind": "slowfast", "slow_stride": slow_stride, "slow_pool": 2},
+        compressor={"kind": "slowfast", "slow_stride": slow_stride, "slow_pool": 2, "pool_mode": "average"},
         sampling={"mode": "fps", "fps": 1.0, "max_frames": 64, "force_sample": True},
         video_token_index=151647,
         image_mean=SIGLIP_MEAN,
@@ -142,14 +146,20 @@ def _smol() -> VidlmConfig:
     )
 
 
+LLAMA_CONTEXT = 4096
+"""``max_position_embeddings`` of Vicuna-7B/13B v1.5, Llama-2 and Yi-34B (their released ``config.json``)."""
+
 PRESETS: dict[str, Callable[[], VidlmConfig]] = {
-    "pllava-7b": lambda: _pllava(_llama(4096, 32, 32, 32, 11008, 32064)),  # Vicuna-7B
-    "pllava-13b": lambda: _pllava(_llama(5120, 40, 40, 40, 13824, 32064)),  # Vicuna-13B
-    "pllava-34b": lambda: _pllava(_llama(7168, 60, 56, 8, 20480, 64064, rope_theta=5e6)),  # Yi-34B
+    "pllava-7b": lambda: _pllava(_llama(4096, 32, 32, 32, 11008, 32064, max_position_embeddings=LLAMA_CONTEXT)),
+    "pllava-13b": lambda: _pllava(_llama(5120, 40, 40, 40, 13824, 32064, max_position_embeddings=LLAMA_CONTEXT)),
+    "pllava-34b": lambda: _pllava(  # Yi-34B as LLaVA-NeXT-34B ships it: <image> is 64000 of 64,064 rows
+        _llama(7168, 60, 56, 8, 20480, 64064, rope_theta=5e6, max_position_embeddings=LLAMA_CONTEXT),
+        image_token_index=64000,
+    ),
     "llava-video-7b": lambda: _llava_video(_qwen2(3584, 28, 28, 4, 18944), slow_stride=1),
     "llava-video-72b": lambda: _llava_video(_qwen2(8192, 80, 64, 8, 29568), slow_stride=3),
-    "topa-llama2-7b": lambda: _topa(_llama(4096, 32, 32, 32, 11008, 32001)),
-    "topa-llama2-13b": lambda: _topa(_llama(5120, 40, 40, 40, 13824, 32001)),
+    "topa-llama2-7b": lambda: _topa(_llama(4096, 32, 32, 32, 11008, 32001, max_position_embeddings=LLAMA_CONTEXT)),
+    "topa-llama2-13b": lambda: _topa(_llama(5120, 40, 40, 40, 13824, 32001, max_position_embeddings=LLAMA_CONTEXT)),
     "tiny": _tiny,
     "tiny-video": lambda: _tiny_on_features(compressor={"kind": "pllava", "pooling_shape": (4, 4, 4)}),
     "tiny-topa": lambda: _tiny_on_features(

@@ -84,6 +84,8 @@ class VidlmConfig(PreTrainedConfig):
             ``modality_memory (K, D)`` saved with the weights); 0: no modality projection.
         modality_temperature: TOPA eq. 2's tau (the reference hard-codes 0.01).
         system_prompt: the system message of the chat template (``None``: the template's own).
+        origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
+            layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
     """
 
     model_type = "vidlm"
@@ -106,6 +108,7 @@ class VidlmConfig(PreTrainedConfig):
         modality_memory_size: int = 0,
         modality_temperature: float = 0.01,
         system_prompt: str | None = None,
+        origin: str | None = None,
         **kwargs,
     ):
         self.vision_config = _sub_config(vision_config, "clip_vision_model")
@@ -123,6 +126,7 @@ class VidlmConfig(PreTrainedConfig):
         self.modality_memory_size = modality_memory_size
         self.modality_temperature = modality_temperature
         self.system_prompt = system_prompt
+        self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
             kwargs.setdefault("tie_word_embeddings", True)  # the LLM's own choice, as LlavaConfig does
         super().__init__(**kwargs)
@@ -284,7 +288,8 @@ def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
     """Create ``vision_tower``, ``projector``, ``compressor`` and ``modality_memory`` on ``parts``."""
     parts.vision_tower = HFVisionTower(config.vision_config, config.vision_feature_layer, config.projection_dim)
     parts.projector = build_projector(config.projector_config)
-    parts.compressor = build_compressor(config.compressor_config)
+    width = config.vision_config.hidden_size if config.pool_before_projector else config.text_config.hidden_size
+    parts.compressor = build_compressor(config.compressor_config, dim=width)
     if config.modality_memory_size:
         parts.register_buffer("modality_memory", torch.zeros(config.modality_memory_size, parts.vision_tower.embed_dim))
     else:
