@@ -138,4 +138,4 @@ def test_model_json_gives_the_token_arithmetic_and_context():
     result = runner.invoke(app, ["model", "llava-video-7b", "--json", "--frames", "110"])
     assert json.loads(result.output)["visual_tokens"] == 18590  # LLaVA-Video §4: "18,590"
     assert runner.invoke(app, ["model", "llava-video-7b", "--frames", "0"]).exit_code == 2
-    assert runner.invoke(app, ["model", "no-such-model", "--json"]).exit_code == 1
+    assert runner.invoke(app, ["model", "no-such-model", "--json"]).exit_code == 2  # a usage error
