@@ -61,3 +61,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         tokenizer.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="session")
+def llava_video_release(tmp_path_factory) -> Path:
+    """A tiny lmms-lab LLaVA-Video release (bilinear pooling, a newline per grid row) converted by `vidlm convert`."""
+    from harness import write_llava_video_release
+
+    from vidlm.models.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("llava-video")
+    return convert_checkpoint(write_llava_video_release(root / "src"), root / "converted")

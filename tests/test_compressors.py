@@ -134,7 +134,8 @@ def _quoted(name: str, *sentences: str) -> None:
 
 
 def test_slowfast_token_counts_are_the_papers_tables():
-    _quoted("llava-video.txt", LLAVA_VIDEO_TABLE4_ROW, LLAVA_VIDEO_TOTAL, LLAVA_VIDEO_TABLE5_SIMPLE, LLAVA_VIDEO_POOLING)
+    quotes = (LLAVA_VIDEO_TABLE4_ROW, LLAVA_VIDEO_TOTAL, LLAVA_VIDEO_TABLE5_SIMPLE, LLAVA_VIDEO_POOLING)
+    _quoted("llava-video.txt", *quotes)
     siglip = CompressorConfig(kind="slowfast", slow_stride=1, slow_pool=2, grid=(27, 27))  # M = 729, p = 2
     assert num_visual_tokens(siglip, 1) == 169  # Table 4: M/p^2
     assert num_visual_tokens(siglip, 32) == 5408  # Table 5: (32, 729, 1, 2)

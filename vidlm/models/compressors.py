@@ -144,10 +144,7 @@ def pooled_grid(h: int, w: int, k: int, mode: PoolMode = "average") -> tuple[int
     Raises:
         ValueError: nothing would be left (``k > h`` or ``k > w`` with floor pooling).
     """
-    if mode == "bilinear":
-        hw = (math.ceil(h / k), math.ceil(w / k))
-    else:
-        hw = (h // k, w // k)
+    hw = (math.ceil(h / k), math.ceil(w / k)) if mode == "bilinear" else (h // k, w // k)
     if min(hw) < 1:
         raise ValueError(f"pooling {k}x{k} leaves no token of a {h}x{w} grid")
     return hw
