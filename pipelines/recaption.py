@@ -128,8 +128,8 @@ class RecaptionConfig(JobConfig):
     decode: DecodeConfig = DecodeConfig()
     prompts: dict[str, str] = {PRIMARY_COLUMN: "pllava_recaption"}
     """Output column -> prompt template: the text, or a name in :data:`NAMED_PROMPTS`. One caption column
-    per template (e.g. ``caption`` and ``caption_zh``). A template may place the ``<video>`` placeholder
-    itself; otherwise the video comes first."""
+    per template (e.g. ``caption`` and ``caption_zh``). A template may place the model's placeholder itself
+    (``<video>``; a converted PLLaVA: ``<image>``); otherwise the video comes first."""
     generation: GenerationConfig = GenerationConfig()
     """Sampling of the captions; greedy by default, so a rerun writes the same captions."""
     engine: EngineStageConfig = EngineStageConfig()

@@ -486,3 +486,44 @@ def llava_next_reference_logits(release: Path, input_ids: list[int], pixel_value
         before, after = torch.tensor(input_ids[:at]), torch.tensor(input_ids[at + 1 :])
         embeds = torch.cat([embed(before), feature, embed(after)])[None]
         return llm(inputs_embeds=embeds).logits
+
+
+def write_pllava_release(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny checkpoint in the layout of magic-research PLLaVA releases (``PllavaForConditionalGeneration``).
+
+    ``vision_tower.*`` (CLIPVisionModel), ``multi_modal_projector.linear_{1,2}.*``, ``language_model.model.*`` /
+    ``language_model.lm_head.*``; ``config.json`` with ``pooling_shape`` (4, 4, 4), ``num_frames`` 4 and
+    ``image_token_index``, the id of ``<image>`` in the tokenizer (PLLaVA's video placeholder). Returns ``folder``.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from vidlm.models.presets import build_preset
+
+    folder = Path(folder)
+    model, tokenizer = build_preset("tiny", {"video_token": "<image>"}, seed=seed)
+    assert tokenizer.convert_tokens_to_ids("<image>") == model.config.video_token_index
+    tower = model.vision_tower.state_dict().items()
+    weights = {f"vision_tower.{k}": v for k, v in tower if k.startswith("vision_model.")}  # CLIPVisionModel's
+    weights |= {f"multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()}
+    weights |= {f"language_model.{k}": v.clone() for k, v in model.language_model.state_dict().items()}
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    tokenizer.save_pretrained(folder)
+    config = model.config
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["PllavaForConditionalGeneration"],
+                "model_type": "llava",
+                "vision_config": config.vision_config.to_dict(),
+                "text_config": config.text_config.to_dict(),
+                "pooling_shape": [4, 4, 4],
+                "num_frames": 4,
+                "image_token_index": config.video_token_index,
+                "vision_feature_layer": -2,
+            }
+        )
+    )
+    return folder

@@ -135,11 +135,29 @@ def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None) -> dict
 def vllm_engine_kwargs(model_dir: str | Path, config: VllmEngineConfig, seed: int = 0) -> dict[str, Any]:
     """vLLM engine arguments (``LLM(**kw)``, ``AsyncEngineArgs(**kw)``, ``LLMConfig.engine_kwargs``).
 
+    A vidlm model is served by the vLLM architecture of its placeholder
+    (:func:`vidlm.vllm_plugin.vllm_architecture`, through ``hf_overrides``), so a chat's video part becomes the
+    token the model was trained with.
+
     Args:
-        model_dir: a vidlm model directory (``config.json`` with ``model_type: vidlm``).
+        model_dir: a model directory: a vidlm model (``config.json`` with ``model_type: vidlm``), or a causal LM
+            (the text jobs).
         config: the engine section.
         seed: vLLM's global seed.
+
+    Raises:
+        ValueError: a vidlm model whose placeholder vLLM's chat path cannot be told.
     """
+    import json
+
+    from vidlm.vllm_plugin import vllm_architecture
+
+    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    extra: dict[str, Any] = {}
+    if model_config.get("model_type") == "vidlm":
+        architecture = vllm_architecture(model_config.get("video_token", "<video>"))
+        overrides = {**config.engine_kwargs.get("hf_overrides", {}), "architectures": [architecture]}
+        extra["hf_overrides"] = overrides
     return {
         "model": str(model_dir),
         "dtype": config.dtype,
@@ -148,4 +166,5 @@ def vllm_engine_kwargs(model_dir: str | Path, config: VllmEngineConfig, seed: in
         "enforce_eager": on_cpu() if config.enforce_eager is None else config.enforce_eager,
         "seed": seed,
         **config.engine_kwargs,
+        **extra,
     }

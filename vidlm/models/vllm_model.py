@@ -11,9 +11,9 @@ process -- the engine core, its workers, and the engines inside Ray Data and Ray
   first-to-last ``linspace``, so a served clip shows the model the frames the recaption job would.
   :func:`vidlm.models.processing.preprocess_frames` turns frames into pixel values, exactly as the
   transformers path does.
-- The prompt's one ``<video>`` placeholder is replaced by ``num_visual_tokens(T)`` copies (vLLM's
-  ``PromptReplacement``); :meth:`embed_multimodal` returns the visual tokens from
-  :func:`vidlm.models.video_llm.encode_videos`, the function the transformers model calls.
+- The prompt's one placeholder (``VidlmConfig.video_token``: ``<video>``, ``<image>`` for PLLaVA) is replaced
+  by ``num_visual_tokens(T)`` copies (vLLM's ``PromptReplacement``); :meth:`embed_multimodal` returns the visual
+  tokens from :func:`vidlm.models.video_llm.encode_videos`, the function the transformers model calls.
 - The LLM is vLLM's own implementation of ``text_config``'s architecture (Llama, Qwen2...), so weights
   named ``language_model.*`` load unchanged.
 
@@ -52,7 +52,12 @@ from vidlm.models.processing import preprocess_frames
 from vidlm.models.video_llm import VidlmConfig, build_video_parts, encode_videos
 from vidlm.sampling import SamplingConfig, request_sampling
 
-__all__ = ["VIDEO_LOADER", "VidlmForConditionalGeneration", "VidlmVideoLoader"]
+__all__ = [
+    "VIDEO_LOADER",
+    "VidlmForConditionalGeneration",
+    "VidlmImagePlaceholderForConditionalGeneration",
+    "VidlmVideoLoader",
+]
 
 VIDEO_LOADER = "vidlm"
 """Name of :class:`VidlmVideoLoader` in vLLM's ``VIDEO_LOADER_REGISTRY`` (``media_io_kwargs.video.video_backend``)."""
@@ -206,10 +211,14 @@ class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, S
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
 
+    chat_placeholder = "<video>"
+    """What a chat's video part becomes in the prompt text (``VidlmConfig.video_token``; see
+    :data:`vidlm.vllm_plugin.VLLM_ARCHITECTURES`)."""
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("video"):
-            return "<video>"
+            return cls.chat_placeholder
         raise ValueError(f"vidlm models take videos only, got {modality!r}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -256,3 +265,10 @@ class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, S
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)
+
+
+class VidlmImagePlaceholderForConditionalGeneration(VidlmForConditionalGeneration):
+    """A vidlm model whose prompt placeholder is ``<image>`` (converted PLLaVA releases: LLaVA's image token,
+    id ``image_token_index`` of the release's ``config.json``, stands for the video)."""
+
+    chat_placeholder = "<image>"
