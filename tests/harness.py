@@ -527,3 +527,30 @@ def write_pllava_release(folder: str | os.PathLike, seed: int = 0) -> Path:
         )
     )
     return folder
+
+
+def write_gap_benchmark(
+    source: str | os.PathLike, path: str | os.PathLike, gap: float = 1.0, noise: float = 0.1, seed: int = 2
+) -> Path:
+    """``source`` (a :func:`write_mc_benchmark` JSONL of CLIP text features) with a simulated modality gap.
+
+    Each feature ``f`` becomes ``normalise(f + gap * u + noise * e)``: ``u`` one fixed random unit vector (the
+    offset between CLIP's image and text cones), ``e`` a random vector of unit norm on average (``N(0, 1/D)`` per
+    component) per frame, ``normalise`` L2. This is what a model pre-aligned on text meets at inference on image
+    features (TOPA §3.3).
+    """
+    import json
+
+    rng = np.random.default_rng(seed)
+    rows = [json.loads(line) for line in Path(source).read_text().splitlines()]
+    width = len(rows[0]["features"][0])
+    offset = rng.normal(size=width)
+    offset /= np.linalg.norm(offset)
+    path = Path(path)
+    with path.open("w") as f:
+        for row in rows:
+            x = np.asarray(row["features"], np.float64)
+            x = x + gap * offset + noise * rng.normal(size=x.shape) / np.sqrt(width)
+            x /= np.linalg.norm(x, axis=-1, keepdims=True)
+            f.write(json.dumps({**row, "features": x.round(6).tolist()}) + "\n")
+    return path

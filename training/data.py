@@ -27,7 +27,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "SAMPLE_COLUMNS", "collate", "conversation_ids", "mc_answer", "mc_prompt", "tideo_samples"]
+__all__ = [
+    "IGNORE_INDEX",
+    "SAMPLE_COLUMNS",
+    "collate",
+    "conversation_ids",
+    "mc_answer",
+    "mc_prompt",
+    "read_memory",
+    "tideo_samples",
+]
 
 IGNORE_INDEX = -100
 SAMPLE_COLUMNS = ("input_ids", "labels", "features", "task")
@@ -105,11 +114,42 @@ def conversation_ids(
     return ids, labels
 
 
+def read_memory(path: str) -> np.ndarray:
+    """TOPA's memory of CLIP text features from a ``.npy`` file (``vidlm textvid``'s ``memory.npy``).
+
+    The header is read first (memory-mapped), so a file that claims a huge or non-float array is refused before
+    anything is loaded.
+
+    Returns:
+        ``(K, D) float32``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a ``.npy`` of ``(K>0, D>0)`` floats (pickled objects are never loaded).
+    """
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.memory: no file at {path}")
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"data.memory: {path} is not a .npy array ({err})") from None
+    if mapped.ndim != 2 or 0 in mapped.shape or mapped.dtype.kind != "f":
+        raise ValueError(f"data.memory: expected (K, D) floats, got {mapped.shape} {mapped.dtype}")
+    return np.asarray(mapped, dtype=np.float32)
+
+
 def _sample(model_dir: str, turns, features: np.ndarray, task: str, max_length: int) -> dict[str, Any] | None:
-    """One output row, or ``None`` when the visual tokens alone do not fit ``max_length``."""
+    """One output row, or ``None`` when the visual tokens alone do not fit ``max_length``.
+
+    Feature rows of more frames than the model's are subsampled evenly
+    (:func:`~vidlm.models.video_llm.subsample_frames`, TOPA's dataloaders)."""
     from vidlm.models.processing import expand_video_tokens
+    from vidlm.models.video_llm import subsample_frames
 
     config = _model_config(model_dir)
+    features = subsample_frames(features, config.sampling_config.max_frames_per_clip())
     ids, labels = conversation_ids(
         _tokenizer(model_dir), turns, config.video_token, config.video_token_index, config.system_prompt
     )

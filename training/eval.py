@@ -88,11 +88,17 @@ class McResult:
 
 
 def _features(row: dict, model) -> dict:
-    """Model inputs for the row's video: ``video_features`` or ``pixel_values_videos``."""
+    """Model inputs for the row's video: ``video_features`` (subsampled evenly to the model's frame count, as
+    TOPA's dataloaders do) or ``pixel_values_videos``."""
+    from vidlm.models.video_llm import subsample_frames
+
+    max_frames = model.config.sampling_config.max_frames_per_clip()
     if "features" in row:
-        return {"video_features": [torch.tensor(np.asarray(row["features"], np.float32))]}
+        features = np.asarray(row["features"], np.float32)
+        return {"video_features": [torch.from_numpy(subsample_frames(features, max_frames))]}
     if "features_path" in row:
-        return {"video_features": [torch.from_numpy(np.load(row["features_path"]).astype(np.float32))]}
+        features = np.load(row["features_path"], allow_pickle=False).astype(np.float32)
+        return {"video_features": [torch.from_numpy(subsample_frames(features, max_frames))]}
     from vidlm.decode import decode_clip
 
     clip = decode_clip(row["video"], model.config.sampling_config, model.config.image_size)
@@ -174,6 +180,7 @@ def evaluate_mc(
     generate: bool = True,
     max_new_tokens: int = 12,
     limit: int | None = None,
+    modality_projection: bool = True,
 ) -> McResult:
     """Score a model on a multiple-choice benchmark (see the module docstring).
 
@@ -182,6 +189,8 @@ def evaluate_mc(
         benchmark: the JSONL file.
         generate: also score by greedy generation.
         limit: the first ``limit`` questions only.
+        modality_projection: project image features onto the model's memory (TOPA eq. 2) when it has one;
+            ``False`` scores the same model without it (the ablation of TOPA's Table 5).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`load_benchmark`.
@@ -194,6 +203,8 @@ def evaluate_mc(
     rows = load_benchmark(benchmark)[:limit]
     path = resolve_model(model_dir)
     model = VidlmForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    if not modality_projection:
+        model.modality_memory = None
     tokenizer = AutoTokenizer.from_pretrained(path)
     result = McResult()
     for row in rows:
@@ -210,9 +221,11 @@ def evaluate_mc(
     return result
 
 
-def eval_mc_job(benchmark: Path, model: str, generate: bool = True, limit: int | None = None) -> Report:
+def eval_mc_job(
+    benchmark: Path, model: str, generate: bool = True, limit: int | None = None, modality_projection: bool = True
+) -> Report:
     """``vidlm eval mc``: :func:`evaluate_mc`, as a table of accuracy per task type and score."""
-    result = evaluate_mc(model, benchmark, generate=generate, limit=limit)
+    result = evaluate_mc(model, benchmark, generate=generate, limit=limit, modality_projection=modality_projection)
     scores = ["loss", "generate"] if generate else ["loss"]
     rows = [(t, *(f"{result.accuracy(s, t):.3f}" for s in scores)) for t in result.task_types]
     rows.append(("[bold]overall[/]", *(f"[bold]{result.accuracy(s):.3f}[/]" for s in scores)))

@@ -185,8 +185,8 @@ def prepare_training(config: TrainConfig) -> PreparedRun:
 
     Raises:
         TrainingConfigError: the memory plan does not fit ``scaling.device_memory_gb`` (before anything starts).
-        FileNotFoundError: no model weights or no data.
-        ValueError: data columns that do not fit the recipe.
+        FileNotFoundError: no model weights, no data or no ``data.memory`` file.
+        ValueError: data columns that do not fit the recipe, or a ``data.memory`` that does not fit the model.
     """
     from training.data import build_dataset
     from vidlm.cluster import init_ray
@@ -196,6 +196,16 @@ def prepare_training(config: TrainConfig) -> PreparedRun:
     if plan.refusal():
         raise TrainingConfigError(plan.refusal())
     model_dir = str(resolve_model(config.model).resolve())
+    if config.data.memory:  # refused here, before any worker starts
+        from training.data import read_memory
+
+        memory = read_memory(config.data.memory)
+        mc = model_config_of(model_dir)
+        if mc.compressor_config.kind != "global" or memory.shape[1] != mc.projector_config.vision_dim:
+            raise ValueError(
+                f"data.memory {memory.shape} does not fit {config.model}: a TOPA model's memory is "
+                f"(K, {mc.projector_config.vision_dim})"
+            )
     init_ray()
     dataset = build_dataset(config, model_dir)
     o = config.optim
@@ -292,6 +302,15 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
     )
 
 
+def _attach_memory(model, config: TrainConfig) -> None:
+    """``data.memory`` into the model (TOPA eq. 2's memory, saved with the checkpoint and the export)."""
+    if config.data.memory:
+        from training.data import read_memory
+        from vidlm.models.video_llm import attach_modality_memory
+
+        attach_modality_memory(model, read_memory(config.data.memory))
+
+
 def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
     """The DeepSpeed engine of a worker (ZeRO-3: the model is built partitioned by ``from_pretrained``)."""
     import deepspeed
@@ -305,6 +324,7 @@ def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while from_pretrained runs: ZeRO-3 -> zero.Init
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = VidlmForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    _attach_memory(model, config)
     model = apply_trainable(model, config.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
@@ -390,7 +410,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue  # consumed before the checkpoint this run resumed from
             inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(batch, pad).items()}
             inputs["video_features"] = [f.to(device) for f in inputs["video_features"]]
-            loss = engine(**inputs).loss
+            loss = engine(**inputs, text_features=config.recipe == "topa").loss  # Tideos: CLIP text features
             engine.backward(loss)
             engine.step()
             window.append(float(loss.detach()))
@@ -463,7 +483,9 @@ def export_model(state_dict_path: Path, model_dir: str, config: TrainConfig, out
     from vidlm.models.video_llm import VidlmForConditionalGeneration
 
     unset_hf_deepspeed_config()  # a plain model on this rank, not ZeRO-3 partitions
-    model = apply_trainable(VidlmForConditionalGeneration.from_pretrained(model_dir), config.trainable)
+    model = VidlmForConditionalGeneration.from_pretrained(model_dir)
+    _attach_memory(model, config)
+    model = apply_trainable(model, config.trainable)
     state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if n.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()

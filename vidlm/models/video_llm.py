@@ -22,6 +22,7 @@ safetensors, and the tokenizer with the placeholder added.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -46,9 +47,11 @@ __all__ = [
     "CLIP_STD",
     "VidlmConfig",
     "VidlmForConditionalGeneration",
+    "attach_modality_memory",
     "build_video_parts",
     "encode_videos",
     "feature_column",
+    "subsample_frames",
     "tokens_from_features",
 ]
 
@@ -238,16 +241,41 @@ def feature_column(config: VidlmConfig) -> str:
     return "embeddings" if config.compressor_config.kind == "global" else "patch_features"
 
 
-def tokens_from_features(parts: nn.Module, config: VidlmConfig, features: list[torch.Tensor]) -> list[torch.Tensor]:
+def subsample_frames(features, max_frames: int):
+    """Rows of a feature sequence evenly subsampled to ``max_frames`` when longer, as TOPA's dataloaders do
+    (``video[(j * len(video)) // max_feats]`` for ``j < max_feats``); shorter sequences are returned unchanged.
+
+    Args:
+        features: ``(T, ...)`` array or tensor (one row per frame).
+        max_frames: the model's frame count (``VidlmConfig.sampling_config.max_frames_per_clip()``).
+
+    Returns:
+        ``(min(T, max_frames), ...)``, the same type.
+    """
+    t = len(features)
+    if t <= max_frames:
+        return features
+    return features[[(j * t) // max_frames for j in range(max_frames)]]
+
+
+def tokens_from_features(
+    parts: nn.Module, config: VidlmConfig, features: list[torch.Tensor], text_features: bool = False
+) -> list[torch.Tensor]:
     """The visual tokens of each video from its frozen tower's features (what ``vidlm features`` writes).
 
     Training reads features from parquet, so the tower runs once, in the feature job; inference runs the tower
     and then this same function (:func:`encode_videos`).
 
+    TOPA (the ``global`` compressor): every feature is L2-normalised first (TOPA's ``video / video.norm(...)``;
+    CLIP text features are unit-norm already), then, for image features and a model with a memory, projected
+    onto the memory of CLIP text features (TOPA eq. 2, :func:`~vidlm.models.modality_projection.modality_projection`).
+    Tideo text features (``text_features``) are what the model was pre-aligned on: they are not projected.
+
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
             CLIP image features, or CLIP text features of a Tideo's textual frames), else ``(T, h*w, Dv)`` or
             ``(T, h, w, Dv)`` patch features of the tower's ``vision_feature_layer``.
+        text_features: the features are CLIP *text* features (TOPA training on Tideos).
 
     Returns:
         one ``(num_visual_tokens(T), Dl)`` tensor per video, in the projector's dtype.
@@ -260,15 +288,16 @@ def tokens_from_features(parts: nn.Module, config: VidlmConfig, features: list[t
     g, _ = config.compressor_config.grid
     out = []
     for x in features:
-        x = x.to(dtype)
         if kind == "global":
             width = config.projector_config.vision_dim
             if x.ndim != 2 or x.shape[-1] != width:
                 raise ValueError(f"expected pooled features (T, {width}), got {tuple(x.shape)}")
-            if parts.modality_memory is not None:  # TOPA eq. 2, at inference
+            x = F.normalize(x.float(), dim=-1)  # (T, D), unit norm
+            if parts.modality_memory is not None and not text_features:  # TOPA eq. 2, at inference
                 x = modality_projection(x, parts.modality_memory, tau=config.modality_temperature)
-            tokens = parts.projector(x[None])  # (1, T, D) -> (1, T, Dl)
+            tokens = parts.projector(x.to(dtype)[None])  # (1, T, D) -> (1, T, Dl)
         else:
+            x = x.to(dtype)
             width = config.vision_config.hidden_size
             if x.ndim == 3 and x.shape[1] == g * g:
                 x = x.reshape(x.shape[0], g, g, x.shape[-1])  # (T, h*w, Dv) -> (T, h, w, Dv)
@@ -282,6 +311,37 @@ def tokens_from_features(parts: nn.Module, config: VidlmConfig, features: list[t
                 tokens = parts.compressor(parts.projector(x[None]))  # (1, T, h, w, Dl) -> (1, N, Dl)
         out.append(tokens[0])
     return out
+
+
+def attach_modality_memory(model: nn.Module, memory) -> None:
+    """Give a TOPA model its memory of CLIP text features (TOPA eq. 2), saved with its weights from then on.
+
+    Sets ``config.modality_memory_size`` and the ``modality_memory (K, D)`` buffer (rows L2-normalised, in the
+    model's dtype), replacing any memory the model had. ``vidlm train recipe: topa data.memory=...`` calls it, so
+    the checkpoint and the export carry the memory into every inference path.
+
+    Args:
+        model: a :class:`VidlmForConditionalGeneration` with the ``global`` compressor.
+        memory: ``(K, D)`` float array or tensor (``vidlm textvid``'s ``memory.npy``), ``D`` the pooled
+            embedding width.
+
+    Raises:
+        ValueError: not a TOPA model, or a memory that is not ``(K>0, D)`` finite floats.
+    """
+    config = model.config
+    if config.compressor_config.kind != "global":
+        raise ValueError("a modality memory needs a TOPA model (compressor.kind='global')")
+    memory = torch.as_tensor(memory)
+    width = config.projector_config.vision_dim
+    if memory.ndim != 2 or memory.shape[0] < 1 or memory.shape[1] != width or not memory.is_floating_point():
+        raise ValueError(f"a modality memory is (K>0, {width}) floats, got {tuple(memory.shape)} {memory.dtype}")
+    if not torch.isfinite(memory).all():
+        raise ValueError("the modality memory holds non-finite values")
+    memory = F.normalize(memory.float(), dim=-1).to(next(model.parameters()).dtype)
+    config.modality_memory_size = int(memory.shape[0])
+    if "modality_memory" not in model._buffers:
+        delattr(model, "modality_memory")  # the plain ``None`` of a model without a memory
+    model.register_buffer("modality_memory", memory)
 
 
 def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
@@ -351,20 +411,23 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         return encode_videos(self, self.config, pixel_values_videos)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values_videos=None, video_features=None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values_videos=None, video_features=None, text_features: bool = False
+    ) -> torch.Tensor:
         """Token embeddings ``(B, L, Dl)`` with the visual tokens written over the placeholder positions.
 
         Args:
             input_ids: ``(B, L) int64``.
             pixel_values_videos: frames (see :meth:`get_video_features`), or
             video_features: the tower's features instead (see :func:`tokens_from_features`), one per sequence.
+            text_features: ``video_features`` are CLIP text features (TOPA's Tideos): no modality projection.
 
         Raises:
             ValueError: the placeholders of a sequence do not match its video's token count.
         """
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, Dl)
         if video_features is not None:
-            features = tokens_from_features(self, self.config, list(video_features))
+            features = tokens_from_features(self, self.config, list(video_features), text_features)
         elif pixel_values_videos is not None:
             features = self.get_video_features(pixel_values_videos)
         else:
@@ -389,6 +452,7 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        text_features: bool = False,
         **kwargs,
     ):
         """Run the LLM on text with videos.
@@ -398,13 +462,14 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             pixel_values_videos: ``(B, T, 3, S, S) float`` or a list of ``(T_i, 3, S, S)``; only at prefill.
             video_features: instead of frames, one tensor of tower features per sequence (training on the
                 parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
+            text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
 
         Returns:
             the causal LM's output (``logits (B, L, V) float``, ``loss`` when ``labels`` are given).
         """
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features)
+            inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
