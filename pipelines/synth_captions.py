@@ -2,13 +2,15 @@
 
 ``vidlm synth-captions MANIFEST --out DIR [--model PRESET|PATH] [k=v ...]``
 
-LLaVA-Video §2.1 annotates a video at levels: a level-1 description of every short time window, written
-with the descriptions of the windows before it as history (so the story stays consistent and nothing is
-repeated), and a level-3 description of the whole video from all of them. Here, per video (a manifest row):
+LLaVA-Video §2.1 (and §3.2 of the full paper) annotates a video at three levels: a level-1 description of
+every short window (10 s), written with the level-1 descriptions before it as history (so the story stays
+consistent and nothing is repeated); a level-2 description of every longer window (30 s) from its level-1
+descriptions and the previous level-2 description; a level-3 description of the whole video from the level-2
+descriptions. Here, per video (a manifest row)::
 
-    windows of ``window_s`` seconds  ->  caption of window k  = LLM(frames of window k, captions of the last
-                                                                   ``history`` windows)
-                                     ->  summary               = LLM(every window caption, text only)
+    windows of ``window_s`` s   ->  level 1, window k  = LLM(frames of window k, the last ``history`` level-1 captions)
+    windows of ``level2_window_s`` s -> level 2, window j = LLM(its level-1 captions, level-2 caption j-1; text only)
+    the video                   ->  level 3 (``caption``) = LLM(every level-2 caption; text only)
 
 Ray Data plan::
 
@@ -18,9 +20,10 @@ Ray Data plan::
                                              each one's windows in order
       -> write_parquet(OUT/captions)         one row per video; checkpointed on clip_id (exactly once)
 
-Output columns: ``clip_id, video_id, path, start_s, end_s, window_start_s, window_end_s`` (lists, seconds),
-``window_captions`` (list), ``window_prompt_tokens`` (list), ``caption`` (the summary: what ``vidlm synth-qa``
-reads), ``output_tokens, model, error, error_type``.
+Output columns: ``clip_id, video_id, path, start_s, end_s``; level 1: ``window_start_s, window_end_s`` (lists,
+seconds), ``window_captions``, ``window_prompt_tokens`` (lists); level 2: ``level2_start_s, level2_end_s,
+level2_captions, level2_prompt_tokens`` (lists); level 3: ``caption`` (what ``vidlm synth-qa`` reads),
+``caption_prompt_tokens``; ``output_tokens, model, error, error_type``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ __all__ = [
     "CAPTIONS_SCHEMA",
     "RecurrentCaptioner",
     "SynthCaptionsConfig",
+    "LEVEL2_PROMPT",
     "decode_windows",
+    "level2_groups",
     "run_synth_captions",
     "synth_captions_job",
 ]
@@ -71,14 +76,24 @@ WINDOW_PROMPT = (
 )
 """Level-1 prompt: ``{history}`` (earlier window captions, one per line), ``{start}`` / ``{end}`` (seconds)."""
 
+LEVEL2_PROMPT = (
+    "Here are detailed descriptions of consecutive short parts of one segment of a video (from {start:.0f} s to "
+    "{end:.0f} s), in time order:\n{captions}\nThe segment before it was described as:\n{previous}\n"
+    "Write one detailed description of this segment that continues the previous one: the scene, the people and "
+    "objects, and what happens."
+)
+"""Level-2 prompt: ``{captions}`` (the segment's level-1 captions, numbered), ``{previous}`` (the previous level-2
+caption), ``{start}`` / ``{end}`` (seconds)."""
+
 VIDEO_SUMMARY_PROMPT = (
     "Here are detailed descriptions of consecutive parts of one video, in time order:\n{captions}\n"
     "Write one detailed description of the whole video: the setting, the main people and objects, and the "
     "course of events from beginning to end."
 )
-"""Level-3 prompt: ``{captions}`` (every window caption, numbered)."""
+"""Level-3 prompt: ``{captions}`` (every level-2 caption, numbered)."""
 
 NO_HISTORY = "(nothing yet: this is the beginning of the video)"
+"""The history of the first level-1 window and the previous caption of the first level-2 window."""
 MIN_WINDOW_S = 1.0
 """Seconds: a shorter remainder at the end of a video is captioned with the window before it."""
 
@@ -93,7 +108,12 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("window_end_s", pa.list_(pa.float64())),
         pa.field("window_captions", pa.list_(pa.string())),
         pa.field("window_prompt_tokens", pa.list_(pa.int64())),
+        pa.field("level2_start_s", pa.list_(pa.float64())),
+        pa.field("level2_end_s", pa.list_(pa.float64())),
+        pa.field("level2_captions", pa.list_(pa.string())),
+        pa.field("level2_prompt_tokens", pa.list_(pa.int64())),
         pa.field("caption", pa.string()),
+        pa.field("caption_prompt_tokens", pa.int64()),
         pa.field("output_tokens", pa.int64()),
         pa.field("model", pa.string()),
         pa.field("error", pa.string()),
@@ -103,6 +123,20 @@ CAPTIONS_SCHEMA = pa.schema(
 """The columns of ``OUT/captions``."""
 
 
+LIST_COLUMNS = (
+    "window_captions",
+    "window_prompt_tokens",
+    "level2_start_s",
+    "level2_end_s",
+    "level2_captions",
+    "level2_prompt_tokens",
+)
+
+
+def _numbered(captions) -> str:
+    return "\n".join(f"{k + 1}. {c}" for k, c in enumerate(captions))
+
+
 class SynthCaptionsConfig(JobConfig):
     """``vidlm synth-captions``: one YAML of this shape, plus ``key=value`` overrides."""
 
@@ -110,18 +144,36 @@ class SynthCaptionsConfig(JobConfig):
     """A preset (``smol``, ``tiny``) or a vidlm model directory."""
     manifest: ManifestConfig = ManifestConfig()
     window_s: float = Field(10.0, gt=0)
-    """Seconds per level-1 description (LLaVA-Video §2.1 describes every 10 s)."""
+    """Seconds per level-1 description (LLaVA-Video describes every 10 s)."""
+    level2_window_s: float = Field(30.0, gt=0)
+    """Seconds per level-2 description (LLaVA-Video: 30 s); each holds the level-1 windows that start in it."""
     max_windows: int = Field(64, gt=0)
     """Windows captioned per video at most (the first ``max_windows``)."""
     history: int = Field(3, ge=0)
     """Earlier window captions in each window's prompt."""
     window_prompt: str = WINDOW_PROMPT
+    level2_prompt: str = LEVEL2_PROMPT
     summary_prompt: str = VIDEO_SUMMARY_PROMPT
     generation: GenerationConfig = GenerationConfig()
     engine: EngineStageConfig = EngineStageConfig(batch_size=4)
     """``batch_size`` counts videos here."""
     decode: DecodeConfig = DecodeConfig(batch_size=1)
     output: OutputConfig = OutputConfig()
+
+
+def level2_groups(starts: list[float], start_s: float, level2_window_s: float) -> list[list[int]]:
+    """Level-1 window indices per level-2 window: window ``k`` belongs to level-2 window
+    ``floor((starts[k] - start_s) / level2_window_s)``; empty level-2 windows are skipped.
+
+    Args:
+        starts: level-1 window starts (seconds), ascending.
+        start_s: the video's (clip's) start in seconds.
+        level2_window_s: seconds per level-2 window.
+    """
+    groups: dict[int, list[int]] = {}
+    for k, start in enumerate(starts):
+        groups.setdefault(int((start - start_s + 1e-9) // level2_window_s), []).append(k)
+    return [groups[j] for j in sorted(groups)]
 
 
 def windows_of(start_s: float, end_s: float, window_s: float, max_windows: int) -> list[tuple[float, float]]:
@@ -187,7 +239,8 @@ def decode_windows(batch: dict[str, np.ndarray], *, config: SynthCaptionsConfig,
 
 
 class RecurrentCaptioner(CaptionClips):
-    """Ray Data stage (actor): level-1 captions window by window with history, then the level-3 summary.
+    """Ray Data stage (actor): level-1 captions window by window with history, level-2 captions of the longer
+    windows from them, then the level-3 description of the video.
 
     The engine is the recaption job's (:class:`pipelines.caption_clips.CaptionClips`: one ``AsyncLLMEngine``, the
     model's prompt format, warm-up, shutdown). The videos of every batch in flight run concurrently, so the
@@ -228,20 +281,45 @@ class RecurrentCaptioner(CaptionClips):
             captions.append(out.outputs[0].text.strip())
             prompt_tokens.append(len(ids) - 1)
             output_tokens += len(out.outputs[0].token_ids)
-        numbered = "\n".join(f"{k + 1}. {c}" for k, c in enumerate(captions))
-        messages = [{"role": "user", "content": self.synth.summary_prompt.format(captions=numbered)}]
-        if mc.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": mc.system_prompt})
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out = await self._request(ids, None, clip_id, "summary")
+        level2, level2_tokens, level2_starts, level2_ends = [], [], [], []
+        for group in level2_groups(list(starts), float(starts[0]), self.synth.level2_window_s):
+            a, b = float(starts[group[0]]), float(ends[group[-1]])
+            text = self.synth.level2_prompt.format(
+                captions=_numbered(captions[k] for k in group),
+                previous=level2[-1] if level2 else NO_HISTORY,
+                start=a,
+                end=b,
+            )
+            out, n = await self._text_request(text, clip_id, f"l2-{len(level2)}")
+            level2.append(out.outputs[0].text.strip())
+            level2_tokens.append(n)
+            level2_starts.append(a)
+            level2_ends.append(b)
+            output_tokens += len(out.outputs[0].token_ids)
+        text = self.synth.summary_prompt.format(captions=_numbered(level2))
+        out, summary_tokens = await self._text_request(text, clip_id, "summary")
         output_tokens += len(out.outputs[0].token_ids)
         return {
             "window_captions": captions,
             "window_prompt_tokens": prompt_tokens,
+            "level2_start_s": level2_starts,
+            "level2_end_s": level2_ends,
+            "level2_captions": level2,
+            "level2_prompt_tokens": level2_tokens,
             "caption": out.outputs[0].text.strip(),
+            "caption_prompt_tokens": summary_tokens,
             "output_tokens": output_tokens,
         }
+
+    async def _text_request(self, text: str, clip_id: str, template: str):
+        """A text-only request in the model's chat format; ``(output, prompt tokens)``."""
+        mc = self.model_config
+        messages = [{"role": "user", "content": text}]
+        if mc.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": mc.system_prompt})
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return await self._request(ids, None, clip_id, template), len(ids)
 
     async def __call__(self, batch: dict):
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -264,7 +342,8 @@ class RecurrentCaptioner(CaptionClips):
             if error_type[i] is None
         }
         results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True), strict=True))
-        columns = {k: [None] * n for k in ("window_captions", "window_prompt_tokens", "caption", "output_tokens")}
+        names = (*LIST_COLUMNS, "caption", "caption_prompt_tokens", "output_tokens")
+        columns = {k: [None] * n for k in names}
         for i, result in results.items():
             if isinstance(result, EngineDeadError):
                 raise result
@@ -273,7 +352,7 @@ class RecurrentCaptioner(CaptionClips):
                 continue
             for key, value in result.items():
                 columns[key][i] = value
-        for key in ("window_captions", "window_prompt_tokens"):
+        for key in LIST_COLUMNS:
             columns[key] = [v if v is not None else [] for v in columns[key]]
         failed = [i for i in range(n) if error_type[i] is not None]
         starts = [[] if i in failed else list(batch["window_start_s"][i]) for i in range(n)]

@@ -49,24 +49,31 @@ __all__ = [
 ]
 
 QA_TYPES = {
-    "temporal": "when things happen, or what happens before or after an event",
-    "spatial": "where things are relative to each other",
-    "causal": "why something happens, or what it leads to",
-    "description-scene": "the setting, place or environment of the video",
-    "description-human": "the appearance, clothing or expression of a person",
-    "description-object": "the appearance or state of an object",
-    "count": "how many of something there are, or how many times something happens",
-    "binary": "a yes or no question",
-    "fine-grained action": "exactly how a person or animal performs an action",
-    "plot": "the story or overall course of events",
-    "non-existent actions": "an action that does not happen in the video (the answer says so)",
-    "time order": "the order in which several events happen",
-    "object direction": "which way an object or person moves",
-    "camera direction": "how the camera moves (pans, zooms, follows)",
-    "speed": "how fast something moves or happens",
-    "attribute change": "how an attribute (color, size, position, state) changes over the video",
+    "Temporal": "Designed to assess reasoning about temporal relationships between actions/events. Questions involve "
+    "previous, present, or next actions.",
+    "Spatial": "Tests ability to perceive spatial relationships between observed instances in a video scene.",
+    "Causal": "Focuses on explaining actions/events, determining intentions of actions or causes for subsequent "
+    "events.",
+    "Description-Scene": "Assesses ability to describe the major scene of the video, like where it takes place and the "
+    "overall environment.",
+    "Description-Human": "Involves describing actions or attributes of people, such as their activities and "
+    "appearances.",
+    "Description-Object": "Assesses ability to describe attributes of objects, like their appearance and function.",
+    "Count": "Tests ability to count instances of objects, people, actions, and to distinguish between old and new "
+    "elements in a scene.",
+    "Binary": "Involves yes or no questions related to the video content.",
+    "Fine Grained Action Understanding": "Creates questions challenging comprehension of subtle actions.",
+    "Plot Understanding": "Challenges ability to interpret the plot in the video.",
+    "Non-Existent Actions with Existent Scene Depictions": "Assesses reasoning with introduced non-existent "
+    "activities without changing physical details.",
+    "Time Order Understanding": "Challenges recognition of temporal sequence of activities in videos.",
+    "Object Direction": "Emphasizes perception of object movement direction.",
+    "Camera Direction": "Focuses on the direction of camera movement.",
+    "Speed": "Delves into discerning variations in speed, including absolute and relative speeds.",
+    "Attribute Change": "Centers on how attributes of objects or the entire video change over time, like size, shape, "
+    "color, and more.",
 }
-"""The 16 question types of LLaVA-Video's QA data (LLaVA-Video §2.2, Table 1) -> what a question of the type asks."""
+"""The 16 question types of LLaVA-Video's QA data -> their descriptions, as Table 1 of LLaVA-Video gives them."""
 
 
 QA_SYSTEM_PROMPT = (
@@ -103,8 +110,9 @@ class SynthQAConfig(JobConfig):
     """Longer captions are cut here (the prompt must fit the engine's context)."""
     types: list[str] = list(QA_TYPES)
     """Question types drawn from (LLaVA-Video Table 1)."""
-    per_caption: int = Field(4, gt=0)
-    """QA pairs per caption, each of a different type drawn (seeded per caption) from ``types``."""
+    per_caption: int | None = Field(None, gt=0)
+    """QA pairs per caption, each of a different type drawn (seeded per caption) from ``types``; ``None``: one for
+    each type, as LLaVA-Video asks ("Generate 1 question-answer pair for each dimension", Table 2)."""
     shape: QAShape = QAShape()
     generation: GenerationConfig = GenerationConfig(max_tokens=512, temperature=0.7, top_p=0.95)
     """Sampling of the QA pairs; on GPU engines each pair samples with seed ``seed + crc32(qa_id)``."""
@@ -167,16 +175,17 @@ def read_captions(path: str | Path, config: SynthQAConfig) -> list[dict]:
 
 
 def qa_requests(captions: list[dict], config: SynthQAConfig) -> list[dict]:
-    """One request per (caption, question type): ``per_caption`` types drawn per caption, seeded by its id.
+    """One request per (caption, question type): every type of ``config.types``, or ``per_caption`` of them drawn
+    per caption, seeded by its id.
 
     Rows: ``qa_id`` (``source_id/type``), ``source_id, qa_type, caption, seed``.
     """
     rows = []
     for c in sorted(captions, key=lambda c: c["source_id"]):
         key = zlib.crc32(c["source_id"].encode())
-        types = random.Random(key + config.generation.seed).sample(
-            config.types, min(config.per_caption, len(config.types))
-        )
+        types = list(config.types)
+        if config.per_caption is not None and config.per_caption < len(types):
+            types = random.Random(key + config.generation.seed).sample(types, config.per_caption)
         for qa_type in types:
             qa_id = f"{c['source_id']}/{qa_type}"
             seed = (zlib.crc32(qa_id.encode()) + config.generation.seed) % 2**31
@@ -190,7 +199,7 @@ def qa_messages(caption: str, qa_type: str) -> list[dict]:
     """The chat of one QA request (OpenAI message format)."""
     user = (
         f"Video description:\n{caption}\n\n"
-        f"Question type: {qa_type} ({QA_TYPES[qa_type]}).\n"
+        f"Question type: {qa_type}. {QA_TYPES[qa_type]}\n"
         "Write one question of this type about the video, a short open-ended answer, five options for a "
         "multiple-choice version with exactly one correct option, and the letter of the correct option."
     )

