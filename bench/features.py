@@ -36,7 +36,7 @@ from vidlm.clips import ManifestConfig, clips_table
 from vidlm.cluster import init_ray
 from vidlm.config import load_config
 from vidlm.decode import decode_clip
-from vidlm.models.vision_tower import VisionTower, image_size
+from vidlm.models.vision_tower import FrameEncoder
 from vidlm.sampling import SamplingConfig
 from vidlm.writers import write_video
 
@@ -146,11 +146,11 @@ def bench_pipeline(
     if fused:
         encode_cores = decode_cores = CORES
     else:
-        encode_cores = CORES if tower_name != "vidlm-tiny" else 1
+        encode_cores = CORES if tower_name != "tiny-video" else 1
         decode_cores = max(1, CORES - encode_cores)
     # ~32 output files give the steady-state timestamps
     overrides = [
-        f"encode.tower.name={tower_name}",
+        f"encode.tower.model={tower_name}",
         "sampling.num_frames=16",
         f"output.min_rows_per_file={max(2, n // 32)}",
         f"encode.patch_features={patch_features}",
@@ -158,11 +158,11 @@ def bench_pipeline(
     if not fused:
         overrides += [f"encode.num_cpus={encode_cores}", "encode.batch_size=2"]
     config = load_config(FeaturesConfig, FUSED_CONFIG if fused else None, overrides)
-    size = image_size(config.encode.tower)
+    tower = FrameEncoder(config.encode.tower)  # the job's tower: the model's own
+    size = tower.image_size
     # decode alone and the job: one FFmpeg thread per decoding process; the plain loop: FFmpeg's threads
     work = [(c["path"], c["start_s"], c["end_s"], size, 1) for c in clips]
     loop_work = [(*w[:-1], 0) for w in work]
-    tower = VisionTower(config.encode.tower)  # the job's tower
     measured: list[dict[str, float]] = []
     for _ in range(rounds):
         r = {}
@@ -223,8 +223,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--towers",
-        default="vidlm-tiny+fused,vidlm-tiny,ViT-B-32",
-        help="open_clip architectures (random weights); +fused: decode inside the encode actors, as the shipped "
+        default="tiny-video+fused,tiny-video,smol",
+        help="models whose tower encodes (presets or model directories); +fused: decode inside the encode actors, "
+        "as the shipped "
         "features_tiny.yaml; +patches: also write patch features (encode alone computes them too)",
     )
     parser.add_argument("--clips", default="256,128,32", help="clips per tower")

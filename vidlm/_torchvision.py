@@ -3,7 +3,8 @@
 PyPI's torchvision wheels are CUDA builds; beside a CPU torch their C++ ops do not load. torchvision's
 ``_meta_registrations`` still registers fake kernels for ``torchvision::nms`` and ``torchvision::qnms`` without the
 ``_has_ops()`` guard its other registrations have, and ``import torchvision`` raises ``operator torchvision::nms does
-not exist`` -- which breaks open_clip and vLLM, both of which only need torchvision's Python side (transforms).
+not exist`` -- which breaks vLLM and transformers' image processors, which only need torchvision's Python side
+(transforms).
 
 :func:`install` adds an import hook (no import of torch or torchvision until torchvision itself is imported): just
 before ``torchvision._meta_registrations`` loads, it declares the schemas of those two operators when torchvision's

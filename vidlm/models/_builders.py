@@ -141,3 +141,37 @@ def build_video_llm(config: VidlmConfig, tokenizer, llm_dir: Path | None = None,
         model.language_model = llm
         model.config.text_config = llm.config
     return model.float().eval(), tokenizer
+
+
+def write_clip_text(out: Path, tokenizer, vision_config, projection_dim: int, seed: int = 0) -> Path:
+    """Write the text tower of a tiny TOPA model's CLIP into ``out/clip_text`` (random, seeded).
+
+    A ``CLIPTextModelWithProjection`` as wide and deep as the vision tower, projecting into the same
+    ``projection_dim`` joint space, with ``tokenizer`` (SmolLM2's: no CLIP vocabulary ships offline) and its
+    end-of-text id as the pooled token. :class:`vidlm.models.vision_tower.TextTower` reads it.
+
+    Returns:
+        ``out/clip_text``.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from vidlm.models.vision_tower import CLIP_TEXT_DIR
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=vision_config.hidden_size,
+        intermediate_size=vision_config.intermediate_size,
+        num_hidden_layers=vision_config.num_hidden_layers,
+        num_attention_heads=vision_config.num_attention_heads,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos,
+    )
+    path = out / CLIP_TEXT_DIR
+    CLIPTextModelWithProjection(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

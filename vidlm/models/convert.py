@@ -163,6 +163,11 @@ def _vidlm_config(src_config: dict, layout: Layout, image_mean, image_std) -> Vi
             sampling={"mode": "uniform", "num_frames": src_config.get("num_frames", 16)},
             video_token="<image>",
             video_token_index=src_config.get("image_token_index", 32000),
+            origin=(
+                f"PLLaVA release: config.json pooling_shape={list(src_config.get('pooling_shape', []))}, "
+                f"num_frames={src_config.get('num_frames', 16)}, image_token_index (<image>)="
+                f"{src_config.get('image_token_index', 32000)}"
+            ),
         )
     pool_mode = src_config.get("spatial_pool_mode", "average")
     if pool_mode not in ("average", "max"):
@@ -177,6 +182,10 @@ def _vidlm_config(src_config: dict, layout: Layout, image_mean, image_std) -> Vi
         },
         pool_before_projector=True,
         sampling={"mode": "uniform", "num_frames": 32},
+        origin=(
+            f"llava-hf LLaVA-NeXT-Video release: config.json spatial_pool_mode={pool_mode}, "
+            f"spatial_pool_stride={src_config.get('spatial_pool_stride', 2)}"
+        ),
         video_token="<video>",
         video_token_index=src_config.get("video_token_index", src_config.get("video_token_id", 32000)),
     )

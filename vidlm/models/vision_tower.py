@@ -1,28 +1,23 @@
-"""Vision tower: a CLIP image encoder applied frame by frame.
+"""Vision tower: the model's own CLIP / SigLIP encoder, applied frame by frame -- in the model and in the feature job.
 
 Per frame it gives the two things the papers use:
 
-- the pooled, projected CLIP embedding ``(D,)`` -- TOPA feeds these global features (TOPA §3.2);
-- the patch features ``(h*w, Dv)`` of one transformer layer, before the final norm -- LLaVA and PLLaVA
-  feed the penultimate layer's patch tokens to their projector (LLaVA-1.5 §4, PLLaVA §3.1).
+- the pooled embedding ``(D,)`` -- CLIP's projected CLS embedding, which TOPA feeds (TOPA §3.2);
+- the patch features ``(h*w, Dv)`` of one transformer layer -- LLaVA and PLLaVA feed the penultimate layer's
+  patch tokens to their projector (LLaVA-1.5 §4, PLLaVA §3.1).
 
-Both come from one forward pass (``open_clip``'s ``forward_intermediates``).
-
-Two kinds of tower:
-
-- :class:`VisionTower`, an ``open_clip`` model named by its architecture (``ViT-L-14-336``...) with weights
-  from a local checkpoint file, for the feature job. With no checkpoint the weights are random, seeded by
-  ``seed``: this is what the tests and the demo use (``vidlm-tiny``, shipped in ``open_clip_configs/``).
-- :class:`HFVisionTower`, transformers' ``CLIPVisionModel`` / ``SiglipVisionModel``, the towers inside
-  LLaVA-NeXT, PLLaVA and LLaVA-Video checkpoints, for the video LLM. Its parameters are named
-  ``vision_model.*`` as in those checkpoints; CLIP's ``visual_projection`` is kept when the config has a
-  ``projection_dim`` so the pooled embedding lies in CLIP's joint space (TOPA's modality projection needs it).
+Both come from one forward pass of :class:`HFVisionTower`, transformers' ``CLIPVisionModel`` /
+``SiglipVisionModel``: the towers inside LLaVA-NeXT, PLLaVA and LLaVA-Video checkpoints. The feature job runs the
+same module with the same weights (:class:`FrameEncoder`, named by a preset or a model directory), so training on
+the features it writes equals inference on frames by construction. TOPA's text features come from the text
+tower of the same CLIP (:class:`TextTower`).
 
 Nothing is ever fetched from a hub.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -32,139 +27,11 @@ from pydantic import Field
 
 from vidlm.config import Section
 
-__all__ = ["HFVisionTower", "TextTower", "VisionTower", "VisionTowerConfig", "image_size"]
+__all__ = ["CLIP_TEXT_DIR", "FrameEncoder", "HFVisionTower", "TextTower", "TowerConfig", "tower_model_config"]
 
-_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
-
-
-class VisionTowerConfig(Section):
-    """Which CLIP encoder runs on the frames."""
-
-    name: str = "vidlm-tiny"
-    """open_clip architecture, e.g. ``ViT-L-14-336`` (PLLaVA), ``ViT-L-14`` (TOPA), or ``vidlm-tiny``."""
-    checkpoint: str | None = None
-    """Local weights file (open_clip ``.pt`` / ``.safetensors``); ``None``: random weights seeded by ``seed``."""
-    feature_layer: int = -2
-    """Transformer block whose patch tokens are the patch features; ``-2`` is the penultimate (LLaVA)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """``auto``: bf16 on GPU, fp32 on CPU."""
-    seed: int = Field(0, ge=0)
-    """Seed of the random weights when there is no checkpoint."""
-
-
-def _register_configs() -> None:
-    import open_clip
-
-    open_clip.add_model_config(_CONFIG_DIR)
-
-
-def _create_clip(config: VisionTowerConfig, device: str, part: str):
-    """The open_clip model of ``config`` (random weights seeded by ``config.seed`` without a checkpoint).
-
-    Raises:
-        FileNotFoundError: ``config.checkpoint`` does not exist (the message names ``part``).
-    """
-    import open_clip
-
-    _register_configs()
-    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
-        raise FileNotFoundError(f"{part} tower checkpoint not found: {config.checkpoint}")
-    torch.manual_seed(config.seed)
-    return open_clip.create_model(config.name, pretrained=config.checkpoint, device=device)
-
-
-def image_size(config: VisionTowerConfig) -> int:
-    """Input side in pixels of the tower, from its architecture alone (no weights built).
-
-    Raises:
-        ValueError: ``config.name`` is not an open_clip architecture.
-    """
-    import open_clip
-
-    _register_configs()
-    arch = open_clip.get_model_config(config.name)
-    if arch is None:
-        raise ValueError(f"tower name {config.name!r} is not an open_clip architecture")
-    size = arch["vision_cfg"]["image_size"]
-    return int(size if isinstance(size, int) else size[0])
-
-
-class VisionTower(torch.nn.Module):
-    """A CLIP image encoder that turns uint8 frames into embeddings and patch features.
-
-    Args:
-        config: which architecture and weights.
-        device: torch device string (``"cpu"``, ``"cuda"``).
-
-    Raises:
-        FileNotFoundError: ``config.checkpoint`` does not exist.
-        RuntimeError: ``config.name`` is not an open_clip architecture (raised by open_clip).
-    """
-
-    def __init__(self, config: VisionTowerConfig, device: str = "cpu"):
-        super().__init__()
-        import open_clip
-
-        model = _create_clip(config, device, "vision")
-        pre = open_clip.get_model_preprocess_cfg(model)
-        self.visual = model.visual.eval().requires_grad_(False)
-        del model  # the text tower is not needed here
-        self.config = config
-        self.device = torch.device(device)
-        self.dtype = {
-            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-            "fp32": torch.float32,
-            "bf16": torch.bfloat16,
-            "fp16": torch.float16,
-        }[config.precision]
-        self.visual.to(self.device, self.dtype)
-        self.image_size = int(pre["size"][0])
-        num_layers = len(self.visual.transformer.resblocks)
-        self.feature_index = config.feature_layer % num_layers
-        mean = torch.tensor(pre["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(pre["std"], device=self.device).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std as one scale and one shift per channel
-        self.register_buffer("scale", 1.0 / (255.0 * std))
-        self.register_buffer("shift", -mean / std)
-
-    @property
-    def embed_dim(self) -> int:
-        """D, the width of the projected embedding."""
-        return int(self.visual.output_dim)
-
-    @property
-    def num_patches(self) -> int:
-        """N = h*w patch tokens per frame."""
-        return int(np.prod(self.visual.grid_size))
-
-    @torch.inference_mode()
-    def forward(
-        self, frames: torch.Tensor | np.ndarray, with_patches: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encode frames.
-
-        Args:
-            frames: ``(N, S, S, 3) uint8`` RGB, ``S`` = ``image_size`` (decode already resized them).
-            with_patches: also return the patch features of ``feature_layer``.
-
-        Returns:
-            ``embeddings (N, D)`` and ``patch_features (N, h*w, Dv)`` (or ``None``), in the tower's dtype.
-
-        Raises:
-            ValueError: frames of another shape or dtype.
-        """
-        frames = torch.as_tensor(frames)
-        s = self.image_size
-        if frames.dtype != torch.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != (s, s, 3):
-            raise ValueError(f"expected frames (N, {s}, {s}, 3) uint8, got {tuple(frames.shape)} {frames.dtype}")
-        # (N, S, S, 3) -> (N, 3, S, S), made contiguous while still uint8: elementwise work on the strided
-        # view costs 4x as much (the tiny tower spent as long on it as on its transformer)
-        x = frames.to(self.device).permute(0, 3, 1, 2).contiguous().float()
-        x = x.mul_(self.scale).add_(self.shift).to(self.dtype)
-        if not with_patches:
-            return self.visual(x), None
-        out = self.visual.forward_intermediates(x, indices=[self.feature_index], output_fmt="NLC")
-        return out["image_features"], out["image_intermediates"][0]  # (N, D), (N, h*w, Dv)
+CLIP_TEXT_DIR = "clip_text"
+"""Sub-folder of a TOPA model directory holding the text tower of its CLIP (``CLIPTextModelWithProjection`` and its
+tokenizer), written by the builders of the ``tiny-topa`` preset, or by hand from a released CLIP."""
 
 
 class HFVisionTower(torch.nn.Module):
@@ -211,7 +78,8 @@ class HFVisionTower(torch.nn.Module):
             pixel_values: ``(N, 3, S, S)`` normalised frames (:func:`vidlm.models.processing.preprocess_frames`).
 
         Returns:
-            ``pooled (N, D)`` and ``patch_features (N, h, w, Dv)``, in the tower's dtype.
+            ``pooled (N, D)`` (``None`` for a SigLIP tower without its head) and ``patch_features (N, h, w, Dv)``,
+            in the tower's dtype.
 
         Raises:
             ValueError: ``pixel_values`` of another shape.
@@ -231,37 +99,218 @@ class HFVisionTower(torch.nn.Module):
         return pooled, patches.reshape(n, self.grid, self.grid, -1)  # (N, h*w, Dv) -> (N, h, w, Dv)
 
 
-class TextTower(torch.nn.Module):
-    """The text encoder of the same CLIP as :class:`VisionTower`: texts -> unit-norm CLIP text features.
+class TowerConfig(Section):
+    """Which model's vision tower encodes the frames of the feature job."""
 
-    TOPA represents a Tideo's textual frames by these features (TOPA §3.2) and keeps a memory of them for
-    modality projection (TOPA eq. 2); with the same ``config`` they share the joint space of
-    :class:`VisionTower`'s embeddings.
+    model: str = "tiny-video"
+    """A preset or a vidlm model directory: its tower (architecture, weights, feature layer, input size and pixel
+    statistics) is the one the model runs on frames. ``tiny-video`` / ``tiny-topa`` / ``smol`` and model
+    directories bring their weights; a paper preset (``pllava-7b``, ``llava-video-7b``...) brings its architecture,
+    with ``weights`` or seeded random weights."""
+    weights: str | None = None
+    """A paper preset's tower weights: a transformers ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` /
+    ``SiglipVisionModel`` directory (e.g. a local copy of ``openai/clip-vit-large-patch14-336``)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    seed: int = Field(0, ge=0)
+    """Seed of a paper preset's random weights when there are no ``weights``."""
+
+
+def _model(spec: str):
+    """``(model directory or None, VidlmConfig)`` of a preset name or a directory."""
+    from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
+    from vidlm.models.video_llm import VidlmConfig
+
+    if spec in PRESETS and spec not in MATERIALISED:
+        return None, preset_config(spec)
+    path = resolve_model(spec)
+    return path, VidlmConfig.from_pretrained(path)
+
+
+def tower_model_config(config: TowerConfig):
+    """The :class:`~vidlm.models.video_llm.VidlmConfig` whose tower ``config`` names (no weights read).
+
+    Raises:
+        ValueError: an unknown preset.
+        FileNotFoundError: a directory without ``config.json``.
+    """
+    return _model(config.model)[1]
+
+
+def _tower_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The ``vision_tower.*`` tensors of a model directory's safetensors, without reading the others."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if k.startswith("vision_tower.")})
+    else:
+        files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
+    out = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if key.startswith("vision_tower."):
+                    out[key[len("vision_tower.") :]] = f.get_tensor(key)
+    return out
+
+
+def _load_hub_tower(tower: HFVisionTower, weights: str) -> None:
+    """Load a transformers CLIP / SigLIP vision directory into ``tower`` (strict: every tensor of the tower)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(weights).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"encode.tower.weights: no *.safetensors in {weights}")
+    state = {}
+    for f in files:
+        state |= load_file(f)
+    mine = {}
+    for key, value in state.items():
+        key = key.removeprefix("vision_model.") if not key.startswith("visual_projection.") else key
+        mine["visual_projection.weight" if key == "visual_projection.weight" else f"vision_model.{key}"] = value
+    missing, _ = tower.load_state_dict(mine, strict=False)
+    if missing:
+        raise ValueError(f"encode.tower.weights: {weights} lacks {len(missing)} tower tensors, e.g. {missing[:3]}")
+
+
+class FrameEncoder(torch.nn.Module):
+    """A model's vision tower as the feature job runs it: uint8 frames -> pooled embeddings and patch features.
+
+    Frames are preprocessed by :func:`vidlm.models.processing.preprocess_frames` with the model's input size and
+    pixel statistics, then encoded by the model's :class:`HFVisionTower` with the model's weights: exactly what
+    :func:`vidlm.models.video_llm.encode_videos` does on frames.
 
     Args:
-        config: which architecture and weights (the vision tower's config).
+        config: which model's tower, and its precision.
+        device: torch device string (``"cpu"``, ``"cuda"``).
+
+    Raises:
+        ValueError: an unknown preset, or ``weights`` that do not fit the tower.
+        FileNotFoundError: a model directory or ``weights`` that do not exist.
+    """
+
+    def __init__(self, config: TowerConfig, device: str = "cpu"):
+        super().__init__()
+        model_dir, mc = _model(config.model)
+        torch.manual_seed(config.seed)
+        self.tower = HFVisionTower(mc.vision_config, mc.vision_feature_layer, mc.projection_dim)
+        if model_dir is not None:
+            self.tower.load_state_dict(_tower_weights(Path(model_dir)))
+        elif config.weights is not None:
+            _load_hub_tower(self.tower, config.weights)
+        self.model_config = mc
+        self.device = torch.device(device)
+        self.dtype = {
+            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+        }[config.precision]
+        self.tower.to(self.device, self.dtype).eval().requires_grad_(False)
+
+    @property
+    def image_size(self) -> int:
+        """S, the input side in pixels."""
+        return self.model_config.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the width of the pooled embedding."""
+        return self.tower.embed_dim
+
+    @property
+    def patch_dim(self) -> int:
+        """Dv, the width of the patch features."""
+        return self.tower.patch_dim
+
+    @property
+    def num_patches(self) -> int:
+        """h*w patch tokens per frame."""
+        return self.tower.grid**2
+
+    @torch.inference_mode()
+    def forward(
+        self, frames: torch.Tensor | np.ndarray, with_patches: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode frames.
+
+        Args:
+            frames: ``(N, S, S, 3) uint8`` RGB, ``S`` = ``image_size`` (decode already resized them).
+            with_patches: also return the patch features.
+
+        Returns:
+            ``embeddings (N, D)`` and ``patch_features (N, h*w, Dv)`` (or ``None``), in the tower's dtype.
+
+        Raises:
+            ValueError: frames of another shape or dtype.
+        """
+        from vidlm.models.processing import preprocess_frames
+
+        frames = torch.as_tensor(frames)
+        s = self.image_size
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != (s, s, 3):
+            raise ValueError(f"expected frames (N, {s}, {s}, 3) uint8, got {tuple(frames.shape)} {frames.dtype}")
+        mc = self.model_config
+        pixels = preprocess_frames(frames, s, mc.image_mean, mc.image_std).to(self.device)
+        pooled, patches = self.tower(pixels)
+        if pooled is None:
+            pooled = patches.mean(dim=(1, 2))  # a SigLIP tower without its head: the mean patch feature
+        return pooled, patches.flatten(1, 2) if with_patches else None  # (N, D), (N, h*w, Dv)
+
+
+class TextTower(torch.nn.Module):
+    """The text tower of a model's CLIP: texts -> unit-norm CLIP text features in the joint space of the model's
+    pooled image embeddings (TOPA §3.2: a Tideo's textual frames; TOPA eq. 2's memory).
+
+    Args:
+        clip: a vidlm model directory or preset holding :data:`CLIP_TEXT_DIR` (``tiny-topa``), or a transformers
+            CLIP directory (``CLIPModel`` or ``CLIPTextModelWithProjection``, with its tokenizer).
         device: torch device string.
 
     Raises:
-        FileNotFoundError: ``config.checkpoint`` does not exist.
+        FileNotFoundError: no CLIP text tower there.
     """
 
-    def __init__(self, config: VisionTowerConfig, device: str = "cpu"):
+    def __init__(self, clip: str, device: str = "cpu"):
         super().__init__()
-        import open_clip
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-        self.model = _create_clip(config, device, "text").eval()
-        self.model.visual = None  # only the text side is kept
-        self.tokenizer = open_clip.get_tokenizer(config.name)
+        from vidlm.models.presets import PRESETS, resolve_model
+
+        path = resolve_model(clip) if clip in PRESETS else Path(clip)
+        if (path / CLIP_TEXT_DIR / "config.json").is_file():
+            path = path / CLIP_TEXT_DIR
+        kind = (
+            json.loads((path / "config.json").read_text()).get("model_type")
+            if (path / "config.json").is_file()
+            else None
+        )
+        if kind not in ("clip", "clip_text_model"):
+            raise FileNotFoundError(f"no CLIP text tower in {clip} (a CLIP directory or a model with {CLIP_TEXT_DIR}/)")
+        self.model = CLIPTextModelWithProjection.from_pretrained(path).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.max_length = int(self.model.config.max_position_embeddings)
         self.device = torch.device(device)
 
     @property
     def embed_dim(self) -> int:
         """D, the width of the joint embedding."""
-        return int(self.model.text_projection.shape[-1])
+        return int(self.model.config.projection_dim)
 
     @torch.inference_mode()
     def forward(self, texts: list[str]) -> torch.Tensor:
-        """``N`` texts -> ``(N, D) float32`` L2-normalised CLIP text features (truncated at 77 tokens)."""
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float()
+        """``N`` texts -> ``(N, D) float32`` L2-normalised CLIP text features (truncated at the tower's context).
+
+        CLIP pools the hidden state of the end-of-text token: each text ends with one (the tower's
+        ``eos_token_id``, appended where the tokenizer does not add it), padding repeats it as CLIP's does.
+        """
+        eos = int(self.model.config.eos_token_id)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length - 1)["input_ids"]
+        ids = [row if row and row[-1] == eos else [*row, eos] for row in ids]
+        longest = max(len(row) for row in ids)
+        input_ids = torch.tensor([row + [eos] * (longest - len(row)) for row in ids], device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in ids], device=self.device)
+        features = self.model(input_ids=input_ids, attention_mask=mask).text_embeds.float()
+        return features / features.norm(dim=-1, keepdim=True)
