@@ -489,6 +489,27 @@ def llava_next_reference_logits(release: Path, input_ids: list[int], pixel_value
         return llm(inputs_embeds=embeds).logits
 
 
+def write_pllava_config(folder: Path, config) -> None:
+    """``folder/config.json`` as PLLaVA releases write it, for a tiny model's ``VidlmConfig`` (pooling (4, 4, 4),
+    4 frames, ``image_token_index`` the model's placeholder id)."""
+    import json
+
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["PllavaForConditionalGeneration"],
+                "model_type": "llava",
+                "vision_config": config.vision_config.to_dict(),
+                "text_config": config.text_config.to_dict(),
+                "pooling_shape": [4, 4, 4],
+                "num_frames": 4,
+                "image_token_index": config.video_token_index,
+                "vision_feature_layer": -2,
+            }
+        )
+    )
+
+
 def write_pllava_release(folder: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny checkpoint in the layout of magic-research PLLaVA releases (``PllavaForConditionalGeneration``).
 
@@ -496,7 +517,6 @@ def write_pllava_release(folder: str | os.PathLike, seed: int = 0) -> Path:
     ``language_model.lm_head.*``; ``config.json`` with ``pooling_shape`` (4, 4, 4), ``num_frames`` 4 and
     ``image_token_index``, the id of ``<image>`` in the tokenizer (PLLaVA's video placeholder). Returns ``folder``.
     """
-    import json
 
     from safetensors.torch import save_file
 
@@ -512,21 +532,7 @@ def write_pllava_release(folder: str | os.PathLike, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
     tokenizer.save_pretrained(folder)
-    config = model.config
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["PllavaForConditionalGeneration"],
-                "model_type": "llava",
-                "vision_config": config.vision_config.to_dict(),
-                "text_config": config.text_config.to_dict(),
-                "pooling_shape": [4, 4, 4],
-                "num_frames": 4,
-                "image_token_index": config.video_token_index,
-                "vision_feature_layer": -2,
-            }
-        )
-    )
+    write_pllava_config(folder, model.config)
     return folder
 
 

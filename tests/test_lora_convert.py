@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import write_pllava_config
 from safetensors.torch import load_file, save_file
 
 from vidlm.models.lora import LoraSettings, TrainableConfig, apply_trainable, merge_lora
@@ -146,21 +146,7 @@ def test_pllava_conversion_with_peft_lora_keys(tmp_path):
     src.mkdir()
     save_file(weights, src / "model.safetensors")
     tokenizer.save_pretrained(src)
-    config = model.config
-    (src / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["PllavaForConditionalGeneration"],
-                "model_type": "llava",
-                "vision_config": config.vision_config.to_dict(),
-                "text_config": config.text_config.to_dict(),
-                "pooling_shape": [4, 4, 4],
-                "num_frames": 4,
-                "image_token_index": config.video_token_index,
-                "vision_feature_layer": -2,
-            }
-        )
-    )
+    write_pllava_config(src, model.config)
     out = tmp_path / "vidlm"
     run = subprocess.run([BIN / "vidlm", "convert", src, out], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
