@@ -147,8 +147,9 @@ def write_clip_text(out: Path, tokenizer, vision_config, projection_dim: int, se
     """Write the text tower of a tiny TOPA model's CLIP into ``out/clip_text`` (random, seeded).
 
     A ``CLIPTextModelWithProjection`` as wide and deep as the vision tower, projecting into the same
-    ``projection_dim`` joint space, with ``tokenizer`` (SmolLM2's: no CLIP vocabulary ships offline) and its
-    end-of-text id as the pooled token. :class:`vidlm.models.vision_tower.TextTower` reads it.
+    ``projection_dim`` joint space, with ``tokenizer`` (SmolLM2's: no CLIP vocabulary ships offline) and an
+    end-of-text id of its own (``len(tokenizer)``), whose state CLIP pools; :class:`vidlm.models.vision_tower.
+    TextTower` appends it to every text.
 
     Returns:
         ``out/clip_text``.
@@ -158,9 +159,9 @@ def write_clip_text(out: Path, tokenizer, vision_config, projection_dim: int, se
     from vidlm.models.vision_tower import CLIP_TEXT_DIR
 
     torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    eos = len(tokenizer)  # the tower's own end-of-text token, after the tokenizer's ids: CLIP pools its state
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=eos + 1,
         hidden_size=vision_config.hidden_size,
         intermediate_size=vision_config.intermediate_size,
         num_hidden_layers=vision_config.num_hidden_layers,

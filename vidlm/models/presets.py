@@ -178,9 +178,10 @@ LORA_PRESETS = {name: LoraSettings() for name in PRESETS if name.startswith("pll
 MATERIALISED = ("tiny", "tiny-video", "tiny-topa", "smol")
 """Presets with weights here (built once into the cache); the paper presets are configurations only."""
 
-MATERIALISED_LAYOUT = "v2"
-"""Version of the materialised presets' directories (``cache_dir()/models/v2/NAME``); ``v2``: ``tiny-topa`` holds
-``clip_text/``. A new layout builds new directories instead of reusing older ones."""
+MATERIALISED_LAYOUT = "v3"
+"""Version of the materialised presets' directories (``cache_dir()/models/v3/NAME``); since ``v2`` ``tiny-topa``
+holds ``clip_text/``, since ``v3`` its text tower pools an end-of-text token of its own. A new layout builds new
+directories instead of reusing older ones."""
 
 LLM_PRESETS = ("smol",)
 """Presets whose LLM is a released model on disk (SmolLM2-135M-Instruct), usable alone by the text-only jobs."""
