@@ -40,7 +40,8 @@ def _strict(schema):
 
 @cache
 def _crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load((CRDS / CRD_FILES[kind]).read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1-1.4 MB of YAML
+    crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=loader)
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return _strict(v1["schema"]["openAPIV3Schema"])
 
