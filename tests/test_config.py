@@ -71,7 +71,7 @@ def test_rayservice_serves_the_shipped_gpu_config_through_the_app_builder():
     shipped = load_config(ServeConfig, REPO / "serving" / "configs" / "gpu.yaml")
     assert ServeConfig.model_validate(application["args"]) == shipped
     # what `vidlm deploy` sends is the same application
-    sent = serve_config(shipped, working_dir=application["runtime_env"]["working_dir"])["applications"][0]
+    sent = serve_config(shipped, working_dir=application.get("runtime_env", {}).get("working_dir"))["applications"][0]
     assert ServeConfig.model_validate(sent["args"]) == shipped
     assert {k: v for k, v in sent.items() if k != "args"} == {k: v for k, v in application.items() if k != "args"}
 
