@@ -157,13 +157,11 @@ class PreparedRun:
 
 
 def model_config_of(spec: str):
-    """The :class:`~vidlm.models.video_llm.VidlmConfig` of a preset or model directory, without weights."""
-    from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
-    from vidlm.models.video_llm import VidlmConfig
+    """The :class:`~vidlm.models.video_llm.VidlmConfig` of a preset or model directory, without weights (a paper
+    preset's plan needs none)."""
+    from vidlm.models.presets import locate_model
 
-    if spec in PRESETS and spec not in MATERIALISED:
-        return preset_config(spec)  # a paper preset: its plan needs no weights
-    return VidlmConfig.from_pretrained(resolve_model(spec))
+    return locate_model(spec)[1]
 
 
 def plan_training(config: TrainConfig) -> MemoryPlan:

@@ -252,15 +252,10 @@ def model(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Show a model: its directory (tiny and smol are built once into the cache) and token arithmetic."""
-    from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
-    from vidlm.models.video_llm import VidlmConfig
+    from vidlm.models.presets import PRESETS, locate_model
 
     try:
-        if spec in PRESETS and spec not in MATERIALISED:
-            path, config = None, preset_config(spec)
-        else:
-            path = resolve_model(spec)
-            config = VidlmConfig.from_pretrained(path)
+        path, config = locate_model(spec)
         frames = frames or config.sampling_config.max_frames_per_clip()
         visual = config.num_visual_tokens(frames)
     except (ValueError, FileNotFoundError) as err:

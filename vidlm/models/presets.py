@@ -44,7 +44,7 @@ from vidlm.models._builders import (
 from vidlm.models.lora import LoraSettings
 from vidlm.models.video_llm import VidlmConfig
 
-__all__ = ["PRESETS", "preset_config", "resolve_model"]
+__all__ = ["PRESETS", "locate_model", "preset_config", "resolve_model"]
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -252,3 +252,19 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
             write_clip_text(tmp, AutoTokenizer.from_pretrained(smollm2_dir()), model.config.vision_config, 64)
 
     return write_once(cache_dir() / "models" / MATERIALISED_LAYOUT / name, write)
+
+
+def locate_model(spec: str | os.PathLike) -> tuple[Path | None, VidlmConfig]:
+    """``(directory, config)`` of a preset name or a model directory, without loading weights.
+
+    A paper preset has no directory (``None``) and its :func:`preset_config`; ``tiny`` / ``smol`` and directories
+    have their :func:`resolve_model` directory and its ``config.json``.
+
+    Raises:
+        ValueError: an unknown name.
+        FileNotFoundError: a path without ``config.json``.
+    """
+    if str(spec) in PRESETS and str(spec) not in MATERIALISED:
+        return None, preset_config(str(spec))
+    path = resolve_model(spec)
+    return path, VidlmConfig.from_pretrained(path)

@@ -116,17 +116,6 @@ class TowerConfig(Section):
     """Seed of a paper preset's random weights when there are no ``weights``."""
 
 
-def _model(spec: str):
-    """``(model directory or None, VidlmConfig)`` of a preset name or a directory."""
-    from vidlm.models.presets import MATERIALISED, PRESETS, preset_config, resolve_model
-    from vidlm.models.video_llm import VidlmConfig
-
-    if spec in PRESETS and spec not in MATERIALISED:
-        return None, preset_config(spec)
-    path = resolve_model(spec)
-    return path, VidlmConfig.from_pretrained(path)
-
-
 def tower_model_config(config: TowerConfig):
     """The :class:`~vidlm.models.video_llm.VidlmConfig` whose tower ``config`` names (no weights read).
 
@@ -134,7 +123,9 @@ def tower_model_config(config: TowerConfig):
         ValueError: an unknown preset.
         FileNotFoundError: a directory without ``config.json``.
     """
-    return _model(config.model)[1]
+    from vidlm.models.presets import locate_model
+
+    return locate_model(config.model)[1]
 
 
 def _tower_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -193,7 +184,9 @@ class FrameEncoder(torch.nn.Module):
 
     def __init__(self, config: TowerConfig, device: str = "cpu"):
         super().__init__()
-        model_dir, mc = _model(config.model)
+        from vidlm.models.presets import locate_model
+
+        model_dir, mc = locate_model(config.model)
         torch.manual_seed(config.seed)
         self.tower = HFVisionTower(mc.vision_config, mc.vision_feature_layer, mc.projection_dim)
         if model_dir is not None:
