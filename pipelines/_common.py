@@ -29,6 +29,7 @@ from ray.data import DataContext
 from ray.data.checkpoint import CheckpointConfig
 
 from vidlm.clips import TRANSIENT_ERRORS, ClipError, ManifestConfig, clips_table
+from vidlm.cluster import Placement, retried_tasks
 from vidlm.config import Section
 from vidlm.decode import DecodeLimits, DecodeStrategy, decode_clip
 from vidlm.jobs import Report
@@ -44,6 +45,7 @@ __all__ = [
     "exactly_once",
     "read_output_columns",
     "read_staged_clips",
+    "rows_per_file",
     "stage_clips",
     "write_output",
     "write_staged",
@@ -81,6 +83,8 @@ class DecodeConfig(Section):
     for, it also keeps Ray Data from fusing decode into them, so the stages overlap."""
     limits: DecodeLimits = DecodeLimits()
     """The largest video decoded (pixels per frame, seconds, frames, fps); a larger one is a ``too_large`` row."""
+    placement: Placement = Placement()
+    """Where decode tasks run (node labels, custom resources), e.g. ``label_selector: {vidlm/node-type: cpu}``."""
 
 
 def clean_null(value: Any) -> Any:
@@ -182,16 +186,35 @@ def read_staged_clips(out: Path, clips_per_block: int) -> ray.data.Dataset:
     return ray.data.read_parquet(str(out / "clips")).repartition(target_num_rows_per_block=clips_per_block)
 
 
-def write_output(ds: ray.data.Dataset, folder: Path, config: OutputConfig) -> None:
-    """Write a job's dataset as parquet into ``folder`` (``OUT/<results>``) with the file sizes and write CPUs of
-    ``config``, fenced by the run that owns ``OUT`` (:class:`pipelines._output.FencedParquetDatasink`)."""
+OBJECT_STORE_SHARE_PER_FILE = 1 / 32
+"""The most of the cluster's object store that the rows of one output file may hold while the write gathers them.
+Ray Data budgets half the object store across a job's operators; a write that waits for more bytes than its share
+holds the upstream stage back, which then never produces the rows the write waits for (a stall, no error)."""
+
+
+def rows_per_file(config: OutputConfig, row_bytes: int | None) -> int:
+    """Rows gathered per output file: ``config.min_rows_per_file``, fewer when that many rows of ``row_bytes``
+    bytes (an upper bound of one row's size; ``None``: small rows) would hold more than
+    :data:`OBJECT_STORE_SHARE_PER_FILE` of the connected cluster's object store, or more than one Ray Data block
+    (``DataContext.target_max_block_size``, 128 MiB by default). At least 1."""
+    if not row_bytes:
+        return config.min_rows_per_file
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    limit = min(store * OBJECT_STORE_SHARE_PER_FILE, DataContext.get_current().target_max_block_size or math.inf)
+    return max(1, min(config.min_rows_per_file, int(limit // row_bytes)))
+
+
+def write_output(ds: ray.data.Dataset, folder: Path, config: OutputConfig, row_bytes: int | None = None) -> None:
+    """Write a job's dataset as parquet into ``folder`` (``OUT/<results>``) with the write CPUs of ``config`` and
+    :func:`rows_per_file` rows per file (``row_bytes``: an upper bound of one row's bytes), fenced by the run that
+    owns ``OUT`` (:class:`pipelines._output.FencedParquetDatasink`)."""
     from pipelines._output import FencedParquetDatasink, current_run_id
 
     out = folder.parent
     run_id = current_run_id(out)
     if run_id is None:
         raise RuntimeError(f"{out} has no run recorded: write_output runs inside a job wrapped by owns_output")
-    sink = FencedParquetDatasink(str(folder), str(out), run_id, config.min_rows_per_file)
+    sink = FencedParquetDatasink(str(folder), str(out), run_id, rows_per_file(config, row_bytes))
     ds.write_datasink(sink, ray_remote_args={"num_cpus": config.write_num_cpus})
 
 
@@ -275,6 +298,7 @@ class JobSummary:
     new_clips: int = 0  # clips written by this run
     seconds: float = 0.0  # wall time of this run
     rates: dict[str, float] = field(default_factory=dict)  # e.g. {"clips/s": 3.1, "frames/s": 50.0}
+    retried_tasks: int | None = None  # tasks Ray ran again (a node lost...); None: no state API to ask
 
     def to_dict(self) -> dict:
         """JSON-ready fields (``out`` as a string)."""
@@ -295,6 +319,8 @@ class JobSummary:
             for kind, count in sorted(self.failed.items())
         ]
         rows.append(("written by this run", f"{self.new_clips} in {self.seconds:.1f} s"))
+        if self.retried_tasks is not None:
+            rows.append(("tasks retried (lost nodes or workers)", str(self.retried_tasks)))
         rows += [(name, f"{value:.2f}") for name, value in self.rates.items()]
         return Report(title, rows, lines=list(lines or []))
 
@@ -308,6 +334,8 @@ class JobSummary:
         id_column: str = CLIP_ID,
     ) -> JobSummary:
         """Summarise ``out_dir`` after a run that started at ``started`` (``time.perf_counter``).
+
+        ``retried_tasks`` comes from Ray's state API (:func:`vidlm.cluster.retried_tasks`) for this driver's job.
 
         Args:
             before_ids: row ids present before the run (to count this run's rows).
@@ -329,4 +357,5 @@ class JobSummary:
                 values = table.column(col).to_pylist() if table.num_rows else []
                 total += sum(v or 0 for v, m in zip(values, new_mask, strict=True) if m)
             rates[name] = total / seconds if seconds > 0 else 0.0
-        return cls(out_dir, len(ids), len(ids) - sum(errors.values()), dict(errors), new, seconds, rates)
+        retried = retried_tasks() if ray.is_initialized() else None
+        return cls(out_dir, len(ids), len(ids) - sum(errors.values()), dict(errors), new, seconds, rates, retried)

@@ -69,9 +69,10 @@ OPERATIONAL = frozenset(
         "write_num_cpus",
         "min_rows_per_file",
         "replace",
+        "placement",
     }
 )
-"""Config fields (last name of the dotted path) that spread the work without changing a row."""
+"""Config fields (by name, at any depth, with what is under them) that spread the work without changing a row."""
 OPERATIONAL_SECTIONS = ("output", "report")
 
 

@@ -91,6 +91,7 @@ def engine_stage_args(engine: EngineStageConfig, gpus: int) -> dict[str, Any]:
         "max_concurrency": in_flight,  # the actor runs that many batches (coroutines) at once
         "num_gpus": engine.tensor_parallel_size if engine_on_gpu(engine, gpus) else 0,
         "num_cpus": engine.num_cpus,
+        **engine.placement.ray_args(),
     }
 
 

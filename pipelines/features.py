@@ -50,6 +50,7 @@ from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import (
     CHECKPOINT_FILTER_CPUS,
     READ_TASK_CPUS,
+    Placement,
     check_cpu_budget,
     init_ray,
     num_gpus_in_cluster,
@@ -89,6 +90,9 @@ class EncodeConfig(Section):
     """Also write the patch features of the model's ``vision_feature_layer`` (what LLaVA / PLLaVA projectors take)."""
     dtype: Literal["float16", "float32"] = "float16"
     """Stored dtype of the features (float16 halves the files; float32 keeps the tower's numbers exactly)."""
+    placement: Placement = Placement()
+    """Where the encode actors run (node labels, custom resources), e.g. ``label_selector: {vidlm/node-type: gpu}``.
+    With ``decode.in_encode_actors`` the fused stage runs here."""
 
 
 class FeaturesConfig(JobConfig):
@@ -165,6 +169,18 @@ def output_table(batch: dict[str, Any], tensors: dict[str, list[np.ndarray]]) ->
     return table
 
 
+def feature_row_bytes(config: FeaturesConfig) -> int:
+    """An upper bound of one output row's bytes: the features of a clip with the most frames ``sampling`` gives
+    (``T x (D + N x Dv)`` in ``encode.dtype``, patch features included when written), plus 64 KiB of other
+    columns."""
+    vision = tower_model_config(config.encode.tower).vision_config
+    grid = vision.image_size // vision.patch_size
+    width = int(getattr(vision, "projection_dim", None) or vision.hidden_size)
+    if config.encode.patch_features:
+        width += (grid * grid + 1) * vision.hidden_size  # + 1: a CLIP tower's CLS token
+    return config.sampling.max_frames_per_clip() * width * np.dtype(config.encode.dtype).itemsize + 2**16
+
+
 @owns_output("features", "features")
 def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) -> JobSummary:
     """Run the feature job on the connected Ray cluster (``ray.init`` first, or a local one starts).
@@ -207,9 +223,13 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
     with exactly_once(out):
         ds = read_staged_clips(out, config.decode.batch_size)
         decode_resources = (
-            {"num_cpus": config.encode.num_cpus}  # the same as the actors': Ray Data fuses the two
+            {"num_cpus": config.encode.num_cpus, **config.encode.placement.ray_args()}  # the actors': Ray Data fuses
             if config.decode.in_encode_actors
-            else {"num_cpus": config.decode.num_cpus, "memory": int(config.decode.memory_gb * 2**30)}
+            else {
+                "num_cpus": config.decode.num_cpus,
+                "memory": int(config.decode.memory_gb * 2**30),
+                **config.decode.placement.ray_args(),
+            }
         )
         ds = ds.map_batches(
             decode_frames,
@@ -229,8 +249,9 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0,
             num_cpus=config.encode.num_cpus,
+            **config.encode.placement.ray_args(),
         )
-        write_output(ds, features_dir, config.output)
+        write_output(ds, features_dir, config.output, row_bytes=feature_row_bytes(config))
     summary = JobSummary.collect(features_dir, before, started, {"frames/s": "num_frames"})
     write_atomic(out / "summary.json", json.dumps({"manifest_clips": n_clips, **summary.to_dict()}, indent=2))
     return summary

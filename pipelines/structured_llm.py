@@ -189,6 +189,12 @@ def build_llm_processor(model_dir: Path, engine: EngineStageConfig, seed: int, p
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     on_gpu = engine_on_gpu(engine, gpus)
+    if engine.placement.label_selector:
+        raise ValueError(
+            "engine.placement.label_selector: ray.data.llm's engines take custom resources "
+            "(engine.placement.resources) "
+            "but no label selector; declare a resource on the engine nodes instead"
+        )
     kwargs = vllm_engine_kwargs(model_dir, engine, seed=seed)
     kwargs.pop("model")  # ray.data.llm passes model_source
     env = {} if on_gpu else cpu_engine_env(engine)
@@ -198,7 +204,11 @@ def build_llm_processor(model_dir: Path, engine: EngineStageConfig, seed: int, p
         batch_size=engine.batch_size,
         concurrency=engine_count(engine, gpus),
         max_concurrent_batches=engine.max_concurrent_batches,
-        placement_group_config=None if on_gpu else {"bundles": [{"CPU": engine.num_cpus}], "strategy": "PACK"},
+        placement_group_config=(
+            ({"bundle_per_worker": {"GPU": 1, **engine.placement.resources}} if engine.placement.resources else None)
+            if on_gpu
+            else {"bundles": [{"CPU": engine.num_cpus, **engine.placement.resources}], "strategy": "PACK"}
+        ),
         runtime_env={"env_vars": env} if env else None,
         should_continue_on_error=True,
         log_engine_metrics=False,

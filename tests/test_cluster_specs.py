@@ -123,9 +123,36 @@ def _entrypoints() -> list[tuple[str, list[str]]]:
         if "entrypoint" in manifest["spec"]:
             out.append((path.name, shlex.split(manifest["spec"]["entrypoint"])))
     launcher = (REPO / "cluster" / "ray-cluster.yaml").read_text()
-    submit = re.search(r"-- \\\n#\s+(vidlm .+)$", launcher, re.M)
-    out.append(("ray-cluster.yaml", shlex.split(submit.group(1))))
+    submit = re.search(r"-- \\\n#\s+(vidlm (?:.+\\\n#)*.+)$", launcher, re.M)  # lines continued with \\
+    out.append(("ray-cluster.yaml", shlex.split(submit.group(1).replace("\\\n#", " "))))
     return out
+
+
+def _node_groups(name: str) -> list[dict[str, str]]:
+    """The Ray node labels of each worker group / node type of a manifest (the launcher YAML for ray-cluster.yaml)."""
+    manifest = yaml.safe_load((REPO / "cluster" / name).read_text())
+    if name == "ray-cluster.yaml":
+        types = manifest["available_node_types"]
+        return [t.get("labels", {}) for n, t in types.items() if n != manifest["head_node_type"]]
+    return [group.get("labels", {}) for group in _cluster(manifest)["workerGroupSpecs"]]
+
+
+def _assert_placements_match_a_node_group(name: str, config) -> None:
+    """Every stage's ``placement.label_selector`` in an entrypoint's config is met by one of the manifest's groups
+    (equality selectors, the ones the specs use), so no stage waits forever for a node that never comes."""
+    from vidlm.cluster import Placement
+
+    def placements(section, path=""):
+        for field, value in section:
+            if isinstance(value, Placement):
+                yield f"{path}{field}", value
+            elif hasattr(value, "model_fields"):
+                yield from placements(value, f"{path}{field}.")
+
+    groups = _node_groups(name)
+    for where, placement in placements(config):
+        wanted = placement.label_selector
+        assert any(all(g.get(k) == v for k, v in wanted.items()) for g in groups), (name, where, wanted, groups)
 
 
 @pytest.mark.parametrize(("name", "argv"), _entrypoints(), ids=[name for name, _ in _entrypoints()])
@@ -158,6 +185,7 @@ def test_every_entrypoint_parses_with_the_vidlm_command_line(name, argv):
     if config_class is not None:  # the job's config file (the image's, the repository's) and overrides load
         path = argv[argv.index("--config") + 1] if "--config" in argv else None
         overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-        load_config(config_class, REPO / path if path else None, overrides)
+        config = load_config(config_class, REPO / path if path else None, overrides)
+        _assert_placements_match_a_node_group(name, config)
     with pytest.raises(usage_error):  # the check can fail: a missing argument is refused
         command.make_context(name_, [], parent=ctx)

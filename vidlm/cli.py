@@ -10,6 +10,7 @@ Every job takes one YAML config (``--config``) plus ``key=value`` overrides, val
     vidlm eval mc --benchmark egoschema.jsonl --model runs/topa/export
     vidlm doctor
     vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
+    vidlm cluster local     # a multi-node Ray cluster on this machine, to try placement and node loss
 
 The job commands are built from the job registry (:mod:`vidlm.jobs`): one body loads the config, checks the
 inputs, runs the job and prints its :class:`~vidlm.jobs.Report`. The rest (``doctor``, ``submit``, ``model``,
@@ -243,6 +244,63 @@ def submit(
     raise typer.Exit(
         0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (no_wait or status == "SUCCEEDED") else FAILURE
     )
+
+
+cluster_app = typer.Typer(no_args_is_help=True, help="A Ray cluster to try the cluster path on: local")
+app.add_typer(cluster_app, name="cluster")
+
+
+def _local_node(text: str):
+    """``TYPE:CPUS`` (e.g. ``cpu:1``, ``engine:2``) -> :class:`vidlm.cluster.LocalNode`."""
+    from pydantic import ValidationError
+
+    from vidlm.cluster import LocalNode
+
+    node_type, sep, cpus = text.partition(":")
+    try:
+        if not sep or not cpus.strip().isdigit():
+            raise ValueError
+        return LocalNode(node_type=node_type.strip(), num_cpus=int(cpus))
+    except (ValueError, ValidationError):
+        raise typer.BadParameter(f"{text!r}: give TYPE:CPUS, e.g. cpu:1 or engine:2", param_hint="--node") from None
+
+
+@cluster_app.command("local")
+def cluster_local(
+    node: list[str] | None = typer.Option(
+        None,
+        "--node",
+        help="a worker node TYPE:CPUS, labelled vidlm/node-type=TYPE (repeat) [default: cpu:1 cpu:1 engine:2]",
+    ),
+    dashboard_port: int = typer.Option(8265, "--dashboard-port", min=0, max=65535, help="the head's dashboard"),
+    duration: float = typer.Option(0, "--duration", min=0, help="stop after this many seconds (0: at Ctrl-C)"),
+) -> None:
+    """Start a multi-node Ray cluster on this machine (a head that runs no work, labelled worker nodes) and keep it
+    up: jobs given its RAY_ADDRESS run as on a real cluster, with placement by node label."""
+    import signal
+    import threading
+
+    from vidlm.cluster import DEFAULT_LOCAL_NODES, NODE_TYPE_LABEL, start_local_cluster
+
+    nodes = [_local_node(n) for n in node] if node else list(DEFAULT_LOCAL_NODES)
+    cluster = start_local_cluster(nodes, dashboard_port=dashboard_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        table = Table(title="vidlm cluster local")
+        for column in ("node", NODE_TYPE_LABEL, "CPUs"):
+            table.add_column(column)
+        table.add_row("head (no work)", "", "0")
+        for spec, worker in cluster.nodes:
+            table.add_row(worker.node_id[:12], spec.node_type, str(spec.num_cpus))
+        console.print(table)
+        console.print(f"export RAY_ADDRESS={cluster.address}    # drivers (vidlm features ...) on this machine")
+        console.print(f"dashboard and Ray Jobs: {cluster.dashboard_url}    (vidlm submit --address ...)")
+        stop.wait(duration or None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.shutdown()
 
 
 @app.command()

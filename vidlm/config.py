@@ -157,7 +157,7 @@ def flat_fields(config: BaseModel, skip: frozenset[str] = frozenset(), skip_sect
     """``{"section.field": value}`` of a config as JSON values, for recording and comparing configurations.
 
     Args:
-        skip: field names (the last name of the dotted path) left out.
+        skip: field names left out with everything under them (``placement`` drops ``decode.placement.*``).
         skip_sections: top-level sections left out.
     """
 
@@ -165,14 +165,15 @@ def flat_fields(config: BaseModel, skip: frozenset[str] = frozenset(), skip_sect
         if isinstance(value, dict):
             flat: dict[str, Any] = {}
             for key, item in value.items():
-                flat.update(walk(item, f"{prefix}{key}."))
+                if key not in skip:
+                    flat.update(walk(item, f"{prefix}{key}."))
             return flat
         return {prefix.rstrip("."): value}
 
     return {
         key: value
         for key, value in walk(config.model_dump(mode="json"), "").items()
-        if key.rsplit(".", 1)[-1] not in skip and key.split(".", 1)[0] not in skip_sections
+        if key.split(".", 1)[0] not in skip_sections
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from vidlm.cluster import Placement
 from vidlm.config import Section
 
 __all__ = [
@@ -66,6 +67,8 @@ class EngineStageConfig(VllmEngineConfig):
     CPU (:func:`engine_count`)."""
     batch_size: int = Field(16, gt=0)
     """Rows per actor call (Ray Data ``batch_size``): clips, videos or generation requests."""
+    placement: Placement = Placement()
+    """Where the engine actors run (node labels, custom resources), e.g. ``label_selector: {vidlm/node-type: gpu}``."""
     max_concurrent_batches: int = Field(16, gt=0)
     """Batches one actor works on at once, so the engine's scheduler always has requests to batch. With
     ``batch_size`` it bounds what vLLM's scheduler can pick from: at least its ``max_num_seqs`` (256 on CPU)
