@@ -8,7 +8,7 @@ ENGINE  ?= cpu
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.vidlm-installed-$(ENGINE)
 
-.PHONY: install demo test lint bench soak clean
+.PHONY: install demo test lint bench bench-cluster cluster-local soak clean
 
 install: $(STAMP)
 
@@ -44,6 +44,15 @@ bench: install
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/synth.py
+
+# A multi-node Ray cluster on this machine (a head that runs no work, labelled worker nodes) until Ctrl-C;
+# jobs run on it with the RAY_ADDRESS it prints. NODES="cpu:1 cpu:1 engine:2" sets the worker nodes.
+cluster-local: install
+	$(BIN)/vidlm cluster local $(foreach n,$(NODES),--node $(n))
+
+# What a lost node costs the features and recaption jobs, on local multi-node clusters (~6 minutes).
+bench-cluster: install
+	$(BIN)/python bench/node_loss.py
 
 soak: install
 	$(BIN)/python bench/soak_serve.py

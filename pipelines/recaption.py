@@ -355,6 +355,7 @@ def run_recaption(
                 batch_size=config.decode.batch_size,
                 num_cpus=config.decode.num_cpus,
                 memory=int(config.decode.memory_gb * 2**30),
+                max_retries=config.decode.max_retries,
                 **config.decode.placement.ray_args(),
             )
             ds = ds.map_batches(

