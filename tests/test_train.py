@@ -71,7 +71,7 @@ KILL_AFTER = 34  # a checkpoint at step 30, and a few steps past it
 @pytest.fixture(scope="module")
 def topa_run(tideos, memory, tmp_path_factory):
     """The planted TOPA run with its modality memory, as a user runs it: ``vidlm train`` on a local multi-node
-    cluster (a head that runs no work, two 1-CPU worker nodes, one Ray Train worker on each). After step 34 the node
+    cluster (a head that runs no work, two 2-CPU worker nodes, one Ray Train worker on each). After step 34 the node
     of one worker is lost (its raylet and processes killed) and a fresh node joins: Ray Train restarts the group from
     the step-30 checkpoint. Every test of the recipe uses this run (the restart test reads both attempts' records)."""
     from ray.util.state import list_actors
@@ -80,11 +80,12 @@ def topa_run(tideos, memory, tmp_path_factory):
     from vidlm.cluster import LocalNode, start_local_cluster
 
     out = tmp_path_factory.mktemp("topa")
-    node = LocalNode(node_type="train")
+    node = LocalNode(node_type="train", num_cpus=2)  # a Ray Train worker and a Ray Data ingest task
     cluster = start_local_cluster([node, node], dashboard_port=0, fast_node_death=True)
     try:
         argv = [sys.executable, "-m", "vidlm", "train", "--config", "training/configs/topa_tiny.yaml", "--out"]
         argv += [str(out), f"data.train={tideos}", f"data.memory={memory}", *PLANTED]
+        argv += ["scaling.placement_strategy=SPREAD"]  # a worker per node
         log = out.parent / "topa-train.log"
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
         job = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

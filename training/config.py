@@ -80,6 +80,9 @@ class ScalingSection(Section):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the workers' placement group lays them on nodes (Ray Train ``ScalingConfig.placement_strategy``): ``PACK``
+    fills a node first; ``SPREAD`` puts them on different nodes where it can (a lost node then takes one worker)."""
     device_memory_gb: float | None = Field(None, gt=0)
     """Memory of one device (GPU, or a CPU worker's RAM); the memory plan refuses a config above it."""
 

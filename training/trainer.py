@@ -276,6 +276,7 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+            placement_strategy=config.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name="ray_train",
