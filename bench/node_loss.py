@@ -265,7 +265,8 @@ def main() -> None:
                 str(base["exactly_once"] and lost["exactly_once"]),
                 f"{base['error_rows']} / {lost['error_rows']}",
             )
-        console.print(table)
+        if table.row_count:
+            console.print(table)
         if "endpoint" in args.jobs:
             console.print("endpoint: two replicas under load, then losing one's node ...")
             r = run_endpoint(folder)

@@ -14,6 +14,7 @@ counts the retried tasks (:func:`retried_tasks`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -250,9 +251,20 @@ class LocalCluster:
         return node
 
     def remove(self, node) -> None:
-        """Kill a worker node's raylet and every worker on it, as when a machine is lost."""
+        """Kill a worker node's raylet and every process under it (workers and what they started, e.g. vLLM's
+        ``EngineCore``), as when a machine is lost."""
+        import psutil
+
+        raylet = node.all_processes["raylet"][0].process.pid
+        try:
+            processes = psutil.Process(raylet).children(recursive=True)
+        except psutil.NoSuchProcess:
+            processes = []
         self.nodes = [(spec, n) for spec, n in self.nodes if n is not node]
         self.cluster.remove_node(node, allow_graceful=False)
+        for process in processes:  # a worker's own children outlive the raylet: the machine would take them along
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
     def shutdown(self) -> None:
         """Stop every process of the cluster."""
