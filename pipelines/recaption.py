@@ -41,6 +41,7 @@ import pyarrow as pa
 import ray
 from pydantic import Field, field_validator
 from ray.data import DataContext
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines._common import (
     DecodeConfig,
@@ -329,7 +330,9 @@ def run_recaption(
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
     captions_dir = out / "captions"
     before = written_clip_ids(captions_dir)
-    progress = RecaptionProgress.remote()
+    progress = RecaptionProgress.options(  # on the driver's node: a lost worker node must not take the counts along
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ).remote()
     stop = threading.Event()
     bar = None
     if show_progress:
