@@ -90,6 +90,15 @@ class DecodeConfig(Section):
     process); then the job fails, naming the task, instead of retrying a video that kills every worker forever
     (-1: Ray Data's default, forever). A decode that raises is an error row, never a retry."""
 
+    def task_args(self) -> dict[str, Any]:
+        """``map_batches`` keyword arguments of the decode tasks: CPUs, memory (bytes), retries and placement."""
+        return {
+            "num_cpus": self.num_cpus,
+            "memory": int(self.memory_gb * 2**30),
+            "max_retries": self.max_retries,
+            **self.placement.ray_args(),
+        }
+
 
 def clean_null(value: Any) -> Any:
     """Ray's numpy batches carry nulls as None or NaN; arrow wants None."""

@@ -225,12 +225,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
         decode_resources = (
             {"num_cpus": config.encode.num_cpus, **config.encode.placement.ray_args()}  # the actors': Ray Data fuses
             if config.decode.in_encode_actors
-            else {
-                "num_cpus": config.decode.num_cpus,
-                "memory": int(config.decode.memory_gb * 2**30),
-                "max_retries": config.decode.max_retries,
-                **config.decode.placement.ray_args(),
-            }
+            else config.decode.task_args()
         )
         ds = ds.map_batches(
             decode_frames,

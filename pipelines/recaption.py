@@ -356,10 +356,7 @@ def run_recaption(
                     "report": config.report,
                 },
                 batch_size=config.decode.batch_size,
-                num_cpus=config.decode.num_cpus,
-                memory=int(config.decode.memory_gb * 2**30),
-                max_retries=config.decode.max_retries,
-                **config.decode.placement.ray_args(),
+                **config.decode.task_args(),
             )
             ds = ds.map_batches(
                 CaptionClips,

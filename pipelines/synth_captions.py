@@ -401,10 +401,7 @@ def run_synth_captions(manifest: str | Path, out: str | Path, config: SynthCapti
             decode_windows,
             fn_kwargs={"config": config, "sampling": model_config.sampling_config, "size": model_config.image_size},
             batch_size=config.decode.batch_size,
-            num_cpus=config.decode.num_cpus,
-            memory=int(config.decode.memory_gb * 2**30),
-            max_retries=config.decode.max_retries,
-            **config.decode.placement.ray_args(),
+            **config.decode.task_args(),
         )
         ds = ds.map_batches(
             RecurrentCaptioner,
