@@ -12,20 +12,29 @@ MANIFEST = Param(
     "manifest", Path, "Panda-70M CSV, video2dataset folder, list of paths, or folder of videos", must_exist=True
 )
 OUT = Param("out", Path, "output folder; rerun with the same folder to resume", flags=("--out", "-o"))
+STORED_MANIFEST = Param(
+    "manifest",
+    str,
+    "Panda-70M CSV, video2dataset folder, list of paths, or folder of videos (a path, or s3:// / gs:// URI)",
+    must_exist=True,
+)
+STORED_OUT = Param(
+    "out", str, "output folder (a path, or s3:// / gs:// URI); rerun with the same one to resume", flags=("--out", "-o")
+)
 
 FEATURES = Job(
     "features",
     "Decode clips and extract CLIP embeddings (and patch features) to sharded parquet with Ray Data.",
     run="pipelines.features:features_job",
     config="pipelines.features:FeaturesConfig",
-    params=(MANIFEST, OUT),
+    params=(STORED_MANIFEST, STORED_OUT),
 )
 RECAPTION = Job(
     "recaption",
     "Dense captions for every clip with a vidlm video LLM on vLLM, as sharded parquet (Ray Data).",
     run="pipelines.recaption:recaption_job",
     config="pipelines.recaption:RecaptionConfig",
-    params=(MANIFEST, OUT),
+    params=(STORED_MANIFEST, STORED_OUT),
     model_option=True,
 )
 SYNTH_CAPTIONS = Job(

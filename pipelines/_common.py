@@ -34,6 +34,7 @@ from vidlm.config import Section
 from vidlm.decode import DecodeLimits, DecodeStrategy, decode_clip
 from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
+from vidlm.storage import arrow_files, location, makedirs
 
 __all__ = [
     "DecodeConfig",
@@ -183,12 +184,12 @@ def write_staged(table: pa.Table, folder: Path, min_files: int) -> None:
     Data's checkpoint filter needs, and several files give several read tasks. Files are named
     ``<folder name>-NNNNN.parquet``.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    makedirs(folder)
     for old in folder.glob("*.parquet"):
         old.unlink()
     per_file = max(1, math.ceil(table.num_rows / max(1, min_files)))
     for i, start in enumerate(range(0, max(table.num_rows, 1), per_file)):
-        pq.write_table(table.slice(start, per_file), folder / f"{folder.name}-{i:05d}.parquet")
+        pq.write_table(table.slice(start, per_file), str(folder / f"{folder.name}-{i:05d}.parquet"))
 
 
 def read_staged_clips(out: Path, clips_per_block: int) -> ray.data.Dataset:
@@ -255,7 +256,7 @@ def exactly_once(out: Path, id_column: str = CLIP_ID) -> Iterator[None]:
     previous = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
         id_column=id_column,
-        checkpoint_path=str((out / "_checkpoint").resolve()),
+        checkpoint_path=str(location(out) / "_checkpoint"),
         delete_checkpoint_on_success=False,
     )
     try:
@@ -280,11 +281,12 @@ def read_output_columns(folder: Path, columns: list[str], skip_unreadable: bool 
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     # the files of one output may differ in columns (a column a file lacks reads as nulls)
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    schema = pa.unify_schemas([pq.read_schema(str(f)) for f in files])
     for name in columns:
         if name not in schema.names:
             schema = schema.append(pa.field(name, pa.int64()))
-    return pads.dataset([str(f) for f in files], schema=schema, format="parquet").to_table(columns=columns)
+    filesystem, paths = arrow_files(files)
+    return pads.dataset(paths, schema=schema, format="parquet", filesystem=filesystem).to_table(columns=columns)
 
 
 def written_clip_ids(folder: Path, id_column: str = CLIP_ID) -> set[str]:
@@ -294,7 +296,7 @@ def written_clip_ids(folder: Path, id_column: str = CLIP_ID) -> set[str]:
 
 def _readable(path: Path) -> bool:
     try:
-        pq.read_metadata(path)
+        pq.read_metadata(str(path))
     except (pa.ArrowInvalid, OSError):
         return False
     return True

@@ -4,7 +4,9 @@
 
 1. takes ``OUT/.vidlm.lock`` (``filelock``: an OS lock, so the lock of a killed job is gone with its process --
    no stale lock is left behind to detect); a second job on the same ``OUT`` is refused with who holds it
-   (:class:`OutputInUse`), before it can delete the first one's staged input or pending checkpoints;
+   (:class:`OutputInUse`), before it can delete the first one's staged input or pending checkpoints. Object
+   storage (``OUT`` an ``s3://`` or ``gs://`` URI) has no lock: there the fence below is what holds -- the later
+   of two jobs owns ``OUT`` and the earlier one's writes fail (:class:`StaleRunError`) without a duplicate row;
 2. when ``OUT`` holds rows, compares the configuration that decides them (:func:`output_record`: the job, every
    config field but how the work is spread -- batch sizes, CPUs, engine counts, file sizes, the report -- and a hash
    of the model's ``config.json``) with the one recorded in ``OUT/run.json``; a different one is refused with
@@ -24,7 +26,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -40,6 +41,7 @@ from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
 from vidlm.clips import TRANSIENT_ERRORS
 from vidlm.config import ConfigError, config_differences, flat_fields
+from vidlm.storage import is_remote, location, makedirs, remove
 from vidlm.writers import write_atomic
 
 __all__ = [
@@ -127,7 +129,7 @@ def retry_transient(results: Path, checkpoint: Path, id_column: str) -> int:
     retried: set = set()
     for path in sorted(results.glob("*.parquet")) if results.is_dir() else []:
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(str(path))
         except (pa.ArrowInvalid, OSError):
             continue  # a file a killed run left half-written: Ray's recovery deletes it
         if "error_type" not in table.column_names:
@@ -140,7 +142,7 @@ def retry_transient(results: Path, checkpoint: Path, id_column: str) -> int:
     if retried:
         ids = pa.array(sorted(retried))
         for path in sorted(checkpoint.glob("*.parquet")) if checkpoint.is_dir() else []:
-            table = pq.read_table(path)
+            table = pq.read_table(str(path))
             if id_column in table.column_names:
                 keep = pc.invert(pc.is_in(table[id_column], ids))
                 if not pc.all(keep).as_py():
@@ -152,6 +154,9 @@ def _replace_table(path: Path, table: pa.Table) -> None:
     if table.num_rows == 0:
         path.unlink()
         return
+    if is_remote(path):  # one upload is all or nothing
+        pq.write_table(table, str(path))
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -160,19 +165,18 @@ def _replace_table(path: Path, table: pa.Table) -> None:
 def _clear(out: Path) -> None:
     """Delete everything a job wrote in ``out`` (not the lock)."""
     for child in out.iterdir():
-        if child.name in (LOCK_FILE, OWNER_FILE):
-            continue
-        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if child.name not in (LOCK_FILE, OWNER_FILE):
+            remove(child)
 
 
 class StaleRunError(RuntimeError):
     """A write of a run that no longer owns its output folder (another run has started on it)."""
 
 
-def current_run_id(out: Path) -> str | None:
+def current_run_id(out: str | Path) -> str | None:
     """The run id recorded in ``OUT/run.json`` (``None``: no run recorded)."""
     try:
-        return json.loads((Path(out) / RUN_FILE).read_text()).get("run_id")
+        return json.loads((location(out) / RUN_FILE).read_text()).get("run_id")
     except (OSError, ValueError):
         return None
 
@@ -192,7 +196,7 @@ class FencedParquetDatasink(BlockBasedFileDatasink):
         self._opened: list[str] = []
 
     def _check_owner(self, written: list[str]) -> None:
-        owner = current_run_id(Path(self.out))
+        owner = current_run_id(self.out)
         if owner != self.run_id:
             for path in written:
                 self.filesystem.delete_file(path)
@@ -212,6 +216,16 @@ class FencedParquetDatasink(BlockBasedFileDatasink):
         self._check_owner(self._opened)  # before Ray Data's commit, which follows this call
 
 
+class _NoLock:
+    """The lock of an output in object storage: none (the run fence holds there; see the module docstring)."""
+
+    def acquire(self, timeout: float) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 def owns_output(job: str, results: str, id_column: str = "clip_id") -> Callable:
     """Decorator of a job's ``run_*(source, out, config, ...)``: the lock, the recorded config, the retries.
 
@@ -228,10 +242,10 @@ def owns_output(job: str, results: str, id_column: str = "clip_id") -> Callable:
     def wrap(run: Callable) -> Callable:
         @functools.wraps(run)
         def wrapped(source, out, config, *args, **kwargs):
-            out = Path(out).resolve()
+            out = location(out)
             created = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(out / LOCK_FILE)
+            makedirs(out)
+            lock = _NoLock() if is_remote(out) else FileLock(out / LOCK_FILE)
             try:
                 lock.acquire(timeout=0)
             except Timeout:
@@ -269,7 +283,7 @@ def owns_output(job: str, results: str, id_column: str = "clip_id") -> Callable:
                     result = run(source, out, config, *args, **kwargs)
                 except BaseException:
                     if created and not any((out / results).glob("*.parquet")):
-                        shutil.rmtree(out, ignore_errors=True)  # a run refused before any row leaves no folder
+                        remove(out)  # a run refused before any row leaves no folder
                     raise
                 write_atomic(out / RUN_FILE, json.dumps({**this_run, "finished": True}, indent=2))
                 return result

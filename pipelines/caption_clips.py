@@ -140,7 +140,8 @@ class CaptionClips:
     frames}``, one request per template; the placeholder becomes ``num_visual_tokens(T)`` tokens there.
 
     Args:
-        model_dir: a vidlm model directory.
+        model_dir: a vidlm model directory, or one in object storage (copied once to this node's cache:
+            :func:`vidlm.models.presets.resolve_model`).
         prompts: output column -> prompt text (one request per clip and prompt).
         generation: sampling of every request.
         engine: the engine's settings.
@@ -169,10 +170,12 @@ class CaptionClips:
         from transformers import AutoTokenizer
         from vllm.usage.usage_lib import UsageContext
 
+        from vidlm.models.presets import resolve_model
         from vidlm.models.processing import video_prompt_ids
         from vidlm.models.video_llm import VidlmConfig
 
         started = time.perf_counter()
+        model_dir = str(resolve_model(model_dir))
         self.generation = generation
         self.model_name = model_name
         self.schema = schema

@@ -60,6 +60,7 @@ from vidlm.config import JobConfig, Section
 from vidlm.jobs import Report
 from vidlm.models.vision_tower import FrameEncoder, TowerConfig, tower_model_config
 from vidlm.sampling import SamplingConfig
+from vidlm.storage import location
 from vidlm.writers import write_atomic
 
 __all__ = ["EncodeFrames", "FeaturesConfig", "decode_frames", "features_job", "output_table", "run_features"]
@@ -197,7 +198,7 @@ def run_features(manifest: str | Path, out: str | Path, config: FeaturesConfig) 
         FileNotFoundError: the manifest does not exist.
         ValueError: an unknown preset in ``encode.tower.model``, or more CPUs asked for than the cluster has.
     """
-    out = Path(out).resolve()
+    out = location(out)
     size = tower_model_config(config.encode.tower).image_size
     local = init_ray()
     gpus = num_gpus_in_cluster()

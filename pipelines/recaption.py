@@ -63,6 +63,7 @@ from vidlm.decode import DecodeLimits
 from vidlm.engine import EngineStageConfig, GenerationConfig, engine_count
 from vidlm.jobs import Report
 from vidlm.sampling import SamplingConfig
+from vidlm.storage import is_remote, location
 from vidlm.writers import write_atomic
 
 __all__ = [
@@ -307,8 +308,8 @@ def run_recaption(
     from vidlm.models.presets import resolve_model
     from vidlm.models.video_llm import VidlmConfig
 
-    out = Path(out).resolve()
-    if not Path(manifest).exists():
+    out = location(out)
+    if not location(manifest).exists():
         raise FileNotFoundError(f"manifest not found: {manifest}")
     model_dir = resolve_model(config.model)
     model_config = VidlmConfig.from_pretrained(model_dir)
@@ -361,7 +362,7 @@ def run_recaption(
             ds = ds.map_batches(
                 CaptionClips,
                 fn_constructor_kwargs={
-                    "model_dir": str(model_dir),
+                    "model_dir": config.model if is_remote(config.model) else str(model_dir),  # fetched per node
                     "prompts": config.prompt_texts(),
                     "generation": config.generation,
                     "engine": config.engine,

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipelines._common import read_output_columns
+from vidlm.storage import makedirs
 from vidlm.writers import write_atomic
 
 __all__ = ["write_browser", "write_length_histogram", "write_report"]
@@ -99,11 +100,11 @@ def write_browser(captions_dir: Path, out_dir: Path, caption_columns: list[str],
     files = _files(captions_dir)
     if not files:
         return []
-    summary = pads.dataset(files, format="parquet").to_table(columns=["error_type"]).column("error_type")
+    summary = read_output_columns(captions_dir, ["error_type"]).column("error_type")
     total, failed = len(summary), pc.sum(pc.is_valid(summary)).as_py() or 0
     num_pages = -(-total // clips_per_page)
     names = [out_dir / ("index.html" if i == 0 else f"page-{i + 1:04d}.html") for i in range(num_pages)]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(out_dir)
     nav = "<nav>pages: " + "".join(f'<a href="{p.name}">{i + 1}</a>' for i, p in enumerate(names)) + "</nav>"
     for i, (path, rows) in enumerate(zip(names, _pages(files, clips_per_page), strict=True)):
         cards = "\n".join(_card(r, caption_columns) for r in rows)
@@ -132,7 +133,7 @@ def write_length_histogram(captions_dir: Path, png: Path, caption_columns: list[
     files = _files(captions_dir)
     if not files:
         return None
-    table = pads.dataset(files, format="parquet").to_table(columns=caption_columns)
+    table = read_output_columns(captions_dir, caption_columns)
     lengths = {c: [len(t.split()) for t in table.column(c).to_pylist() if t] for c in caption_columns}
     if not any(lengths.values()):
         return None

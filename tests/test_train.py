@@ -248,18 +248,29 @@ def test_a_lost_node_restarts_the_group_from_checkpoint_to_the_same_losses(topa_
     assert [r["step"] for r in read_metrics(topa_run.out)] == list(range(1, STEPS + 1))
 
 
-def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_the_reason(ray_cluster, tideos, tmp_path):
-    """7 steps with a checkpoint on step 7 (the last); rerunning the finished run resumes there and exports (no
-    step to run); another world size or config is refused before any worker starts; a partial checkpoint stops
-    the workers with what is missing."""
+def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_the_reason(
+    ray_cluster, s3_bucket, tideos, tmp_path
+):
+    """7 steps with a checkpoint on step 7 (the last), kept in ``s3://`` (a real S3 API on loopback); rerunning the
+    finished run resumes there and exports (no step to run); another world size or config is refused before any
+    worker starts; a partial checkpoint stops the workers with what is missing."""
     from ray.train import TrainingFailedError
 
     from training.checkpoints import CheckpointMismatch
+    from vidlm.storage import location
 
     out = tmp_path / "run"
-    final = ["optim.epochs=1", "checkpoint.every_steps=7", "checkpoint.max_failures=0"]
+    storage = location(f"{s3_bucket}/checkpoints")
+    final = [
+        "optim.epochs=1",
+        "checkpoint.every_steps=7",
+        "checkpoint.max_failures=0",
+        f"checkpoint.storage_path={storage}",
+    ]
     first = run_training(prepare_training(_config(tideos, *final)), out)
     assert first.steps == 7 and (out / "checkpoint.json").is_file()
+    assert str(first.checkpoint).startswith(f"{s3_bucket.removeprefix('s3://')}/checkpoints/ray_train/checkpoint_")
+    assert not (out / "ray_train").exists()  # nothing of the checkpoint on the local disk
     (out / "export" / "config.json").unlink()
     again = run_training(prepare_training(_config(tideos, *final)), out)
     assert (out / "export" / "config.json").is_file() and again.steps == 7
@@ -268,7 +279,9 @@ def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_th
         run_training(prepare_training(_config(tideos, *final, "scaling.num_workers=1")), out)
     with pytest.raises(CheckpointMismatch, match=r"optim.lr: 0.003 -> 0.001"):
         run_training(prepare_training(_config(tideos, *final, "optim.lr=1e-3")), out)
-    for rng in (out / "ray_train").glob("checkpoint_*/rng/rank1.pt"):
+    shards = list((storage / "ray_train").glob("checkpoint_*/rng/rank1.pt"))
+    assert shards
+    for rng in shards:
         rng.unlink()
     with pytest.raises(TrainingFailedError, match="rank 1's RNG states"):
         run_training(prepare_training(_config(tideos, *final)), out)

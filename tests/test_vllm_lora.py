@@ -11,7 +11,7 @@ import gc
 
 import numpy as np
 import pytest
-import torch
+from harness import lora_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,7 +35,6 @@ def test_a_lora_adapter_is_served_per_request_as_peft_computes_it(tiny_models, t
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from vidlm.models.lora import LoraSettings, TrainableConfig, apply_trainable
     from vidlm.models.processing import video_prompt_ids
     from vidlm.models.video_llm import VidlmForConditionalGeneration
 
@@ -47,14 +46,7 @@ def test_a_lora_adapter_is_served_per_request_as_peft_computes_it(tiny_models, t
     frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     base_tokens = _greedy_hf(base, ids, frames)
 
-    trainable = TrainableConfig(llm="lora", projector="frozen", lora=LoraSettings(r=8, alpha=16.0))
-    peft_model = apply_trainable(VidlmForConditionalGeneration.from_pretrained(model_dir), trainable)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.eval()
+    peft_model = lora_model(model_dir, rank=8)
     lora_tokens = _greedy_hf(peft_model, ids, frames)
     assert lora_tokens != base_tokens, "the adapter must change the output for the test to mean anything"
     adapter = tmp_path / "my-adapter"

@@ -95,6 +95,11 @@ class CheckpointSection(Section):
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts from the latest checkpoint (Ray Train ``FailureConfig``; -1: no limit)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps the checkpoints (``RunConfig.storage_path``): a folder every node reaches, or an object
+    storage URI (``s3://bucket/prefix``, ``gs://...``; Ray Train uploads each rank's shard there and downloads it on a
+    restart, on any node). ``None``: ``OUT`` (a shared file system on a cluster). Metrics, the export and the adapter
+    stay in ``OUT``."""
 
 
 class ExportSection(Section):

@@ -280,7 +280,7 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
         ),
         run_config=ray.train.RunConfig(
             name="ray_train",
-            storage_path=str(out),
+            storage_path=config.checkpoint.storage_path or str(out),
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
         ),

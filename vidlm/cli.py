@@ -119,8 +119,10 @@ def _run_job(job: Job, values: dict[str, Any]) -> None:
             config = load_config(config_class, values.pop("config"), overrides + ([f"model={model}"] if model else []))
         except ConfigError as err:
             raise _fail(str(err)) from None
+    from vidlm.storage import location
+
     for param in job.params:
-        if param.must_exist and not Path(values[param.name]).exists():
+        if param.must_exist and not location(values[param.name]).exists():
             raise _fail(f"{param.name} not found: {values[param.name]}")
     run = job.run_function()
     kwargs = dict(values, **({"config": config} if config_class is not None else {}))

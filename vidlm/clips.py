@@ -28,13 +28,14 @@ import re
 import string
 from collections.abc import Iterator
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import field_validator
 
 from vidlm.config import ConfigError, Section
+from vidlm.storage import join, location
 
 __all__ = [
     "CLIP_SCHEMA",
@@ -68,6 +69,7 @@ class ErrorType(str, Enum):
     CONTEXT_OVERFLOW = "context_overflow"  # visual + prompt tokens exceed the engine's context
     GENERATION_FAILED = "generation_failed"  # the engine rejected or failed the request
     TOO_LARGE = "too_large"  # frame size, duration or frame count over the decode limits (a decode bomb)
+    READ_FAILED = "read_failed"  # the storage failed a read (object storage: a timeout, a 5xx, no connection)
 
     @property
     def transient(self) -> bool:
@@ -76,8 +78,9 @@ class ErrorType(str, Enum):
         return self in TRANSIENT_ERRORS
 
 
-TRANSIENT_ERRORS = frozenset({ErrorType.GENERATION_FAILED})
-"""Error types a rerun retries: the engine failed the request (an engine restart, a lost actor, a timeout)."""
+TRANSIENT_ERRORS = frozenset({ErrorType.GENERATION_FAILED, ErrorType.READ_FAILED})
+"""Error types a rerun retries: the engine failed the request (an engine restart, a lost actor, a timeout), or the
+storage failed a read."""
 
 
 class ClipError(Exception):
@@ -92,7 +95,7 @@ CLIP_SCHEMA = pa.schema(
     [
         pa.field("clip_id", pa.string(), nullable=False),  # unique within a manifest, stable across runs
         pa.field("video_id", pa.string()),
-        pa.field("path", pa.string()),  # absolute path of the video file
+        pa.field("path", pa.string()),  # absolute path or object storage URI of the video file
         pa.field("start_s", pa.float64()),  # window start, seconds
         pa.field("end_s", pa.float64()),  # window end, seconds; null = end of the video
         pa.field("manifest_line", pa.int64()),  # 1-based line in the manifest (0: directory listing)
@@ -145,7 +148,7 @@ def template_fields(template: str) -> set[str]:
 
 
 def resolve_root(video_root: str | None, manifest: Path) -> Path:
-    """The folder that relative video paths hang from.
+    """The folder that relative video paths hang from (local, or object storage: :func:`vidlm.storage.location`).
 
     Raises:
         FileNotFoundError: a ``pkg://`` root whose package is not installed.
@@ -158,7 +161,7 @@ def resolve_root(video_root: str | None, manifest: Path) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"video_root {video_root!r}: package {package!r} is not installed")
         return Path(list(spec.submodule_search_locations)[0]) / sub
-    return Path(video_root).expanduser()
+    return location(video_root)
 
 
 _TS = re.compile(r"^\s*(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)\s*$")
@@ -272,7 +275,7 @@ def _read_panda70m(manifest: Path, cfg: ManifestConfig) -> Iterator[dict[str, An
             except (ValueError, SyntaxError) as err:  # what _literal_list and parse_timestamp raise on bad text
                 yield _parse_error(source, line, str(err), video_id)
                 continue
-            path = str((root / path) if not Path(path).is_absolute() else Path(path))
+            path = join(root, path)
             extra = {k: v for k, v in fields.items() if k not in PANDA70M_COLUMNS and k != "path"}
             extra["url"] = fields.get("url")
             for i, (start, end) in enumerate(spans):
@@ -295,15 +298,15 @@ def _read_list(manifest: Path, cfg: ManifestConfig) -> Iterator[dict[str, Any]]:
         text = text.strip()
         if not text or text.startswith("#"):
             continue
-        path = Path(text).expanduser()
-        path = path if path.is_absolute() else root / path
-        yield _row(path.stem, path.stem, str(path), line)
+        path = join(root, text)
+        stem = PurePosixPath(path).stem
+        yield _row(stem, stem, path, line)
 
 
 def _read_directory(folder: Path) -> Iterator[dict[str, Any]]:
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
         video_id = path.relative_to(folder).with_suffix("").as_posix()
-        yield _row(video_id, video_id, str(path.resolve()), 0)
+        yield _row(video_id, video_id, str(path), 0)
 
 
 def _read_video2dataset(folder: Path) -> Iterator[dict[str, Any]]:
@@ -317,7 +320,7 @@ def _read_video2dataset(folder: Path) -> Iterator[dict[str, Any]]:
         key = str(meta.get("key") or path.stem)
         caption = txt_path.read_text(encoding="utf-8").strip() if txt_path.exists() else meta.get("caption")
         extra = {k: v for k, v in meta.items() if k not in ("key", "caption")}
-        yield _row(key, str(meta.get("videoID") or key), str(path.resolve()), 0, caption=caption, extra=extra)
+        yield _row(key, str(meta.get("videoID") or key), str(path), 0, caption=caption, extra=extra)
 
 
 _SHARD = re.compile(r"^\d+$")
@@ -334,13 +337,15 @@ def read_manifest(manifest: str | Path, cfg: ManifestConfig | None = None) -> It
     """Yield one clip row (a dict with the columns of :data:`CLIP_SCHEMA`) per clip window.
 
     Rows come in manifest order. A clip id seen before becomes a ``duplicate_clip`` error row whose
-    id is suffixed with its line, so ids stay unique.
+    id is suffixed with its line, so ids stay unique. The manifest, its videos and ``video_root`` may be local
+    paths or object storage URIs (``s3://bucket/key``...: :mod:`vidlm.storage`); relative video paths hang from
+    the manifest's folder (or ``video_root``) in either.
 
     Raises:
         FileNotFoundError: the manifest itself does not exist.
     """
     cfg = cfg or ManifestConfig()
-    manifest = Path(manifest).expanduser().resolve()
+    manifest = location(manifest)
     if not manifest.exists():
         raise FileNotFoundError(f"manifest not found: {manifest}")
     kind = _detect_kind(manifest) if cfg.kind == "auto" else cfg.kind

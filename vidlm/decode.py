@@ -17,17 +17,24 @@ frames a model is trained on and the frames it is served are produced the same w
    side is ``size``; a centre crop makes it ``size x size`` (CLIP's resize + centre-crop), so
    full-resolution frames never leave this function.
 
+A video in object storage (``s3://``, ``gs://``: :mod:`vidlm.storage`) is never copied: PyAV reads it through a
+seekable file that fetches ranges of :data:`vidlm.storage.VIDEO_BLOCK_BYTES` (the header, then the keyframes before
+the sampled frames). decord needs a local file, so remote videos decode with PyAV only. A storage failure while
+reading (a timeout, a 5xx, a refused connection) is a ``read_failed`` row, which a rerun retries.
+
 ``auto`` is the fastest strategy measured by ``bench/features.py`` (16 frames, short/long videos,
 360p/4K); on the machines measured so far that is ``pyav`` in every case, with decord as its fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import av
@@ -38,6 +45,7 @@ from pydantic import Field
 from vidlm.clips import ClipError, ErrorType
 from vidlm.config import Section
 from vidlm.sampling import EmptyWindowError, SamplingConfig, sample_frame_indices
+from vidlm.storage import is_remote, location, open_video
 
 __all__ = [
     "DECORD_MIN_SIDE",
@@ -147,47 +155,79 @@ def probe(source: str | os.PathLike | bytes) -> VideoInfo:
     """Read a video's header and classify files that cannot be decoded.
 
     Args:
-        source: a video file, or the bytes of one (an upload, a ``data:`` URL).
+        source: a video file (a local path or an object storage URI), or the bytes of one (an upload, a ``data:``
+            URL).
 
     Raises:
         ClipError: ``missing_file``, ``empty_file``, ``not_a_video``, ``truncated``,
-            ``no_video_stream`` or ``unknown_codec``.
+            ``no_video_stream``, ``unknown_codec``, or ``read_failed`` (the storage failed a read).
     """
     if isinstance(source, bytes):
         name, head, size = f"<{len(source)} bytes>", source[:12], len(source)
     else:
-        p = Path(source)
-        if not p.is_file():
-            raise ClipError(ErrorType.MISSING_FILE, f"no such file: {p}")
-        name, size = str(p), p.stat().st_size
-        with p.open("rb") as f:
-            head = f.read(12)
+        p = location(source)
+        name = str(p)
+        try:
+            st = p.stat()
+            if stat.S_ISDIR(st.st_mode):
+                raise FileNotFoundError(name)
+            size = st.st_size
+            with p.open("rb") as f:
+                head = f.read(12)
+        except FileNotFoundError:
+            raise ClipError(ErrorType.MISSING_FILE, f"no such file: {name}") from None
+        except Exception as err:  # OSError; object storage clients raise their own (botocore's...)
+            raise _read_failed(err, name) from None
     if size == 0:
         raise ClipError(ErrorType.EMPTY_FILE, f"file is empty (0 bytes): {name}")
-    try:
-        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else name)
-    except av.FFmpegError as err:
-        if _looks_like_container(head):
-            raise ClipError(ErrorType.TRUNCATED, f"container header present but unreadable ({err}): {name}") from None
-        raise ClipError(ErrorType.NOT_A_VIDEO, f"not a video container ({err}): {name}") from None
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise ClipError(ErrorType.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)}): {name}")
-        stream = container.streams.video[0]
-        ctx = stream.codec_context  # None when the demuxer maps the stream to no known codec
-        if ctx is None or not ctx.width:
-            raise ClipError(
-                ErrorType.UNKNOWN_CODEC, f"video stream #{stream.index} has a codec no decoder knows: {name}"
-            )
-        fps = float(stream.average_rate or stream.guessed_rate or 0)
-        if fps <= 0:
-            raise ClipError(ErrorType.CORRUPT_STREAM, f"video stream reports no frame rate: {name}")
-        num_frames = stream.frames
-        if not num_frames:
-            duration = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6
-            num_frames = int(round(float(duration) * fps))
-        return VideoInfo(int(num_frames), fps, ctx.width, ctx.height, ctx.codec.name)
+    with contextlib.ExitStack() as stack:
+        try:
+            container = stack.enter_context(_open_container(io.BytesIO(source) if isinstance(source, bytes) else name))
+        except av.FFmpegError as err:
+            if _looks_like_container(head):
+                raise ClipError(
+                    ErrorType.TRUNCATED, f"container header present but unreadable ({err}): {name}"
+                ) from None
+            raise ClipError(ErrorType.NOT_A_VIDEO, f"not a video container ({err}): {name}") from None
+        except Exception as err:
+            raise _read_failed(err, name) from None
+        return _header(container, name)
+
+
+def _read_failed(err: Exception, name: str) -> ClipError:
+    """The ``read_failed`` error of a video whose storage failed a read; a local file's own error is re-raised."""
+    if not is_remote(name) and not isinstance(err, OSError):
+        raise err
+    return ClipError(ErrorType.READ_FAILED, f"reading the video failed ({type(err).__name__}: {err}): {name}")
+
+
+@contextlib.contextmanager
+def _open_container(source: str | io.BytesIO) -> Iterator[av.container.InputContainer]:
+    """PyAV's container of a local file, bytes, or a remote video read in ranges (:func:`vidlm.storage.open_video`)."""
+    if isinstance(source, str) and is_remote(source):
+        with open_video(source) as f, av.open(f) as container:
+            yield container
+    else:
+        with av.open(source) as container:
+            yield container
+
+
+def _header(container: av.container.InputContainer, name: str) -> VideoInfo:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise ClipError(ErrorType.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)}): {name}")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context  # None when the demuxer maps the stream to no known codec
+    if ctx is None or not ctx.width:
+        raise ClipError(ErrorType.UNKNOWN_CODEC, f"video stream #{stream.index} has a codec no decoder knows: {name}")
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    if fps <= 0:
+        raise ClipError(ErrorType.CORRUPT_STREAM, f"video stream reports no frame rate: {name}")
+    num_frames = stream.frames
+    if not num_frames:
+        duration = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6
+        num_frames = int(round(float(duration) * fps))
+    return VideoInfo(int(num_frames), fps, ctx.width, ctx.height, ctx.codec.name)
 
 
 def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -227,7 +267,7 @@ def _decode_pyav(path: str, indices: np.ndarray, info: VideoInfo, scaled: tuple[
     """Decode forward from keyframe to keyframe; seek only when a keyframe lies before the next wanted frame."""
     unique = np.unique(indices).tolist()
     frames: dict[int, np.ndarray] = {}
-    with av.open(path) as container:
+    with _open_container(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads; with thread_count 1 FFmpeg starts none
         stream.codec_context.thread_count = threads
@@ -281,7 +321,7 @@ def decode_clip(
     """Decode the sampled frames of the window ``[start_s, end_s)`` of one video.
 
     Args:
-        path: video file.
+        path: video file: a local path or an object storage URI (read in ranges, decoded with PyAV).
         sampling: which frames (see :mod:`vidlm.sampling`).
         size: output side in pixels (the encoder's input size, e.g. 224 or 336).
         start_s, end_s: window in seconds; ``None`` for the start / end of the video. Clamped.
@@ -313,7 +353,7 @@ def decode_clip(
     scaled = _scaled_size(info.width, info.height, size)
     frames, backend, failure = None, "", ""
     for attempt in FALLBACKS[strategy]:
-        if attempt != "pyav" and min(scaled) < DECORD_MIN_SIDE:
+        if attempt != "pyav" and (min(scaled) < DECORD_MIN_SIDE or is_remote(path)):
             continue
         try:
             if attempt == "pyav":
@@ -323,6 +363,8 @@ def decode_clip(
         except (av.FFmpegError, ClipError, *_decord_errors()) as err:
             failure = f"{attempt}: {err}"
             continue
+        except Exception as err:  # the storage failed a read (OSError, or the object storage client's own)
+            raise _read_failed(err, str(path)) from None
         backend = attempt if attempt == "pyav" else f"decord-{attempt}"
         break
     if frames is None:

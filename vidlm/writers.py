@@ -17,18 +17,24 @@ from typing import Literal
 import av
 import numpy as np
 
+from vidlm.storage import is_remote, location
+
 __all__ = ["index_level", "write_atomic", "write_panda70m_manifest", "write_video"]
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` all at once: into a temporary file beside it, flushed, then renamed over it.
 
-    A reader sees the old file or the new one, never a part; a kill leaves at most a ``.NAME.*.tmp`` file.
+    A reader sees the old file or the new one, never a part; a kill leaves at most a ``.NAME.*.tmp`` file. In object
+    storage (``s3://``...: :mod:`vidlm.storage`) one upload is already all or nothing.
 
     Returns:
         The path written.
     """
-    path = Path(path)
+    path = location(path)
+    if is_remote(path):
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
@@ -100,7 +106,8 @@ def write_panda70m_manifest(
     windows: list[tuple[str, str]] = (("0:00:00.000", "0:00:02.000"), ("0:00:02.000", "0:00:04.000")),
     repeat: int = 1,
 ) -> Path:
-    """A Panda-70M CSV (with a ``path`` column) giving each video the same clip windows.
+    """A Panda-70M CSV (with a ``path`` column) giving each video the same clip windows; ``path`` and the videos may
+    be object storage URIs, and a relative video path hangs from the manifest's folder.
 
     Clip ids are ``{video}_{i}``, and ``{video}-r{k}_{i}`` for the ``k``-th repeat; window ``i`` has the
     caption ``c{i+1}`` and matching score ``0.5 + 0.1 i``.
@@ -117,6 +124,6 @@ def write_panda70m_manifest(
     for r in range(repeat):
         for vid, p in videos.items():
             lines.append(f'{vid}{"" if r == 0 else f"-r{r}"},u,"{stamps}","{captions}","{scores}",{p}')
-    path = Path(path)
+    path = location(path)
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -43,6 +43,7 @@ from vidlm.models._builders import (
 )
 from vidlm.models.lora import LoraSettings
 from vidlm.models.video_llm import VidlmConfig
+from vidlm.storage import is_remote, location
 
 __all__ = ["PRESETS", "locate_model", "preset_config", "resolve_model"]
 
@@ -221,7 +222,9 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
     """A model directory from a path or a preset name; ``tiny`` and ``smol`` are built once into the cache.
 
     Args:
-        spec: a preset name or a directory holding ``config.json``.
+        spec: a preset name, a directory holding ``config.json``, or such a directory in object storage
+            (``s3://bucket/model``, ``gs://...``: downloaded once into the cache of this node, under a name that
+            changes with its files' sizes and modification times, so an updated model is fetched again).
         llm_only: the caller wants a plain causal LM (the synthetic-data jobs): a preset name then gives the
             preset's LLM (``smol``: SmolLM2-135M-Instruct), a directory is any Hugging Face causal LM.
 
@@ -230,6 +233,8 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
         ValueError: an unknown name, a paper preset (no local weights), or with ``llm_only`` a preset whose LLM is
             not stored on its own (``tiny``: random weights inside the video model).
     """
+    if is_remote(spec):
+        return _download_model(str(spec))
     path = Path(spec)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -252,6 +257,32 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
             write_clip_text(tmp, AutoTokenizer.from_pretrained(smollm2_dir()), model.config.vision_config, 64)
 
     return write_once(cache_dir() / "models" / MATERIALISED_LAYOUT / name, write)
+
+
+def _download_model(uri: str) -> Path:
+    """The local copy of a model directory in object storage (see :func:`resolve_model`).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` under ``uri``.
+    """
+    import hashlib
+
+    remote = location(uri)
+    files = sorted(p for p in remote.rglob("*") if p.is_file())
+    if not any(p.name == "config.json" and p.parent == remote for p in files):
+        raise FileNotFoundError(f"{uri} is not a model directory (no config.json)")
+    stamp = hashlib.sha256(uri.encode())
+    for p in files:
+        info = p.stat()
+        stamp.update(f"{p.relative_to(remote)}:{info.st_size}:{info.st_mtime}".encode())
+
+    def download(tmp: Path) -> None:
+        for p in files:
+            target = tmp / str(p.relative_to(remote))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            p.fs.get_file(p.path, str(target))
+
+    return write_once(cache_dir() / "models" / "remote" / stamp.hexdigest()[:24], download)
 
 
 def locate_model(spec: str | os.PathLike) -> tuple[Path | None, VidlmConfig]:

@@ -1,0 +1,101 @@
+"""Where manifests, videos and outputs live: local paths or object storage URIs (``s3://``, ``gs://``...).
+
+:func:`location` turns a path or URI into a ``pathlib``-style path (`universal_pathlib
+<https://github.com/fsspec/universal_pathlib>`_ over ``fsspec``: ``s3fs``, ``gcsfs``): local paths stay
+:class:`pathlib.Path` objects, so every local behaviour is the standard library's, and object storage gets the same
+``/``, ``exists``, ``glob``, ``read_bytes``, ``write_text``, ``unlink`` and ``open``. Ray Data and pyarrow get the
+URI as a string (``str(location)``) and reach the store through ``pyarrow.fs``.
+
+Both clients find an S3-compatible store the standard way: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the
+usual ``AWS_*`` credentials; Google Cloud Storage through its application default credentials. Nothing here is
+vidlm-specific configuration.
+
+fsspec's listing cache is off for object storage: a job's files are written by other processes (Ray workers,
+pyarrow), and a cached listing would hide them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from upath import UPath
+
+__all__ = ["arrow_files", "is_remote", "join", "location", "makedirs", "open_video", "remove"]
+
+VIDEO_BLOCK_BYTES = 4 * 2**20
+"""Bytes one ranged read of a remote video fetches (fsspec's read-ahead block): a few GETs per clip window."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names object storage (a URI with a scheme other than ``file``), not a local file."""
+    if isinstance(path, UPath):
+        return path.protocol not in ("", "file", "local")
+    text = os.fspath(path) if not isinstance(path, str) else path
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme not in ("file", "local")
+
+
+def location(path: str | os.PathLike) -> Path:
+    """A path to ``path``: a local :class:`pathlib.Path` (``~`` expanded, absolute) or an object storage
+    :class:`upath.UPath` (``s3://bucket/key``, ``gs://bucket/key``; listing cache off).
+
+    Raises:
+        ValueError: an empty path, or a URI scheme no installed fsspec filesystem serves (named).
+    """
+    if isinstance(path, UPath) and is_remote(path):
+        return path
+    text = os.fspath(path)
+    if not text:
+        raise ValueError("empty path")
+    if not is_remote(text):
+        return Path(text.removeprefix("file://")).expanduser().resolve()
+    try:
+        return UPath(text.rstrip("/"), use_listings_cache=False)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"{text}: no filesystem for this URI ({err})") from None
+
+
+def join(root: str | os.PathLike, path: str) -> str:
+    """``path`` when it is absolute (a URI or an absolute local path), else ``root / path``, as a string."""
+    if is_remote(path) or Path(path).expanduser().is_absolute():
+        return path if is_remote(path) else str(Path(path).expanduser())
+    return str(location(root) / path)
+
+
+def open_video(path: str | os.PathLike, block_bytes: int = VIDEO_BLOCK_BYTES):
+    """A seekable binary file of a remote video, read in ranged GETs of ``block_bytes`` (never the whole object).
+
+    Raises:
+        FileNotFoundError: no object at ``path``.
+    """
+    return location(path).open("rb", block_size=block_bytes, cache_type="readahead")
+
+
+def makedirs(path: Path) -> None:
+    """Create the local folder ``path`` with its parents; nothing for object storage (prefixes need no folder, and a
+    missing bucket stays an error rather than being created)."""
+    if not is_remote(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: Path) -> None:
+    """Delete the file or folder (with everything under it) ``path``; nothing if there is none."""
+    if is_remote(path):
+        if path.exists():
+            path.fs.rm(path.path, recursive=True)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def arrow_files(paths: list[Path]) -> tuple[pafs.FileSystem | None, list[str]]:
+    """``(filesystem, paths)`` for pyarrow's readers of several files (``pyarrow.dataset.dataset``), which take no
+    URIs: ``(None, local paths)``, or pyarrow's own filesystem of the first URI with the paths inside it."""
+    if not paths or not is_remote(paths[0]):
+        return None, [str(p) for p in paths]
+    filesystem, _ = pafs.FileSystem.from_uri(str(paths[0]))
+    return filesystem, [str(p).split("://", 1)[1] for p in paths]
