@@ -28,6 +28,7 @@ from pydantic import Field
 from ray.data import DataContext
 from ray.data.checkpoint import CheckpointConfig
 
+from vidlm import metrics
 from vidlm.clips import TRANSIENT_ERRORS, ClipError, ManifestConfig, clips_table
 from vidlm.cluster import Placement, retried_tasks
 from vidlm.config import Section
@@ -121,6 +122,7 @@ def decode_frames(
     ``frame_times_s (T,) float64``, ``num_frames``, ``decoder``; clamps ``start_s`` / ``end_s`` to the
     video. A clip that fails gets ``error`` / ``error_type`` and ``T = 0``.
     """
+    started = time.perf_counter()
     n = len(batch["clip_id"])
     frames, times, decoders = [], [], []
     start_s, end_s = list(batch["start_s"]), list(batch["end_s"])
@@ -150,6 +152,7 @@ def decode_frames(
             times.append(clip.frame_times_s)
             decoders.append(clip.backend)
             start_s[i], end_s[i] = clip.start_s, clip.end_s
+    metrics.stage_seconds("decode", time.perf_counter() - started)
     return {
         **batch,
         "start_s": np.asarray(start_s, np.float64),

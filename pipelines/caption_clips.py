@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines._common import arrow_table, clean_null
+from vidlm import metrics
 from vidlm.clips import ErrorType
 from vidlm.engine import (
     EngineStageConfig,
@@ -156,6 +157,9 @@ class CaptionClips:
     restarts the actor; a rerun resumes).
     """
 
+    JOB = "recaption"
+    """The ``job`` tag of this stage's metrics (:mod:`vidlm.metrics`)."""
+
     def __init__(
         self,
         model_dir: str,
@@ -267,9 +271,11 @@ class CaptionClips:
                 continue
             for template in self.prompts:
                 jobs[i, template] = asyncio.ensure_future(self._generate(batch["clip_id"][i], template, frames[i]))
+        metrics.in_flight(self.JOB, len(jobs))
         results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True), strict=True))
+        metrics.in_flight(self.JOB, 0)
         columns: dict[str, list] = {}
-        tokens = 0
+        tokens = prompt = 0
         for template in self.prompts:
             text, prompt_tokens, output_tokens, finish = [], [], [], []
             for i in range(n):
@@ -287,6 +293,7 @@ class CaptionClips:
                 output_tokens.append(len(out.token_ids) if out else None)
                 finish.append(out.finish_reason if out else None)
                 tokens += len(out.token_ids) if out else 0
+                prompt += len(result.prompt_token_ids) if out else 0
             columns[template] = text
             columns[stat_column(template, "prompt_tokens")] = prompt_tokens
             columns[stat_column(template, "output_tokens")] = output_tokens
@@ -304,6 +311,9 @@ class CaptionClips:
             model=[self.model_name] * n,
             manifest_caption=list(batch["caption"]),
         )
+        metrics.stage_seconds("generate", time.time() - submitted)
+        metrics.clips_done(self.JOB, error_type)
+        metrics.tokens(self.JOB, prompt, tokens)
         if self.progress is not None:
             await self.progress.batch_done.remote(n, tokens, submitted, time.time())
         yield arrow_table({**batch, **columns}, self.schema)

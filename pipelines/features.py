@@ -46,6 +46,7 @@ from pipelines._common import (
     written_clip_ids,
 )
 from pipelines._output import owns_output
+from vidlm import metrics
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import (
     CHECKPOINT_FILTER_CPUS,
@@ -122,6 +123,7 @@ class EncodeFrames:
         self.tower = FrameEncoder(config.tower, device=device)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        started = time.perf_counter()
         missing = {"clip_id", "frames", "num_frames"} - set(batch)
         if missing:
             raise KeyError(f"EncodeFrames needs columns {sorted(missing)}")
@@ -143,7 +145,10 @@ class EncodeFrames:
         if self.config.patch_features:
             empty = np.zeros((0, self.tower.num_patches, self.tower.patch_dim), self.config.dtype)
             columns["patch_features"] = np.split(torch.cat(patches).numpy() if patches else empty, splits)
-        return output_table(batch, columns)
+        table = output_table(batch, columns)
+        metrics.stage_seconds("encode", time.perf_counter() - started)
+        metrics.clips_done("features", table["error_type"].to_pylist())
+        return table
 
 
 OUTPUT_COLUMNS = pa.schema(

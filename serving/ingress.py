@@ -14,6 +14,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.requests import Request
 
 from serving.app import IngressConfig, MiB, ServeConfig
+from vidlm import metrics
 
 __all__ = ["VideoIngress"]
 
@@ -120,6 +121,7 @@ class VideoIngress(OpenAiIngress):
             await self._discard_body(request, self.max_body_bytes)
             retry = str(math.ceil(self.ingress.retry_after_s))  # Serve's own rounding of its Retry-After
             error = RequestError(503, "the endpoint is busy checking other requests; retry later")
+            metrics.request_done(503)
             return JSONResponse(status_code=503, content=error.body(), headers={"Retry-After": retry})
         try:
             body = await self._checked(request)
@@ -127,7 +129,10 @@ class VideoIngress(OpenAiIngress):
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused unread: the upload goes on
                 await self._discard_body(request, 2 * self.max_body_bytes)
+            metrics.request_done(err.status)
             return JSONResponse(status_code=err.status, content=err.body())
         finally:
             self.check_slots.release()
-        return await self._process_llm_request(body, call_method="chat", raw_request=request)
+        response = await self._process_llm_request(body, call_method="chat", raw_request=request)
+        metrics.request_done(getattr(response, "status_code", 200))
+        return response

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # processes export metrics every second (10 s)
 
 
 def _free_port() -> int:

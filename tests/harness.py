@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -97,6 +98,57 @@ TINY_VARIANTS = {
     "mean": {"compressor": {"kind": "mean"}},
 }
 """Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling)."""
+
+
+_SERIES = re.compile(r"^(ray_vidlm_[a-z_]+)\{(.*)\}\s+(\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+_KEPT_LABELS = ("job", "outcome", "kind", "stage", "status", "le")
+
+
+@contextlib.contextmanager
+def scraped_vidlm_metrics(interval_s: float = 1.0) -> Iterator[dict[str, float]]:
+    """While the block runs (and ``interval_s`` after), scrape every node of the connected Ray cluster on its metrics
+    port, as Prometheus does. Yields ``{"name{label=value,...}": value}`` of vidlm's series (:mod:`vidlm.metrics`):
+    per scrape summed over the processes that export them, then the highest seen (a finished actor's series goes)."""
+    import urllib.request
+
+    import ray
+
+    ports = {node["MetricsExportPort"] for node in ray.nodes() if node["Alive"]}
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while True:
+            done = stop.is_set()
+            totals: dict[str, float] = {}
+            for port in ports:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                        text = response.read().decode()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    match = _SERIES.match(line)
+                    if match:
+                        labels = dict(_LABEL.findall(match.group(2)))
+                        kept = ",".join(f"{k}={labels[k]}" for k in _KEPT_LABELS if k in labels)
+                        key = f"{match.group(1)}{{{kept}}}"
+                        totals[key] = totals.get(key, 0.0) + float(match.group(3))
+            for key, value in totals.items():
+                seen[key] = max(seen.get(key, 0.0), value)
+            if done:
+                return
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        time.sleep(interval_s)
+        stop.set()
+        thread.join()
 
 
 def kill_session(sid: int, timeout_s: float = 30.0) -> None:

@@ -189,3 +189,20 @@ def test_every_entrypoint_parses_with_the_vidlm_command_line(name, argv):
         _assert_placements_match_a_node_group(name, config)
     with pytest.raises(usage_error):  # the check can fail: a missing argument is refused
         command.make_context(name_, [], parent=ctx)
+
+
+def test_the_grafana_dashboard_charts_every_vidlm_metric_and_only_those():
+    """``cluster/grafana-vidlm.json``: each query's ``ray_vidlm_*`` series is one of :mod:`vidlm.metrics` (with the
+    suffix Prometheus gives its kind), and each of those is charted."""
+    from vidlm.metrics import METRIC_NAMES
+
+    dashboard = json.loads((REPO / "cluster" / "grafana-vidlm.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs and all(p["datasource"]["type"] == "prometheus" for p in dashboard["panels"] if "targets" in p)
+    charted = set()
+    for expr in exprs:
+        for series in re.findall(r"\bray_(vidlm_\w+)", expr):
+            name = re.sub(r"_(total|bucket|count|sum)$", "", series)
+            assert name in METRIC_NAMES, f"{series} in {expr!r} is no vidlm metric"
+            charted.add(name)
+    assert charted == set(METRIC_NAMES)

