@@ -109,34 +109,42 @@ _KEPT_LABELS = ("job", "outcome", "kind", "stage", "status", "le")
 def scraped_vidlm_metrics(interval_s: float = 1.0) -> Iterator[dict[str, float]]:
     """While the block runs (and ``interval_s`` after), scrape every node of the connected Ray cluster on its metrics
     port, as Prometheus does. Yields ``{"name{label=value,...}": value}`` of vidlm's series (:mod:`vidlm.metrics`):
-    per scrape summed over the processes that export them, then the highest seen (a finished actor's series goes)."""
+    per scrape summed over the processes that export them, the highest seen, less what a scrape before the block
+    found (the session's earlier jobs: counters only grow)."""
     import urllib.request
 
     import ray
 
     ports = {node["MetricsExportPort"] for node in ray.nodes() if node["Alive"]}
+
+    def totals() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for port in ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                match = _SERIES.match(line)
+                if match:
+                    labels = dict(_LABEL.findall(match.group(2)))
+                    kept = ",".join(f"{k}={labels[k]}" for k in _KEPT_LABELS if k in labels)
+                    key = f"{match.group(1)}{{{kept}}}"
+                    found[key] = found.get(key, 0.0) + float(match.group(3))
+        return found
+
+    before = totals()
+    highest: dict[str, float] = {}
     seen: dict[str, float] = {}
     stop = threading.Event()
 
     def scrape() -> None:
         while True:
             done = stop.is_set()
-            totals: dict[str, float] = {}
-            for port in ports:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-                        text = response.read().decode()
-                except OSError:
-                    continue
-                for line in text.splitlines():
-                    match = _SERIES.match(line)
-                    if match:
-                        labels = dict(_LABEL.findall(match.group(2)))
-                        kept = ",".join(f"{k}={labels[k]}" for k in _KEPT_LABELS if k in labels)
-                        key = f"{match.group(1)}{{{kept}}}"
-                        totals[key] = totals.get(key, 0.0) + float(match.group(3))
-            for key, value in totals.items():
-                seen[key] = max(seen.get(key, 0.0), value)
+            for key, value in totals().items():
+                highest[key] = max(highest.get(key, 0.0), value)
+                seen[key] = highest[key] - before.get(key, 0.0)
             if done:
                 return
             stop.wait(interval_s)
