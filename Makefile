@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/synth.py
+	$(BIN)/python bench/plan.py
 
 # A multi-node Ray cluster on this machine (a head that runs no work, labelled worker nodes) until Ctrl-C;
 # jobs run on it with the RAY_ADDRESS it prints. NODES="cpu:1 cpu:1 engine:2" sets the worker nodes.

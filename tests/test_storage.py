@@ -110,3 +110,23 @@ def test_outputs_in_s3_record_their_run_and_refuse_another_configuration(s3_buck
         run("m.csv", out, load_config(FeaturesConfig, None, ["sampling.num_frames=4"]))
     second = run("m.csv", out, load_config(FeaturesConfig, None, ["output.min_rows_per_file=3"]))  # operational
     assert second != first and location(f"{out}/features/part-0.parquet").read_bytes() == b"rows"
+
+
+def test_a_model_in_s3_is_fetched_once_per_version(s3_bucket, tmp_path, monkeypatch):
+    from harness import upload_model
+
+    from vidlm.models.presets import resolve_model
+
+    tiny = resolve_model("tiny")
+    uri = upload_model(tiny, f"{s3_bucket}/models/tiny")
+    monkeypatch.setenv("VIDLM_CACHE", str(tmp_path / "cache"))  # a node that has no copy yet
+    local = resolve_model(uri)
+    assert local.is_relative_to(tmp_path / "cache")
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in tiny.iterdir())
+    assert all((local / p.name).read_bytes() == p.read_bytes() for p in tiny.iterdir())
+    assert resolve_model(uri) == local  # the same files: the cached copy
+    (location(uri) / "README.md").write_text("a new file: another version of the model")
+    again = resolve_model(uri)
+    assert again != local and (again / "README.md").is_file()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(f"{s3_bucket}/models/none")

@@ -5,7 +5,9 @@ This module declares the two jobs for the command line (:mod:`vidlm.jobs`; regis
 
 from pathlib import Path
 
+from training.plan import TRAIN_MFU
 from vidlm.jobs import Job, Param
+from vidlm.plan import DEFAULT_GPU_TYPE, GPU_TYPES
 
 TRAIN = Job(
     "train",
@@ -40,4 +42,36 @@ EVAL_MC = Job(
             default=True,
         ),
     ),
+)
+PLAN_TRAIN = Job(
+    "plan train",
+    "Plan a training run: ZeRO-3 memory per rank, step time at a stated MFU, hours and GPU hours.",
+    run="training.plan:plan_train_job",
+    config="training.config:TrainConfig",
+    params=(
+        Param(
+            "samples",
+            int | None,
+            "training sequences per epoch (default: the rows of data.train)",
+            flags=("--samples",),
+            default=None,
+        ),
+        Param(
+            "gpu_type",
+            str,
+            f"{', '.join(GPU_TYPES)} or cpu",
+            flags=("--gpu-type",),
+            default=DEFAULT_GPU_TYPE,
+        ),
+        Param(
+            "tokens_per_sample",
+            int | None,
+            "mean tokens per sequence (default: data.max_length)",
+            flags=("--tokens-per-sample",),
+            default=None,
+        ),
+        Param("mfu", float, "model FLOPs utilisation", flags=("--mfu",), default=TRAIN_MFU),
+        Param("as_json", bool, "print one JSON object instead of a table", flags=("--json",), default=False),
+    ),
+    model_option=True,
 )

@@ -8,6 +8,7 @@ Every job takes one YAML config (``--config``) plus ``key=value`` overrides, val
     vidlm deploy --config serving/configs/gpu.yaml --address http://HEAD:8265
     vidlm train --config training/configs/topa_tiny.yaml --out runs/topa data.train=runs/textvid/tideos
     vidlm eval mc --benchmark egoschema.jsonl --model runs/topa/export
+    vidlm plan recaption --clips 70800000 --mean-clip-s 8.5 --model llava-video-7b --deadline-h 168
     vidlm doctor
     vidlm submit --address http://HEAD:8265 -- vidlm features /shared/manifest.csv --out /shared/features
     vidlm cluster local     # a multi-node Ray cluster on this machine, to try placement and node loss

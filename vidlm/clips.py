@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from vidlm.config import ConfigError, Section
 from vidlm.storage import join, location
@@ -122,6 +122,9 @@ class ManifestConfig(Section):
     path_template: str = "{root}/{videoID}.mp4"
     """Panda-70M: the file of a row without a ``path`` column; ``{root}`` and any CSV column may appear
     (plain ``{name}`` fields only: no attribute, index, conversion or format spec)."""
+    sample: int | None = Field(None, gt=0)
+    """Only this many clips, evenly spaced through the manifest (a trial run; ``vidlm plan --calibrate``'s probe).
+    ``None``: every clip."""
 
     @field_validator("path_template")
     @classmethod
@@ -367,5 +370,9 @@ def read_manifest(manifest: str | Path, cfg: ManifestConfig | None = None) -> It
 
 
 def clips_table(manifest: str | Path, cfg: ManifestConfig | None = None) -> pa.Table:
-    """All clip rows of a manifest as a table with :data:`CLIP_SCHEMA`."""
-    return pa.Table.from_pylist(list(read_manifest(manifest, cfg)), schema=CLIP_SCHEMA)
+    """All clip rows of a manifest as a table with :data:`CLIP_SCHEMA` (``cfg.sample`` of them, evenly spaced)."""
+    rows = list(read_manifest(manifest, cfg))
+    sample = (cfg or ManifestConfig()).sample
+    if sample is not None and sample < len(rows):
+        rows = [rows[round(i * (len(rows) - 1) / max(sample - 1, 1))] for i in range(sample)]
+    return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)

@@ -268,19 +268,21 @@ def _download_model(uri: str) -> Path:
     import hashlib
 
     remote = location(uri)
-    files = sorted(p for p in remote.rglob("*") if p.is_file())
-    if not any(p.name == "config.json" and p.parent == remote for p in files):
+    root = remote.path.rstrip("/")
+    listing = remote.fs.find(root, detail=True)  # one LIST for every file's size and modification time
+    files = {key[len(root) :].lstrip("/"): info for key, info in sorted(listing.items()) if info["type"] == "file"}
+    if "config.json" not in files:
         raise FileNotFoundError(f"{uri} is not a model directory (no config.json)")
     stamp = hashlib.sha256(uri.encode())
-    for p in files:
-        info = p.stat()
-        stamp.update(f"{p.relative_to(remote)}:{info.st_size}:{info.st_mtime}".encode())
+    for name, info in files.items():
+        modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("ETag")
+        stamp.update(f"{name}:{info['size']}:{modified}".encode())
 
     def download(tmp: Path) -> None:
-        for p in files:
-            target = tmp / str(p.relative_to(remote))
+        for name in files:
+            target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            p.fs.get_file(p.path, str(target))
+            remote.fs.get_file(f"{root}/{name}", str(target))
 
     return write_once(cache_dir() / "models" / "remote" / stamp.hexdigest()[:24], download)
 
