@@ -147,3 +147,15 @@ PLAN_FEATURES = Job(
     config="pipelines.features:FeaturesConfig",
     params=PLAN_PARAMS,
 )
+PLANTED = Job(
+    "planted",
+    "Render videos of simple scenes whose content is known (shapes, colours, motion, order), with Panda-70M "
+    "manifests of their true captions and multiple-choice questions, split into train and test.",
+    run="pipelines.planted:planted_job",
+    config="pipelines.planted:PlantedConfig",
+    params=(
+        Param("out", Path, "output folder (videos/, train.csv, test.csv, *_mc.jsonl)", flags=("--out", "-o")),
+        Param("num", int, "videos to render", flags=("--num", "-n"), default=200),
+        Param("seed", int, "seed of every scene", flags=("--seed",), default=0),
+    ),
+)

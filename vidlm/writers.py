@@ -10,6 +10,7 @@ and metrics).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ import numpy as np
 
 from vidlm.storage import is_remote, location
 
-__all__ = ["index_level", "write_atomic", "write_figure", "write_panda70m_manifest", "write_video"]
+__all__ = ["index_level", "write_atomic", "write_figure", "write_frames", "write_panda70m_manifest", "write_video"]
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
@@ -84,7 +85,52 @@ def write_video(
         gop: keyframe interval in frames (the encoder's default when ``None``).
 
     Returns:
+        The path written (by :func:`write_frames`).
+    """
+    n = round(seconds * fps)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(height + n, width, 3), dtype=np.uint8) if pattern == "texture" else None
+    frames = (
+        np.full((height, width, 3), index_level(i), np.uint8) if base is None else base[i : i + height]  # scrolls
+        for i in range(n)
+    )
+    return write_frames(path, frames, fps, codec, gop)
+
+
+def _mux(path: Path, frames: Iterable[np.ndarray], fps: int, codec: str, gop: int | None) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = None
+        for img in frames:
+            if stream is None:
+                stream = out.add_stream(codec, rate=Fraction(fps))
+                stream.height, stream.width = img.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                if gop:
+                    stream.codec_context.gop_size = gop
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                out.mux(packet)
+        if stream is None:
+            raise ValueError(f"no frames to write to {path}")
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def write_frames(
+    path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 25, codec: str = "libx264", gop: int | None = None
+) -> Path:
+    """Encode RGB frames into a video file (H.264 mp4 by default) with PyAV.
+
+    Args:
+        frames: ``(H, W, 3) uint8`` arrays, all of one size (even sides for ``yuv420p``).
+        fps: frames per second.
+        gop: keyframe interval in frames (the encoder's default when ``None``).
+
+    Returns:
         The path written.
+
+    Raises:
+        ValueError: no frames.
 
     The calling thread's scheduling policy is restored afterwards: the SVT-AV1 encoder (``libsvtav1``) switches
     it to ``SCHED_FIFO`` 99, which every process forked later inherits (a Ray cluster, DeepSpeed workers); there,
@@ -92,29 +138,10 @@ def write_video(
     """
     policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
     try:
-        return _encode(Path(path), seconds, fps, width, height, pattern, codec, gop)
+        return _mux(Path(path), frames, fps, codec, gop)
     finally:
         if os.sched_getscheduler(0) != policy:
             os.sched_setscheduler(0, policy, param)
-
-
-def _encode(path: Path, seconds, fps, width, height, pattern, codec, gop) -> Path:
-    n = round(seconds * fps)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, size=(height + n, width, 3), dtype=np.uint8) if pattern == "texture" else None
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if gop:
-            stream.codec_context.gop_size = gop
-        for i in range(n):
-            flat = base is None
-            img = np.full((height, width, 3), index_level(i), np.uint8) if flat else base[i : i + height]  # scrolls
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 def write_panda70m_manifest(

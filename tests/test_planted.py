@@ -1,0 +1,110 @@
+"""``vidlm planted``: the decoded pixels show what the ground truth says, the manifests and questions are what the jobs
+and ``vidlm eval mc`` read, and a seed gives one corpus."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import av
+import numpy as np
+import pytest
+
+from pipelines.planted import COLOURS, DIRECTIONS, PlantedConfig, write_planted
+from training.eval import load_benchmark
+from vidlm.clips import clips_table
+
+LETTERS = "ABCDE"
+
+
+def _frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _near(pixel: np.ndarray, colour) -> bool:
+    return bool(np.abs(pixel.astype(int) - np.asarray(colour)).max() <= 40)
+
+
+def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
+    config = PlantedConfig()
+    files = write_planted(tmp_path, 12, seed=5, config=config)
+    scenes = [json.loads(line) for line in files["scenes"].read_text().splitlines()]
+    assert len(scenes) == 12 and {len(s["objects"]) for s in scenes} == {1, 2, 3}
+
+    for scene in scenes:
+        frames = _frames(tmp_path / scene["video"])
+        assert frames.shape == (round(config.seconds * config.fps), config.size, config.size, 3)
+        objects = scene["objects"]
+        assert [o["appears"] for o in objects] == sorted(o["appears"] for o in objects)  # listed in order
+        assert len({o["shape"] for o in objects}) == len({o["colour"] for o in objects}) == len(objects)
+        for o in objects:
+            dx, dy = DIRECTIONS[o["direction"]]
+            for t in (o["appears"], len(frames) - 1):  # where the truth puts its centre, the object's colour
+                x = o["start"][0] + dx * o["speed"] * (t - o["appears"])
+                y = o["start"][1] + dy * o["speed"] * (t - o["appears"])
+                assert _near(frames[t, round(y), round(x)], COLOURS[o["colour"]]), (scene["video_id"], o, t)
+            if o["appears"] > 0:  # not there before it appears
+                x, y = o["start"]
+                assert not _near(frames[o["appears"] - 1, round(y), round(x)], COLOURS[o["colour"]])
+
+    train = clips_table(files["train"]).to_pylist()
+    test = clips_table(files["test"]).to_pylist()
+    assert not any(r["error_type"] for r in train + test)
+    assert len(test) == round(12 * config.test_fraction) and len(train) + len(test) == 12
+    assert not {r["video_id"] for r in train} & {r["video_id"] for r in test}  # split by video
+    truth = {s["video_id"]: s["caption"] for s in scenes}
+    for r in train + test:
+        assert r["caption"] == truth[r["video_id"]] and r["end_s"] == config.seconds
+    assert truth["planted_00000"].startswith(
+        f"A {scenes[0]['objects'][0]['colour']} {scenes[0]['objects'][0]['shape']}"
+    )
+
+    asked = Counter()
+    by_id = {s["video_id"]: s for s in scenes}
+    for split in ("train_mc", "test_mc"):
+        for q in load_benchmark(files[split]):
+            scene = by_id[q["id"].rsplit("_q", 1)[0]]
+            objects = scene["objects"]
+            answer = q["options"][LETTERS.index(q["answer"])]
+            assert len(q["options"]) == len(set(q["options"])) == 5
+            asked[q["task_type"]] += 1
+            if q["task_type"] == "count":
+                assert answer == str(len(objects))
+            elif q["task_type"] == "order":
+                assert len(objects) > 1 and answer == f"the {objects[0]['colour']} {objects[0]['shape']}"
+            elif q["task_type"] == "colour":
+                shape = q["question"].removeprefix("What colour is the ").rstrip("?")
+                assert answer == next(o["colour"] for o in objects if o["shape"] == shape)
+            elif q["task_type"] == "shape":
+                colour = q["question"].removeprefix("What shape is the ").removesuffix(" object?")
+                assert answer == next(o["shape"] for o in objects if o["colour"] == colour)
+            else:
+                name = q["question"].removeprefix("Which way does ").removesuffix(" move?")
+                assert answer == next(o["direction"] for o in objects if f"the {o['colour']} {o['shape']}" == name)
+    assert set(asked) == {"colour", "shape", "count", "direction", "order"}
+    assert asked["colour"] == 12 and asked["order"] == sum(len(s["objects"]) > 1 for s in scenes)
+
+    again = write_planted(tmp_path / "again", 12, seed=5, config=config)
+    assert again["scenes"].read_text().replace(str(tmp_path / "again"), "") == files["scenes"].read_text().replace(
+        str(tmp_path), ""
+    )
+    other = write_planted(tmp_path / "other", 12, seed=6, config=config)
+    assert other["scenes"].read_text() != again["scenes"].read_text()
+
+
+def test_planted_command_writes_the_corpus_and_refuses_an_empty_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from vidlm.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--num", "3", "size=64"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert _frames(next((tmp_path / "videos").glob("*.mp4"))).shape[1:] == (64, 64, 3)
+    result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--num", "0"], terminal_width=200)
+    assert result.exit_code == 2 and "--num must be at least 1" in result.output
+    result = runner.invoke(app, ["planted", "--out", str(tmp_path), "size=65"], terminal_width=200)
+    assert result.exit_code == 2 and "size" in result.output
+    with pytest.raises(ValueError):
+        PlantedConfig(max_objects=4)
