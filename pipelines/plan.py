@@ -26,6 +26,10 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from vidlm.clips import ManifestConfig, clips_table
 from vidlm.jobs import Report
@@ -70,6 +74,7 @@ MAX_SAMPLE = 128
 """The most clips ``--calibrate`` samples by default."""
 
 
+@dataclass(frozen=True)
 class Corpus:
     """Clips to plan for: how many, how long, and where a calibration samples them.
 
@@ -81,9 +86,23 @@ class Corpus:
         manifest_clips: clips of that manifest.
     """
 
-    def __init__(self, clips: int, mean_clip_s: float, source: str, manifest: str | None = None, manifest_clips=0):
-        self.clips, self.mean_clip_s, self.source = clips, mean_clip_s, source
-        self.manifest, self.manifest_clips = manifest, manifest_clips
+    clips: int
+    mean_clip_s: float
+    source: str
+    manifest: str | None = None
+    manifest_clips: int = 0
+
+    def sample(self, cfg: ManifestConfig, clips: int) -> pa.Table:
+        """``clips`` clip rows evenly spaced through the manifest (``manifest.sample``), error rows left out.
+
+        Raises:
+            ValueError: fewer than 2 rows without an error.
+        """
+        table = clips_table(self.manifest, cfg.model_copy(update={"sample": clips}))
+        table = table.filter(pc.is_null(table["error_type"]))
+        if table.num_rows < 2:
+            raise ValueError(f"--calibrate: the sample of {clips} clips has fewer than 2 clips without an error row")
+        return table
 
 
 def corpus(manifest: str | None, cfg: ManifestConfig, clips: int | None, mean_clip_s: float | None) -> Corpus:
@@ -130,47 +149,37 @@ def _text_tokens(prompt: str) -> int:
     return math.ceil(len(prompt) / TEXT_CHARS_PER_TOKEN) + CHAT_TEMPLATE_TOKENS
 
 
-def _sample_size(config, manifest_clips: int, sample: int | None) -> int:
+def _sample_size(in_flight: int, manifest_clips: int, sample: int | None) -> int:
+    """``--sample``, or two waves of ``in_flight`` clips (at most :data:`MAX_SAMPLE`), within the manifest."""
     if sample is not None:
         if sample < 2:
             raise ValueError(f"--sample must be at least 2 clips, got {sample}")
         return min(sample, manifest_clips)
-    engine = getattr(config, "engine", None)
-    in_flight = engine.batch_size * engine.max_concurrent_batches if engine is not None else config.encode.batch_size
     return max(2, min(manifest_clips, 2 * in_flight, MAX_SAMPLE))
 
 
-def _decode_probe(corpus: Corpus, config, sample: int, sampling, size: int) -> float:
-    """Clips one decode task decodes per second per CPU, on the cluster (see the module)."""
+def _decode_probe(rows: pa.Table, config, sampling, size: int) -> float:
+    """Clips one decode task decodes per second per CPU, on the cluster, after one clip of warm-up (see the module).
+
+    Args:
+        rows: clip rows (:meth:`Corpus.sample`).
+    """
     import ray
 
     from pipelines._common import decode_frames
 
-    rows = clips_table(corpus.manifest, config.manifest.model_copy(update={"sample": sample})).to_pylist()
-    rows = [r for r in rows if not r["error_type"]]
-    if len(rows) < 2:
-        raise ValueError(f"--calibrate: the sample of {sample} clips has fewer than 2 clips without an error row")
+    kwargs = {"sampling": sampling, "size": size, "strategy": config.decode.strategy, "limits": config.decode.limits}
 
-    def run(rows: list[dict]) -> float:
-        def batch(chunk):
-            return {k: [r[k] for r in chunk] for k in chunk[0]}
-
-        kwargs = {
-            "sampling": sampling,
-            "size": size,
-            "strategy": config.decode.strategy,
-            "limits": config.decode.limits,
-        }
-        decode_frames(batch(rows[:1]), **kwargs)  # imports, codec set-up
+    def run(rows: pa.Table) -> float:
+        decode_frames(rows.slice(0, 1).to_pydict(), **kwargs)  # imports, codec set-up
         started = time.perf_counter()
-        for row in rows[1:]:
-            decode_frames(batch([row]), **kwargs)
-        return (len(rows) - 1) / max(time.perf_counter() - started, 1e-9)
+        for i in range(1, rows.num_rows):
+            decode_frames(rows.slice(i, 1).to_pydict(), **kwargs)
+        return (rows.num_rows - 1) / max(time.perf_counter() - started, 1e-9)
 
     args = config.decode.task_args()
     args.pop("memory", None)
-    task = ray.remote(run).options(**args)
-    return ray.get(task.remote(rows)) / config.decode.num_cpus
+    return ray.get(ray.remote(run).options(**args).remote(rows)) / config.decode.num_cpus
 
 
 @contextlib.contextmanager
@@ -332,8 +341,6 @@ def calibrate_recaption(config, corpus: Corpus, sample: int | None, probe_out: s
     Raises:
         ValueError: no manifest to sample, or a sample without two good clips.
     """
-    import pyarrow.compute as pc
-
     from pipelines._common import read_output_columns
     from pipelines.caption_clips import stat_column
     from pipelines.recaption import run_recaption
@@ -343,10 +350,12 @@ def calibrate_recaption(config, corpus: Corpus, sample: int | None, probe_out: s
 
     if corpus.manifest is None:
         raise ValueError("--calibrate samples the manifest: give MANIFEST (--clips may still set the corpus size)")
-    n = _sample_size(config, corpus.manifest_clips, sample)
+    engine = config.engine
+    n = _sample_size(engine.batch_size * engine.max_concurrent_batches, corpus.manifest_clips, sample)
     model_config = locate_model(config.model)[1]
     init_ray()
-    decode = _decode_probe(corpus, config, n, config.sampling or model_config.sampling_config, model_config.image_size)
+    sampling = config.sampling or model_config.sampling_config
+    decode = _decode_probe(corpus.sample(config.manifest, n), config, sampling, model_config.image_size)
     with _probe(run_recaption, corpus, config, n, probe_out) as (summary, wall):
         if not summary.new_clips or "steady clips/s" not in summary.rates:
             raise ValueError("--calibrate: the probe's engines captioned no clip (see the probe's output)")
@@ -387,12 +396,14 @@ def plan_recaption_job(
     as_json: bool = False,
 ) -> Report | None:
     """``vidlm plan recaption``: :func:`plan_recaption` (after :func:`calibrate_recaption` with ``--calibrate``)."""
-    data = (manifest, clips, mean_clip_s, calibrate, sample, probe_out, as_json)
     return _plan_job(
-        calibrate_recaption,
+        calibrate_recaption if calibrate else None,
         plan_recaption,
         config,
-        *data,
+        corpus(manifest, config.manifest, clips, mean_clip_s),
+        sample,
+        probe_out,
+        as_json,
         gpu_type=gpu_type,
         gpus=gpus,
         deadline_h=deadline_h,
@@ -401,15 +412,14 @@ def plan_recaption_job(
 
 
 def _plan_job(
-    calibrate_with, plan_with, config, manifest, clips, mean_clip_s, calibrate, sample, probe_out, as_json, **kwargs
+    calibrate_with, plan_with, config, data: Corpus, sample, probe_out, as_json: bool, gpu_type: str | None, **kwargs
 ) -> Report | None:
-    """The body of the plan jobs: the corpus, the calibration if asked for, the plan, printed (``--json``) or
-    returned as a table."""
+    """The body of the plan jobs: the calibration (``calibrate_with``, or ``None``), the plan, printed (``--json``)
+    or returned as a table."""
     with quiet_stdout(as_json):
-        data = corpus(manifest, config.manifest, clips, mean_clip_s)
-        calibration = calibrate_with(config, data, sample, probe_out) if calibrate else None
-        kwargs["gpu_type"] = kwargs["gpu_type"] or (_cluster_hardware() if calibration else DEFAULT_GPU_TYPE)
-        plan = plan_with(config, data, calibration=calibration, **kwargs)
+        calibration = calibrate_with(config, data, sample, probe_out) if calibrate_with else None
+        gpu_type = gpu_type or (_cluster_hardware() if calibration else DEFAULT_GPU_TYPE)
+        plan = plan_with(config, data, gpu_type, calibration=calibration, **kwargs)
     return finish(plan, as_json)
 
 
@@ -456,12 +466,8 @@ def plan_features(
     embed_dim = model_config.projection_dim or model_config.vision_config.hidden_size
     clip_bytes = frames * embed_dim * value
     if config.encode.patch_features:
-        clip_bytes += (
-            frames
-            * (costs.patches_per_frame - 1 + int(not model_config.vision_config.model_type.startswith("clip")))
-            * model_config.vision_config.hidden_size
-            * value
-        )
+        vision = model_config.vision_config
+        clip_bytes += frames * (vision.image_size // vision.patch_size) ** 2 * vision.hidden_size * value
     plan = Plan(
         f"vidlm plan features: {config.encode.tower.model} on {'this cluster (calibrated)' if calibration else hw.name}"
     )
@@ -496,33 +502,31 @@ def plan_features(
     return plan
 
 
-def _encode_probe(corpus: Corpus, config, sample: int, size: int, gpus: int) -> float:
+def _encode_probe(rows: pa.Table, config, size: int, gpus: int) -> float:
     """Clips one encode actor encodes per second (after one batch of warm-up), on the cluster: the job's
-    :class:`~pipelines.features.EncodeFrames` on the sample's decoded frames, with the actor's resources."""
+    :class:`~pipelines.features.EncodeFrames` with the actor's resources, on the clips ``rows`` decoded in the same
+    task beforehand (untimed)."""
     import ray
 
     from pipelines._common import decode_frames
     from pipelines.features import EncodeFrames
 
-    rows = clips_table(corpus.manifest, config.manifest.model_copy(update={"sample": sample})).to_pylist()
-    columns = {k: [r[k] for r in rows] for k in rows[0]}
     kwargs = {"sampling": config.sampling, "size": size, "strategy": config.decode.strategy}
-    decoded = decode_frames(columns, **kwargs, limits=config.decode.limits)
-    decoded = {k: list(v) for k, v in decoded.items()}
     batch = config.encode.batch_size
 
-    def run(decoded: dict) -> float:
+    def run(rows: pa.Table) -> float:
+        decoded = decode_frames(rows.to_pydict(), **kwargs, limits=config.decode.limits)
         encoder = EncodeFrames(config.encode)
-        n = len(decoded["clip_id"])
-        chunks = [{k: v[i : i + batch] for k, v in decoded.items()} for i in range(0, n, batch)]
+        chunks = [{k: list(v[i : i + batch]) for k, v in decoded.items()} for i in range(0, rows.num_rows, batch)]
         encoder(dict(chunks[0]))  # warm-up
+        timed = chunks[1:] or chunks
         started = time.perf_counter()
-        for chunk in chunks[1:] or chunks:
+        for chunk in timed:
             encoder(dict(chunk))
-        return (n - len(chunks[0]) if len(chunks) > 1 else n) / max(time.perf_counter() - started, 1e-9)
+        return sum(len(c["clip_id"]) for c in timed) / max(time.perf_counter() - started, 1e-9)
 
     args = {"num_cpus": config.encode.num_cpus, "num_gpus": 1 if gpus else 0, **config.encode.placement.ray_args()}
-    return ray.get(ray.remote(run).options(**args).remote(decoded))
+    return ray.get(ray.remote(run).options(**args).remote(rows))
 
 
 def calibrate_features(config, corpus: Corpus, sample: int | None, probe_out: str | None) -> dict[str, float]:
@@ -544,12 +548,13 @@ def calibrate_features(config, corpus: Corpus, sample: int | None, probe_out: st
 
     if corpus.manifest is None:
         raise ValueError("--calibrate samples the manifest: give MANIFEST (--clips may still set the corpus size)")
-    n = _sample_size(config, corpus.manifest_clips, sample)
+    n = _sample_size(config.encode.batch_size, corpus.manifest_clips, sample)
     init_ray()
     gpus = num_gpus_in_cluster()
     size = tower_model_config(config.encode.tower).image_size
-    decode = _decode_probe(corpus, config, n, config.sampling, size)
-    encode = _encode_probe(corpus, config, n, size, gpus)
+    rows = corpus.sample(config.manifest, n)
+    decode = _decode_probe(rows, config, config.sampling, size)
+    encode = _encode_probe(rows, config, size, gpus)
     actors = config.encode.num_actors or max(1, gpus)
     spare = max(ray.cluster_resources().get("CPU", 1) - actors * config.encode.num_cpus, 1)
     clips_per_s = min(actors * encode, spare * decode)
@@ -580,7 +585,15 @@ def plan_features_job(
     as_json: bool = False,
 ) -> Report | None:
     """``vidlm plan features``: :func:`plan_features` (after :func:`calibrate_features` with ``--calibrate``)."""
-    data = (manifest, clips, mean_clip_s, calibrate, sample, probe_out, as_json)
     return _plan_job(
-        calibrate_features, plan_features, config, *data, gpu_type=gpu_type, gpus=gpus, deadline_h=deadline_h
+        calibrate_features if calibrate else None,
+        plan_features,
+        config,
+        corpus(manifest, config.manifest, clips, mean_clip_s),
+        sample,
+        probe_out,
+        as_json,
+        gpu_type=gpu_type,
+        gpus=gpus,
+        deadline_h=deadline_h,
     )

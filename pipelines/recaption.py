@@ -29,10 +29,10 @@ in-flight batches at once.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import re
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -232,6 +232,27 @@ def decode_for_captions(
     return out
 
 
+LATENCY_WINDOW = 4096
+"""Batches whose latencies :class:`RecaptionProgress` keeps (the latest), for the job's ``paced clips/s``."""
+
+
+def _median_latency(latencies) -> float:
+    """The median latency of a clip (:func:`statistics.median` over clips), from ``(seconds, clips)`` per batch: each
+    batch's clips share its latency."""
+    ordered = sorted(latencies)
+    n = sum(c for _, c in ordered)
+
+    def nth(index: int) -> float:  # the index-th clip's latency, clips in latency order
+        seen = 0
+        for seconds, clips in ordered:
+            seen += clips
+            if index < seen:
+                return seconds
+        return 0.0
+
+    return (nth((n - 1) // 2) + nth(n // 2)) / 2 if n else 0.0
+
+
 @ray.remote(num_cpus=0)
 class RecaptionProgress:
     """Counts what the engine actors finished, for the progress bar and the steady-state rates.
@@ -245,7 +266,8 @@ class RecaptionProgress:
         self.engine_start_s: list[float] = []
         self.first_request = None  # when the first engine got its first clip
         self.last_done = None
-        self.latencies: list[float] = []  # seconds from submission to return, one entry per clip
+        # (seconds from submission to return, clips) of the latest batches: a bounded window, whatever the corpus
+        self.latencies: collections.deque[tuple[float, int]] = collections.deque(maxlen=LATENCY_WINDOW)
 
     def engine_started(self, seconds: float) -> None:
         self.engine_start_s.append(seconds)
@@ -255,7 +277,7 @@ class RecaptionProgress:
         self.output_tokens += output_tokens
         self.first_request = submitted if self.first_request is None else min(self.first_request, submitted)
         self.last_done = done if self.last_done is None else max(self.last_done, done)
-        self.latencies += [done - submitted] * clips
+        self.latencies.append((done - submitted, clips))
 
     def snapshot(self) -> dict:
         return dict(self.__dict__)
@@ -396,7 +418,7 @@ def run_recaption(
         summary.rates["steady output tokens/s"] = snap["output_tokens"] / steady
         # Little's law: engines holding their full in-flight clips each return them at in-flight / latency
         in_flight = min(config.engine.batch_size * config.engine.max_concurrent_batches, snap["clips"] / engines)
-        summary.rates["paced clips/s"] = engines * in_flight / max(statistics.median(snap["latencies"]), 1e-6)
+        summary.rates["paced clips/s"] = engines * in_flight / max(_median_latency(snap["latencies"]), 1e-6)
     write_report(out, captions_dir, config)
     record = {"manifest_clips": n_clips, "model": config.model, **summary.to_dict()}
     write_atomic(out / "summary.json", json.dumps(record, indent=2))

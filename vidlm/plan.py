@@ -430,12 +430,12 @@ def cluster_plan(
         corpus: the clips (``clips`` count).
         hw: the accelerator and its node.
         tp: accelerators per engine.
+        clip_s: engine (or encode actor) seconds per clip at full load.
         startup_s: seconds before the first clip.
         decode_per_cpu: clips one CPU decodes per second.
         engine_cpus: CPUs each engine reserves.
-        deadline_h: hours to finish within (the engines follow), or ``None``.
-        clip_s: engine (or encode actor) seconds per clip at full load.
         engines: engines when there is no deadline.
+        deadline_h: hours to finish within (the engines follow), or ``None``.
 
     Returns:
         Whether decode is short of CPUs (the engines wait on it).
