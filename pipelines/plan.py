@@ -115,9 +115,7 @@ def corpus(manifest: str | None, cfg: ManifestConfig, clips: int | None, mean_cl
     from vidlm.clips import ClipError
     from vidlm.decode import probe
 
-    for name, value in (("--clips", clips), ("--mean-clip-s", mean_clip_s)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+    _require_positive(clips=clips, mean_clip_s=mean_clip_s)
     if manifest is None:
         if clips is None or mean_clip_s is None:
             raise ValueError("give a MANIFEST, or the corpus as --clips N --mean-clip-s SECONDS")
@@ -143,6 +141,13 @@ def corpus(manifest: str | None, cfg: ManifestConfig, clips: int | None, mean_cl
     n = clips or len(rows)
     source = f"{n:,} clips" + (" (given)" if clips else "") + f" of {mean_clip_s:.3g} s mean, from {manifest}"
     return Corpus(n, mean_clip_s, source, manifest, len(table))
+
+
+def _require_positive(**options: float | None) -> None:
+    """Raises ``ValueError`` naming the first option given (not ``None``) that is not positive."""
+    for name, value in options.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def _text_tokens(prompt: str) -> int:
@@ -416,6 +421,7 @@ def _plan_job(
 ) -> Report | None:
     """The body of the plan jobs: the calibration (``calibrate_with``, or ``None``), the plan, printed (``--json``)
     or returned as a table."""
+    _require_positive(**kwargs)
     with quiet_stdout(as_json):
         calibration = calibrate_with(config, data, sample, probe_out) if calibrate_with else None
         gpu_type = gpu_type or (_cluster_hardware() if calibration else DEFAULT_GPU_TYPE)

@@ -203,10 +203,12 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
         ``name -> path`` of the files written (``train``, ``test``, ``train_mc``, ``test_mc``, ``scenes``).
 
     Raises:
-        ValueError: ``num`` < 1.
+        ValueError: ``num`` < 1 or a negative ``seed``.
     """
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
+    if seed < 0:
+        raise ValueError(f"--seed must be 0 or more (numpy's seeds are non-negative), got {seed}")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     held = max(1, round(num * config.test_fraction)) if num > 1 and config.test_fraction else 0

