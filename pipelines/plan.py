@@ -37,11 +37,11 @@ from vidlm.plan import (
     BANDWIDTH_UTILISATION,
     DECODE_FRAMES_PER_CPU_S,
     DEFAULT_GPU_TYPE,
-    GPU_TYPES,
     PREFILL_MFU,
     TOWER_START_S,
     EngineModel,
     Plan,
+    cluster_hardware,
     cluster_plan,
     dtype_bytes,
     finish,
@@ -50,6 +50,7 @@ from vidlm.plan import (
     model_costs,
     planned_dtype,
     quiet_stdout,
+    require_positive,
     smallest_tensor_parallel,
 )
 
@@ -115,7 +116,7 @@ def corpus(manifest: str | None, cfg: ManifestConfig, clips: int | None, mean_cl
     from vidlm.clips import ClipError
     from vidlm.decode import probe
 
-    _require_positive(clips=clips, mean_clip_s=mean_clip_s)
+    require_positive(clips=clips, mean_clip_s=mean_clip_s)
     if manifest is None:
         if clips is None or mean_clip_s is None:
             raise ValueError("give a MANIFEST, or the corpus as --clips N --mean-clip-s SECONDS")
@@ -141,13 +142,6 @@ def corpus(manifest: str | None, cfg: ManifestConfig, clips: int | None, mean_cl
     n = clips or len(rows)
     source = f"{n:,} clips" + (" (given)" if clips else "") + f" of {mean_clip_s:.3g} s mean, from {manifest}"
     return Corpus(n, mean_clip_s, source, manifest, len(table))
-
-
-def _require_positive(**options: float | None) -> None:
-    """Raises ``ValueError`` naming the first option given (not ``None``) that is not positive."""
-    for name, value in options.items():
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def _text_tokens(prompt: str) -> int:
@@ -421,27 +415,12 @@ def _plan_job(
 ) -> Report | None:
     """The body of the plan jobs: the calibration (``calibrate_with``, or ``None``), the plan, printed (``--json``)
     or returned as a table."""
-    _require_positive(**kwargs)
+    require_positive(**kwargs)
     with quiet_stdout(as_json):
         calibration = calibrate_with(config, data, sample, probe_out) if calibrate_with else None
-        gpu_type = gpu_type or (_cluster_hardware() if calibration else DEFAULT_GPU_TYPE)
+        gpu_type = gpu_type or (cluster_hardware() if calibration else DEFAULT_GPU_TYPE)
         plan = plan_with(config, data, gpu_type, calibration=calibration, **kwargs)
     return finish(plan, as_json)
-
-
-def _cluster_hardware() -> str:
-    """The hardware key of the connected cluster: ``cpu`` without GPUs, else the GPU type Ray names if known."""
-    import ray
-
-    from vidlm.cluster import num_gpus_in_cluster
-
-    if not num_gpus_in_cluster():
-        return "cpu"
-    for key in ray.cluster_resources():  # Ray's accelerator_type:H100 resources
-        name = key.removeprefix("accelerator_type:").lower()
-        if key.startswith("accelerator_type:") and name in GPU_TYPES:
-            return name
-    return DEFAULT_GPU_TYPE
 
 
 def plan_features(

@@ -157,6 +157,8 @@ def test_train_plan_gives_zero3_memory_and_step_time_of_the_72b_recipe():
     assert a100["step_s"] > 3 * plan["step_s"] and a100["fits"] == (plan["model_states_per_rank_gib"] < 40)
     with pytest.raises(ValueError, match=r"--mfu must be in \(0, 1\]"):
         plan_train(config, samples, "h100", mfu=1.5)
+    with pytest.raises(ValueError, match="--tokens-per-sample must be positive, got -8"):
+        plan_train(config, samples, "h100", tokens_per_sample=-8)
 
 
 def test_plan_commands_print_tables_and_json_and_exit_2_on_bad_input(tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from vidlm.jobs import Report
-from vidlm.plan import DEFAULT_GPU_TYPE, GiB, Plan, finish, hardware, model_costs, quiet_stdout
+from vidlm.plan import DEFAULT_GPU_TYPE, GiB, Plan, finish, hardware, model_costs, quiet_stdout, require_positive
 
 __all__ = ["TRAIN_MFU", "plan_train", "plan_train_job"]
 
@@ -45,8 +45,7 @@ def plan_train(
     """
     from training.trainer import model_config_of, plan_training
 
-    if samples <= 0 or (tokens_per_sample is not None and tokens_per_sample <= 0):
-        raise ValueError("--samples and --tokens-per-sample must be positive")
+    require_positive(samples=samples, tokens_per_sample=tokens_per_sample)
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     hw = hardware(gpu_type)

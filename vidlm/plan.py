@@ -40,6 +40,7 @@ __all__ = [
     "PREFILL_MFU",
     "TOWER_START_S",
     "EngineModel",
+    "cluster_hardware",
     "cluster_plan",
     "cpu_hardware",
     "dtype_bytes",
@@ -49,6 +50,7 @@ __all__ = [
     "model_costs",
     "planned_dtype",
     "quiet_stdout",
+    "require_positive",
 ]
 
 GiB = 2**30
@@ -470,3 +472,29 @@ def cluster_plan(
             "(decode.placement) to reach the engines' rate"
         )
     return rate < demand
+
+
+def require_positive(**options: float | None) -> None:
+    """Checks command-line counts and durations (keyword names are the options with ``-`` as ``_``).
+
+    Raises:
+        ValueError: naming the first option given (not ``None``) that is not positive.
+    """
+    for name, value in options.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def cluster_hardware() -> str:
+    """The hardware key of the connected cluster: ``cpu`` without GPUs, else the GPU type Ray names if known."""
+    import ray
+
+    from vidlm.cluster import num_gpus_in_cluster
+
+    if not num_gpus_in_cluster():
+        return "cpu"
+    for key in ray.cluster_resources():  # Ray's accelerator_type:H100 resources
+        name = key.removeprefix("accelerator_type:").lower()
+        if key.startswith("accelerator_type:") and name in GPU_TYPES:
+            return name
+    return DEFAULT_GPU_TYPE
