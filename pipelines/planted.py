@@ -10,7 +10,9 @@ machine. It writes:
 
 - ``videos/planted_NNNNN.mp4``;
 - ``train.csv`` / ``test.csv``: Panda-70M manifests (one clip window per video: the whole video), split by video,
-  whose ``caption`` is the ground truth, e.g. ``A red circle moves left. Then a blue square appears and moves up.``;
+  whose ``caption`` is the ground truth, e.g. ``A red circle moves left. Then a blue square appears and moves up.``,
+  and whose ``conversations`` (LLaVA's layout, which ``vidlm train``'s ``video`` recipe reads) ask for the caption,
+  then each of the video's questions;
 - ``train_mc.jsonl`` / ``test_mc.jsonl``: multiple-choice questions in the EgoSchema / MVBench layout that
   ``vidlm eval mc`` reads (``video``, ``question``, five ``options``, ``answer``, ``task_type``): ``colour``,
   ``shape``, ``count``, ``direction`` and, with two objects or more, ``order`` (the last two need the frames in
@@ -196,6 +198,17 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
     return rows
 
 
+def conversations(scene: Scene, rows: list[dict]) -> str:
+    """The LLaVA ``conversations`` of a video (JSON): its caption asked for with the training recipes' caption
+    prompt, then each of its questions asked and answered as ``vidlm eval mc`` asks and scores them."""
+    from training.config import DataConfig
+    from training.data import LETTERS, mc_answer, mc_prompt
+
+    turns = [(f"<image>\n{DataConfig().caption_prompt}", scene.caption())]
+    turns += [(mc_prompt(r["question"], r["options"]), mc_answer(LETTERS[r["answer"]])) for r in rows]
+    return json.dumps([m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})])
+
+
 def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -> dict[str, Path]:
     """Render ``num`` planted videos into ``out`` with their manifests and questions (see the module).
 
@@ -229,12 +242,11 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
         files[split] = out / f"{split}.csv"
         with files[split].open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["videoID", "url", "timestamp", "caption", "matching_score", "path"])
-            for scene, _ in items:
+            writer.writerow(["videoID", "url", "timestamp", "caption", "matching_score", "path", "conversations"])
+            for scene, rows in items:
                 path = f"videos/{scene.video_id}.mp4"
-                writer.writerow(
-                    [scene.video_id, "", repr([["0:00:00.000", end]]), repr([scene.caption()]), "[1.0]", path]
-                )
+                window, caption = repr([["0:00:00.000", end]]), repr([scene.caption()])
+                writer.writerow([scene.video_id, "", window, caption, "[1.0]", path, conversations(scene, rows)])
         files[f"{split}_mc"] = out / f"{split}_mc.jsonl"
         with files[f"{split}_mc"].open("w") as f:
             for scene, rows in items:

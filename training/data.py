@@ -9,10 +9,14 @@ Input contracts (parquet, read with Ray Data):
 - Clips (``video``; what ``vidlm features`` writes): ``clip_id``, ``caption``, ``extra`` (the manifest's
   other columns as JSON; a ``conversations`` list in LLaVA's ``{"from": "human"|"gpt", "value"}`` layout
   is used when present) and ``patch_features (T, h*w, Dv)`` or ``embeddings (T, D)``. Error rows are skipped.
+- Videos (``video``, ``data.train`` a manifest file: CSV, JSONL... as the jobs read it): each clip's frames are
+  decoded in the training's Ray Data ingest with the model's frame sampling (:func:`frame_samples`), so the vision
+  tower can train too (``trainable.vision_tower: full``); the conversation as for feature rows.
 
 Output rows (:data:`SAMPLE_COLUMNS`): ``input_ids (L,) int64`` with the video placeholder already repeated
 ``num_visual_tokens(T)`` times, ``labels (L,) int64`` (``-100`` everywhere but the assistant's answers and
-their end-of-turn tokens: LLaVA's masking), ``features`` (the tower features the model projects), ``task``.
+their end-of-turn tokens: LLaVA's masking), ``features`` (the tower features the model projects, or the clip's
+frames), ``task``.
 
 Every prompt is rendered by the tokenizer's chat template; an assistant turn's labels are the tokens the
 template adds after the generation prompt, so training and inference see the same text.
@@ -32,6 +36,7 @@ __all__ = [
     "SAMPLE_COLUMNS",
     "collate",
     "conversation_ids",
+    "frame_samples",
     "mc_answer",
     "mc_prompt",
     "read_memory",
@@ -199,12 +204,8 @@ def tideo_samples(row: dict[str, Any], model_dir: str, tasks: tuple[str, ...], m
     return [s for s in out if s is not None]
 
 
-def clip_samples(
-    row: dict[str, Any], model_dir: str, feature_column: str, caption_prompt: str, max_length: int
-) -> list[dict]:
-    """The conversation of one clip of ``vidlm features``' output (LLaVA's ``conversations``, else its caption)."""
-    if row.get("error") or row.get(feature_column) is None or not len(row[feature_column]):
-        return []
+def _turns(row: dict[str, Any], model_dir: str, caption_prompt: str) -> list[tuple[str, str]]:
+    """A clip's ``(user, assistant)`` turns: LLaVA's ``conversations`` in ``extra``, else its caption."""
     extra = json.loads(row["extra"]) if row.get("extra") else {}
     conversations = extra.get("conversations") or []
     if isinstance(conversations, str):  # a manifest column holding LLaVA's JSON
@@ -220,9 +221,44 @@ def clip_samples(
             pending = None
     if not turns and row.get("caption"):
         turns = [(caption_prompt, row["caption"])]
+    return turns
+
+
+def clip_samples(
+    row: dict[str, Any], model_dir: str, feature_column: str, caption_prompt: str, max_length: int
+) -> list[dict]:
+    """The conversation of one clip of ``vidlm features``' output (LLaVA's ``conversations``, else its caption)."""
+    if row.get("error") or row.get(feature_column) is None or not len(row[feature_column]):
+        return []
+    turns = _turns(row, model_dir, caption_prompt)
+    sample = _sample(model_dir, turns, np.asarray(row[feature_column]), "conversation", max_length) if turns else None
+    return [sample] if sample is not None else []
+
+
+def frame_samples(row: dict[str, Any], model_dir: str, caption_prompt: str, max_length: int) -> list[dict]:
+    """The conversation of one clip of a manifest, with its frames decoded as the model samples them.
+
+    The frames are the model's frame sampling (``VidlmConfig.sampling_config``, seeded per clip) of the clip window,
+    ``(T, S, S, 3) uint8`` at the tower's side ``S``, in the row's ``features``; the trainer turns them into pixel
+    values with the model's own :meth:`~vidlm.models.video_llm.VidlmForConditionalGeneration.preprocess`, as
+    inference does. A manifest error row, or a clip that does not decode (:class:`~vidlm.clips.ClipError`: missing,
+    corrupt, too large), gives no sample.
+    """
+    from vidlm.clips import ClipError
+    from vidlm.decode import decode_clip
+
+    if row.get("error") or not row.get("path"):
+        return []
+    turns = _turns(row, model_dir, caption_prompt)
     if not turns:
         return []
-    sample = _sample(model_dir, turns, np.asarray(row[feature_column]), "conversation", max_length)
+    config = _model_config(model_dir)
+    try:
+        window = (row["start_s"], row["end_s"])
+        clip = decode_clip(row["path"], config.sampling_config, config.image_size, *window, clip_key=row["clip_id"])
+    except ClipError:
+        return []
+    sample = _sample(model_dir, turns, clip.frames, "conversation", max_length)
     return [sample] if sample is not None else []
 
 
@@ -240,14 +276,19 @@ def build_dataset(config, model_dir: str):
 
     from vidlm.models.video_llm import feature_column
 
-    folder = Path(config.data.train)
+    d = config.data
+    folder = Path(d.train)
     if not config.data.train or not folder.exists():
         raise FileNotFoundError(f"data.train: no parquet folder at {folder!s} (give data.train=DIR)")
+    if config.recipe == "video" and folder.is_file() and folder.suffix.lower() != ".parquet":
+        from vidlm.clips import clips_table
+
+        kwargs = {"model_dir": model_dir, "caption_prompt": config.data.caption_prompt, "max_length": d.max_length}
+        return ray.data.from_arrow(clips_table(folder, config.data.manifest)).flat_map(frame_samples, fn_kwargs=kwargs)
     files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else [folder]
     if not files:
         raise FileNotFoundError(f"data.train: {folder} holds no .parquet file")
     columns = set(pq.read_schema(files[0]).names)
-    d = config.data
     if config.recipe == "topa":
         needed = {"frame_features", "global_video_caption", "QAs"}
         fn, kwargs = tideo_samples, {"model_dir": model_dir, "tasks": d.tasks, "max_length": d.max_length}
@@ -275,7 +316,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
 
     Returns:
         ``input_ids (B, L) int64``, ``attention_mask (B, L) int64``, ``labels (B, L) int64`` (``-100`` on
-        padding) and ``video_features``: a list of ``B`` float32 tensors.
+        padding) and ``video_features``, a list of ``B`` float32 tensors, or for rows of decoded frames
+        (:func:`frame_samples`) ``frames``, a list of ``B`` ``(T, S, S, 3) uint8`` arrays.
     """
     import torch
 
@@ -288,5 +330,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
         ids[i, : len(r)] = torch.from_numpy(r)
         labels[i, : len(r)] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
         mask[i, : len(r)] = 1
-    features = [torch.from_numpy(np.asarray(f, dtype=np.float32)) for f in batch["features"]]
+    features = [np.asarray(f) for f in batch["features"]]
+    if features and features[0].dtype == np.uint8:  # frames (T, S, S, 3) of frame_samples
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "frames": features}
+    features = [torch.from_numpy(f.astype(np.float32, copy=False)) for f in features]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "video_features": features}

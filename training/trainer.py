@@ -411,7 +411,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if epoch == position["epoch"] and i < position["batch"]:
                 continue  # consumed before the checkpoint this run resumed from
             inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(batch, pad).items()}
-            inputs["video_features"] = [f.to(device) for f in inputs["video_features"]]
+            if "frames" in inputs:  # decoded clips: the model's own preprocessing, as at inference
+                inputs["pixel_values_videos"] = [engine.module.preprocess(f).to(device) for f in inputs.pop("frames")]
+            else:
+                inputs["video_features"] = [f.to(device) for f in inputs["video_features"]]
             loss = engine(**inputs, text_features=config.recipe == "topa").loss  # Tideos: CLIP text features
             engine.backward(loss)
             engine.step()
