@@ -8,7 +8,7 @@ ENGINE  ?= cpu
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.vidlm-installed-$(ENGINE)
 
-.PHONY: install demo test lint bench bench-cluster cluster-local soak clean
+.PHONY: install demo test lint bench bench-cluster cluster-local soak tutorial clean
 
 install: $(STAMP)
 
@@ -54,6 +54,12 @@ cluster-local: install
 # What a lost node costs the features and recaption jobs, on local multi-node clusters (~6 minutes).
 bench-cluster: install
 	$(BIN)/python bench/node_loss.py
+
+# The learning loop on planted videos (README "Tutorial"): planted -> train -> eval mc and recaption -> report.json.
+SEED ?= 0
+NUM  ?= 200
+tutorial: install
+	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM)
 
 soak: install
 	$(BIN)/python bench/soak_serve.py

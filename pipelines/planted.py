@@ -34,7 +34,22 @@ from vidlm.config import JobConfig
 from vidlm.jobs import Report
 from vidlm.writers import write_frames
 
-__all__ = ["COLOURS", "DIRECTIONS", "SHAPES", "TASK_TYPES", "PlantedConfig", "Scene", "planted_job", "write_planted"]
+__all__ = [
+    "ATTRIBUTES",
+    "COLOURS",
+    "DIRECTIONS",
+    "SHAPES",
+    "TASK_TYPES",
+    "PlantedConfig",
+    "Scene",
+    "caption_accuracy",
+    "conversations",
+    "planted_job",
+    "write_planted",
+]
+
+ATTRIBUTES = ("colour", "shape", "direction")
+"""What a caption names of each object (the ``caption_accuracy`` columns, with ``all``)."""
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -254,6 +269,25 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
                 for n, row in enumerate(rows):
                     f.write(json.dumps({"id": f"{scene.video_id}_q{n}", "video": video, **row}) + "\n")
     return files
+
+
+def caption_accuracy(captions: list[dict], scenes: dict[str, dict]) -> dict[str, float]:
+    """How well captions tell the planted truth: the share naming every object's true colour, shape and direction
+    (whole words), each, and all three (``all``). A word match: which colour goes with which shape is not checked
+    (the ``colour`` and ``shape`` questions check that).
+
+    Args:
+        captions: rows with ``video_id`` and ``caption`` (``None`` for an error row: no attribute named).
+        scenes: ``video_id`` -> the scene ``vidlm planted`` wrote to ``scenes.jsonl``.
+    """
+    hits = {a: 0 for a in (*ATTRIBUTES, "all")}
+    for row in captions:
+        words = set((row["caption"] or "").lower().replace(".", " ").replace(",", " ").split())
+        named = {a: all(o[a] in words for o in scenes[row["video_id"]]["objects"]) for a in ATTRIBUTES}
+        for a in ATTRIBUTES:
+            hits[a] += named[a]
+        hits["all"] += all(named.values())
+    return {a: round(n / max(len(captions), 1), 3) for a, n in hits.items()}
 
 
 def planted_job(out: Path, num: int, seed: int, config: PlantedConfig) -> Report:

@@ -133,3 +133,25 @@ def test_planted_command_writes_the_corpus_and_refuses_an_empty_one(tmp_path):
     assert result.exit_code == 2 and "size" in result.output
     with pytest.raises(ValueError):
         PlantedConfig(max_objects=4)
+
+
+def test_caption_accuracy_counts_the_captions_that_name_every_object_s_truth():
+    from pipelines.planted import caption_accuracy
+
+    scenes = {
+        "a": {"objects": [{"colour": "red", "shape": "circle", "direction": "left"}]},
+        "b": {
+            "objects": [
+                {"colour": "blue", "shape": "square", "direction": "up"},
+                {"colour": "green", "shape": "cross", "direction": "down"},
+            ]
+        },
+    }
+    captions = [
+        {"video_id": "a", "caption": "A red circle moves left."},
+        {"video_id": "b", "caption": "A blue square moves up. Then a green triangle appears and moves down."},
+        {"video_id": "b", "caption": "A BLUE cross moves down, then a green square moves up."},
+        {"video_id": "a", "caption": None},  # an error row names nothing
+    ]
+    assert caption_accuracy(captions, scenes) == {"colour": 0.75, "shape": 0.5, "direction": 0.75, "all": 0.5}
+    assert caption_accuracy([{"video_id": "a", "caption": "A redcircle moves leftwards."}], scenes)["all"] == 0.0

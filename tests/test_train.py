@@ -355,7 +355,12 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
 
     before = load_file(str(resolve_model("tiny-video") / "model.safetensors"))
     after = load_file(str(summary.export / "model.safetensors"))
-    tower = [k for k in before if k.startswith("vision_tower.") and before[k].ndim == 2]
-    assert tower and all(k in after for k in tower)
+    # the patch embedding and the first layer feed the features whatever vision_feature_layer the model reads
+    tower = [
+        k
+        for k in before
+        if k.startswith("vision_tower.") and ("embeddings" in k or ".layers.0." in k) and before[k].ndim >= 2
+    ]
+    assert len(tower) > 5 and all(k in after for k in tower)
     moved = [k for k in tower if not torch.allclose(before[k].float(), after[k].float(), atol=1e-3)]
-    assert len(moved) > len(tower) // 2, moved
+    assert moved == tower, sorted(set(tower) - set(moved))
