@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/recaption.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/synth.py
 	$(BIN)/python bench/plan.py

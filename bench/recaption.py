@@ -8,6 +8,9 @@ the same model (``--model``, default ``smol``: SmolLM2-135M-Instruct + a small C
   engine alone, nothing to wait for;
 - **job**: ``run_recaption`` -- Ray Data decoding the videos, the engine stage, parquet, the browser;
   steady state: from the first clip the warmed-up engine got to the last clip it finished;
+- **serve**: ``run_recaption`` with ``serve.app`` (``vidlm recaption --serve``): the same job, its requests sent
+  through the deployment handle to a running vidlm Serve app of one replica (``serving.app``; the replica's engine
+  bound to every core, as the job's); the app starts before the job and is shut down after it (start-up excluded);
 - **baseline**: batched transformers ``generate`` of the same checkpoint (``VidlmForConditionalGeneration``,
   ``--batch`` clips per call, the engine's dtype), frames decoded beforehand.
 
@@ -16,7 +19,7 @@ The ceiling and the job run back to back in each of ``--rounds`` rounds (a fresh
 ceiling's engine is shut down, and its processes gone, before the job starts): this VM's speed drifts by
 up to 20 % within minutes, so each round's job / ceiling compares numbers taken a minute apart. The table
 gives the median round's rates and the median of the rounds' ratios; every round is printed.
-Goals: job >= 0.9 x ceiling, job >= 2 x baseline (output tokens/s).
+Goals: job >= 0.9 x ceiling, job >= 2 x baseline, serve >= 0.85 x job (output tokens/s).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _rounds import median_round  # bench/ is the script's folder
+from _rounds import cpu_flags, median_round  # bench/ is the script's folder
 from rich.console import Console
 from rich.table import Table
 
@@ -116,6 +119,11 @@ def bench_job(manifest: Path, cfg: RecaptionConfig) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     summary = run_recaption(manifest, out, cfg)
     ray.shutdown()
+    return _steady(summary, summary.rates["engine start-up s"])
+
+
+def _steady(summary, startup: float) -> dict:
+    """A job's steady state (from its first request to its last answer) as the table's row."""
     if summary.failed:
         raise RuntimeError(f"the job failed clips: {summary.failed}")
     steady = summary.rates["steady clips/s"]
@@ -123,9 +131,55 @@ def bench_job(manifest: Path, cfg: RecaptionConfig) -> dict:
         "seconds": summary.new_clips / steady,
         "tokens": summary.rates["steady output tokens/s"] * summary.new_clips / steady,
         "clips": summary.new_clips,
-        "startup": summary.rates["engine start-up s"],
+        "startup": startup,
         "wall": summary.seconds,
     }
+
+
+def bench_serve(manifest: Path, cfg: RecaptionConfig) -> dict:
+    """The job through a 1-replica Serve app of the same model and engine settings (``serve.app``)."""
+    import ray
+    from ray import serve
+
+    from serving.app import ServeConfig, serve_endpoint
+    from vidlm.engine import VllmEngineConfig
+
+    cores = os.cpu_count() or 1
+    # logical CPUs for the replica's bundle (every core, as the job's engine binds), Ray Data's checkpoint filter (1),
+    # the client and a decode task; the cores are shared as in the job
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as vidlm.cluster.init_ray starts the job's cluster
+    ray.init(num_cpus=cores + 2, include_dashboard=False)
+    # the job's engine owns every core; so does the replica's here (its bundle, its threads)
+    engine = VllmEngineConfig.model_validate(cfg.engine.model_dump(include=set(VllmEngineConfig.model_fields)))
+    app = ServeConfig(
+        model=cfg.model,
+        name="bench",
+        port=8017,
+        engine=engine.model_copy(update={"num_cpus": cores}),
+        cpu_threads_bind=f"0-{cores - 1}",
+        max_ongoing_requests=4 * len(_csv_rows(manifest)),  # the batch's half holds every clip, as the job's engine
+    )
+    started = time.perf_counter()
+    serve_endpoint(app)
+    startup = time.perf_counter() - started
+    out = WORK / "serve"
+    shutil.rmtree(out, ignore_errors=True)
+    # the replica holds `cores` of the logical CPUs: the client and the decode tasks share what is left
+    served = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(update={"app": "bench", "num_cpus": 0.25}),
+            "decode": cfg.decode.model_copy(update={"num_cpus": 0.5}),
+        }
+    )
+    summary = run_recaption(manifest, out, served)
+    serve.shutdown()
+    ray.shutdown()
+    _wait_for_children()
+    return _steady(summary, startup)
+
+
+def _csv_rows(manifest: Path) -> list[dict]:
+    return clips_table(manifest, ManifestConfig()).to_pylist()
 
 
 def bench_baseline(model_dir: Path, cfg: RecaptionConfig, frames, ids, batch: int, dtype: torch.dtype) -> dict:
@@ -193,14 +247,16 @@ def main() -> None:
     console.print(f"decoding {len(rows)} clips for the ceiling and the baseline ...")
     frames = _decode(rows, mc)
 
-    ceilings, jobs = [], []
+    ceilings, jobs, serves = [], [], []
     for i in range(args.rounds):
-        console.print(f"round {i + 1}/{args.rounds}: ceiling (bare vLLM LLM.generate), then the job ...")
+        console.print(f"round {i + 1}/{args.rounds}: ceiling (bare vLLM LLM.generate), the job, the job via Serve ...")
         ceilings.append(bench_ceiling(model_dir, cfg, rows, frames, ids))
         jobs.append(bench_job(manifest, cfg))
+        serves.append(bench_serve(manifest, cfg))
     ratios = [_rate(j) / _rate(c) for c, j in zip(ceilings, jobs, strict=True)]
+    serve_ratios = [_rate(v) / _rate(j) for j, v in zip(jobs, serves, strict=True)]
     middle = median_round(ratios)
-    ceiling, job = ceilings[middle], jobs[middle]
+    ceiling, job, served = ceilings[middle], jobs[middle], serves[middle]
     dtype = torch.bfloat16 if _engine_dtype_is_bf16(model_dir, cfg) else torch.float32
     console.print(f"baseline: transformers generate ({dtype}) ...")
     baseline = bench_baseline(model_dir, cfg, frames, ids, args.batch, dtype)
@@ -208,17 +264,18 @@ def main() -> None:
     table = Table(
         title=f"recaption on {os.cpu_count()} cores: {len(rows)} clips, {mc.sampling_config.max_frames_per_clip()} "
         f"frames, {mc.num_visual_tokens(mc.sampling_config.max_frames_per_clip())} visual + {len(ids) - 1} prompt "
-        f"tokens, {args.max_tokens} output tokens each, model {args.model}"
+        f"tokens, {args.max_tokens} output tokens each, model {args.model}; CPU: {cpu_flags()}"
     )
     for col in ("path", "output tokens/s", "clips/s", "x ceiling", "x baseline", "start-up s (excluded)"):
         table.add_column(col, justify="right" if col != "path" else "left")
-    rate = {"ceiling": _rate(ceiling), "job": _rate(job), "baseline": _rate(baseline)}
+    rate = {"ceiling": _rate(ceiling), "job": _rate(job), "serve": _rate(served), "baseline": _rate(baseline)}
     labels = {
         "ceiling": "ceiling: vLLM LLM.generate, frames pre-decoded",
         "job": "job: vidlm recaption (Ray Data decode + engine stage + parquet)",
+        "serve": "serve: vidlm recaption --serve (the same job, a 1-replica Serve app's engine)",
         "baseline": f"baseline: transformers generate, batch {args.batch}",
     }
-    for key, result in (("ceiling", ceiling), ("job", job), ("baseline", baseline)):
+    for key, result in (("ceiling", ceiling), ("job", job), ("serve", served), ("baseline", baseline)):
         table.add_row(
             labels[key],
             f"{rate[key]:.1f}",
@@ -228,13 +285,16 @@ def main() -> None:
             f"{result['startup']:.1f}",
         )
     console.print(table)
-    for i, (c, j) in enumerate(zip(ceilings, jobs, strict=True)):
+    for i, (c, j, v) in enumerate(zip(ceilings, jobs, serves, strict=True)):
         console.print(
-            f"round {i + 1}: ceiling {_rate(c):.1f}, job {_rate(j):.1f} output tokens/s, job / ceiling {ratios[i]:.2f}"
+            f"round {i + 1}: ceiling {_rate(c):.1f}, job {_rate(j):.1f}, serve {_rate(v):.1f} output tokens/s, "
+            f"job / ceiling {ratios[i]:.2f}, serve / job {serve_ratios[i]:.2f}"
         )
     console.print(
         f"goals: job / ceiling = {ratios[middle]:.2f} (median round; range {min(ratios):.2f}-{max(ratios):.2f}; "
-        f">= 0.90), job / baseline = {rate['job'] / rate['baseline']:.2f} (>= 2.00); job wall time {job['wall']:.1f} s"
+        f">= 0.90), job / baseline = {rate['job'] / rate['baseline']:.2f} (>= 2.00), serve / job = "
+        f"{serve_ratios[middle]:.2f} (>= 0.85; range {min(serve_ratios):.2f}-{max(serve_ratios):.2f}); "
+        f"job wall time {job['wall']:.1f} s, serve {served['wall']:.1f} s"
     )
 
 

@@ -35,7 +35,17 @@ RECAPTION = Job(
     "Dense captions for every clip with a vidlm video LLM on vLLM, as sharded parquet (Ray Data).",
     run="pipelines.recaption:recaption_job",
     config="pipelines.recaption:RecaptionConfig",
-    params=(STORED_MANIFEST, STORED_OUT),
+    params=(
+        STORED_MANIFEST,
+        STORED_OUT,
+        Param(
+            "serve",
+            str | None,
+            "caption through this running Serve app (vidlm serve's name) instead of engines of the job's own",
+            flags=("--serve",),
+            default=None,
+        ),
+    ),
     model_option=True,
 )
 SYNTH_CAPTIONS = Job(

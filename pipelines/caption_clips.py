@@ -8,6 +8,7 @@ every clip of several in-flight batches at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -39,6 +40,7 @@ __all__ = [
     "PRIMARY_COLUMN",
     "CaptionClips",
     "ContextOverflow",
+    "Generated",
     "engine_args",
     "engine_stage_args",
     "sampling_params",
@@ -56,6 +58,18 @@ def stat_column(template: str, stat: str) -> str:
 
 CAPTION_STATS = {"prompt_tokens": pa.int64(), "output_tokens": pa.int64(), "finish_reason": pa.string()}
 """Per-prompt statistics columns beside each caption column (named by :func:`stat_column`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """One request's answer, whichever engine wrote it (the job's own, or a Serve replica's)."""
+
+    text: str
+    prompt_tokens: int
+    """Tokens the engine prefilled: the prompt's text tokens plus the clip's visual tokens."""
+    output_tokens: int
+    finish_reason: str | None
+    """vLLM's: ``stop`` (end of sequence or a stop string), ``length`` (``max_tokens``)."""
 
 
 class ContextOverflow(Exception):
@@ -171,12 +185,9 @@ class CaptionClips:
         progress=None,
     ):
         import vllm
-        from transformers import AutoTokenizer
         from vllm.usage.usage_lib import UsageContext
 
         from vidlm.models.presets import resolve_model
-        from vidlm.models.processing import video_prompt_ids
-        from vidlm.models.video_llm import VidlmConfig
 
         started = time.perf_counter()
         model_dir = str(resolve_model(model_dir))
@@ -184,14 +195,7 @@ class CaptionClips:
         self.model_name = model_name
         self.schema = schema
         self.progress = progress
-        self.model_config = VidlmConfig.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        mc = self.model_config
-        self.prompts = {
-            name: video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
-            for name, text in prompts.items()
-        }
-        self._longest = max(self.prompts, key=lambda name: len(self.prompts[name]))  # decides context overflow
+        self._load_prompts(model_dir, prompts)
         args = vllm.AsyncEngineArgs(**engine_args(model_dir, engine, generation), disable_log_stats=True)
         # An offline batch job: vLLM's offline scheduler defaults (those of `vllm.LLM`: on CPU 4096 batched
         # tokens and 256 sequences per step, not the online server's 2048 and 128).
@@ -201,6 +205,21 @@ class CaptionClips:
         self.startup_s = time.perf_counter() - started
         self._warm = asyncio.Lock()
         self._warmed = False
+
+    def _load_prompts(self, model_dir: str, prompts: dict[str, str]) -> None:
+        """The model's config, and each template's prompt ids (:func:`vidlm.models.processing.video_prompt_ids`)."""
+        from transformers import AutoTokenizer
+
+        from vidlm.models.processing import video_prompt_ids
+        from vidlm.models.video_llm import VidlmConfig
+
+        self.model_config = mc = VidlmConfig.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.prompts = {
+            name: video_prompt_ids(tokenizer, text, mc.video_token, mc.video_token_index, mc.system_prompt)
+            for name, text in prompts.items()
+        }
+        self._longest = max(self.prompts, key=lambda name: len(self.prompts[name]))  # decides context overflow
 
     async def _warm_up(self) -> None:
         """One request before the first batch: vLLM's first forward pass is slow (allocations, kernel
@@ -224,14 +243,22 @@ class CaptionClips:
             if self.progress is not None:
                 await self.progress.engine_started.remote(self.startup_s)
 
-    async def _generate(self, clip_id: str, template: str, frames: np.ndarray):
+    async def _generate(self, clip_id: str, template: str, frames: np.ndarray) -> Generated:
+        """One caption of one clip: ``frames (T, S, S, 3) uint8`` and the template's prompt through the engine."""
         prompt = {"prompt_token_ids": self.prompts[template], "multi_modal_data": {"video": frames}}
         request_id = f"{clip_id}/{template}/{uuid.uuid4().hex[:8]}"
         final = None
         params = sampling_params(self.generation, clip_id, template)
         async for output in self.engine.generate(prompt, params, request_id):
             final = output
-        return final
+        out = final.outputs[0]
+        return Generated(out.text, len(final.prompt_token_ids), len(out.token_ids), out.finish_reason)
+
+    def _fatal(self, error: BaseException) -> bool:
+        """An error that fails the task (Ray retries it) rather than the clip: the engine died."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        return isinstance(error, EngineDeadError)
 
     def _overflows(self, num_frames: int) -> bool:
         try:
@@ -251,8 +278,6 @@ class CaptionClips:
         return visual
 
     async def __call__(self, batch: dict[str, Any]):
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         await self._warm_up()
         submitted = time.time()
         frames = batch.pop("frames")
@@ -279,21 +304,20 @@ class CaptionClips:
         for template in self.prompts:
             text, prompt_tokens, output_tokens, finish = [], [], [], []
             for i in range(n):
-                result = results.get((i, template))
-                if isinstance(result, EngineDeadError):
-                    raise result
-                if isinstance(result, BaseException):
+                out = results.get((i, template))
+                if isinstance(out, BaseException):
+                    if self._fatal(out):
+                        raise out
                     if error_type[i] is None:
-                        error[i] = f"template {template!r}: {type(result).__name__}: {result}"
+                        error[i] = f"template {template!r}: {type(out).__name__}: {out}"
                         error_type[i] = ErrorType.GENERATION_FAILED.value
-                    result = None
-                out = result.outputs[0] if result is not None else None
+                    out = None
                 text.append(out.text if out else None)
-                prompt_tokens.append(len(result.prompt_token_ids) if out else None)
-                output_tokens.append(len(out.token_ids) if out else None)
+                prompt_tokens.append(out.prompt_tokens if out else None)
+                output_tokens.append(out.output_tokens if out else None)
                 finish.append(out.finish_reason if out else None)
-                tokens += len(out.token_ids) if out else 0
-                prompt += len(result.prompt_token_ids) if out else 0
+                tokens += out.output_tokens if out else 0
+                prompt += out.prompt_tokens if out else 0
             columns[template] = text
             columns[stat_column(template, "prompt_tokens")] = prompt_tokens
             columns[stat_column(template, "output_tokens")] = output_tokens

@@ -10,6 +10,9 @@ Ray Data plan::
       -> write_parquet(OUT/captions)         one row per clip; checkpointed on clip_id (exactly once)
     then OUT/browser/index.html (caption browser) and OUT/caption_lengths.png (PLLaVA Fig. 2)
 
+With ``--serve APP`` the engine stage is :class:`pipelines.serve_clips.ServeCaptionClips` instead: the clips' requests
+go to the replicas of a running vidlm Serve app (one fleet for batch and online traffic).
+
 Output columns (:func:`output_schema`): ``clip_id, video_id, path, start_s, end_s, frame_times_s,
 num_frames, num_visual_tokens``, one text column per prompt template (``caption`` by default) with its
 ``prompt_tokens, output_tokens, finish_reason`` (``<name>_prompt_tokens`` ... for a template named other
@@ -57,6 +60,7 @@ from pipelines._common import (
 )
 from pipelines._output import owns_output
 from pipelines.caption_clips import CAPTION_STATS, PRIMARY_COLUMN, CaptionClips, engine_stage_args, stat_column
+from pipelines.serve_clips import ServeCaptionClips, ServeClientConfig, find_served_model, serve_stage_args
 from vidlm.clips import CLIP_SCHEMA, ManifestConfig
 from vidlm.cluster import check_cpu_budget, init_ray, num_gpus_in_cluster
 from vidlm.config import JobConfig, Section
@@ -136,7 +140,10 @@ class RecaptionConfig(JobConfig):
     generation: GenerationConfig = GenerationConfig()
     """Sampling of the captions; greedy by default, so a rerun writes the same captions."""
     engine: EngineStageConfig = EngineStageConfig()
-    """One engine per actor; ``batch_size`` counts clips."""
+    """One engine per actor; ``batch_size`` counts clips. Unused with ``serve.app``."""
+    serve: ServeClientConfig = ServeClientConfig()
+    """``serve.app`` (``--serve APP``): caption through the replicas of a running Serve app instead (the app's model,
+    not ``model``)."""
     output: OutputConfig = OutputConfig()
     report: ReportConfig = ReportConfig()
 
@@ -268,9 +275,19 @@ class RecaptionProgress:
         self.last_done = None
         # (seconds from submission to return, clips) of the latest batches: a bounded window, whatever the corpus
         self.latencies: collections.deque[tuple[float, int]] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.most_replicas = self.most_in_flight = self.resent = 0  # --serve only
 
     def engine_started(self, seconds: float) -> None:
         self.engine_start_s.append(seconds)
+
+    def serve_capacity(self, replicas: int, in_flight: int) -> None:
+        """``--serve``: the app's running replicas, and the batch requests the job keeps in flight with them."""
+        self.most_replicas = max(self.most_replicas, replicas)
+        self.most_in_flight = max(self.most_in_flight, in_flight)
+
+    def request_resent(self) -> None:
+        """``--serve``: a request was sent again after its replica died."""
+        self.resent += 1
 
     def batch_done(self, clips: int, output_tokens: int, submitted: float, done: float) -> None:
         self.clips += clips
@@ -339,6 +356,11 @@ def run_recaption(
     out = location(out)
     if not location(manifest).exists():
         raise FileNotFoundError(f"manifest not found: {manifest}")
+    served = None
+    if config.serve.app:
+        local = init_ray(running=True)
+        served = find_served_model(config.serve.app)
+        config = config.model_copy(update={"model": served.model})
     model_dir = resolve_model(config.model)
     model_config = VidlmConfig.from_pretrained(model_dir)
     sampling = config.sampling or model_config.sampling_config
@@ -348,13 +370,15 @@ def run_recaption(
             f"sampling gives up to {sampling.max_frames_per_clip()} frames per clip, but the engine sizes its "
             f"encoder cache for the model's {most} (its config.json sampling); use at most {most}"
         )
-    local = init_ray()
+    if served is None:
+        local = init_ray()
     gpus = num_gpus_in_cluster()
-    engines = engine_count(config.engine, gpus)
-    stages = {
-        "engine actors": engines * config.engine.num_cpus,
-        "one decode task": config.decode.num_cpus,
-    }
+    engines = engine_count(config.engine, gpus) if served is None else 1
+    if served is None:
+        stages = {"engine actors": engines * config.engine.num_cpus}
+    else:
+        stages = {"the serve client": config.serve.num_cpus}
+    stages["one decode task"] = config.decode.num_cpus
     check_cpu_budget(stages, strict=local, out=out)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_clips = stage_clips(manifest, config.manifest, out, min_files=4 * cpus)
@@ -388,19 +412,33 @@ def run_recaption(
                 batch_size=config.decode.batch_size,
                 **config.decode.task_args(),
             )
-            ds = ds.map_batches(
-                CaptionClips,
-                fn_constructor_kwargs={
-                    "model_dir": config.model if is_remote(config.model) else str(model_dir),  # fetched per node
-                    "prompts": config.prompt_texts(),
-                    "generation": config.generation,
-                    "engine": config.engine,
-                    "model_name": config.model,
-                    "schema": output_schema(config),
-                    "progress": progress,
-                },
-                **engine_stage_args(config.engine, gpus),
-            )
+            if served is None:
+                ds = ds.map_batches(
+                    CaptionClips,
+                    fn_constructor_kwargs={
+                        "model_dir": config.model if is_remote(config.model) else str(model_dir),  # fetched per node
+                        "prompts": config.prompt_texts(),
+                        "generation": config.generation,
+                        "engine": config.engine,
+                        "model_name": config.model,
+                        "schema": output_schema(config),
+                        "progress": progress,
+                    },
+                    **engine_stage_args(config.engine, gpus),
+                )
+            else:
+                ds = ds.map_batches(
+                    ServeCaptionClips,
+                    fn_constructor_kwargs={
+                        "served": served,
+                        "prompts": config.prompt_texts(),
+                        "generation": config.generation,
+                        "client": config.serve,
+                        "schema": output_schema(config),
+                        "progress": progress,
+                    },
+                    **serve_stage_args(served, config.serve, len(config.prompts)),
+                )
             write_output(ds, captions_dir, config.output)
     finally:
         ctx.enable_progress_bars = ray_bars
@@ -411,22 +449,38 @@ def run_recaption(
     summary = JobSummary.collect(captions_dir, before, started, {"output tokens/s": tokens})
     snap = ray.get(progress.snapshot.remote())
     ray.kill(progress)
-    if snap["engine_start_s"]:
+    if snap["engine_start_s"] and snap["clips"]:
         summary.rates["engine start-up s"] = max(snap["engine_start_s"])
         steady = max(snap["last_done"] - snap["first_request"], 1e-6)
         summary.rates["steady clips/s"] = snap["clips"] / steady
         summary.rates["steady output tokens/s"] = snap["output_tokens"] / steady
+    if snap["engine_start_s"] and snap["clips"] and served is None:
         # Little's law: engines holding their full in-flight clips each return them at in-flight / latency
         in_flight = min(config.engine.batch_size * config.engine.max_concurrent_batches, snap["clips"] / engines)
         summary.rates["paced clips/s"] = engines * in_flight / max(_median_latency(snap["latencies"]), 1e-6)
     write_report(out, captions_dir, config)
     record = {"manifest_clips": n_clips, "model": config.model, **summary.to_dict()}
+    if served is not None:
+        record["serve"] = {
+            "app": served.app,
+            "model_id": served.model_id,
+            "most_replicas": snap["most_replicas"],
+            "most_in_flight": snap["most_in_flight"],
+            "resent_requests": snap["resent"],
+            "first_request": snap["first_request"],  # time.time() seconds: the window the batch used the app
+            "last_done": snap["last_done"],
+        }
     write_atomic(out / "summary.json", json.dumps(record, indent=2))
     return summary
 
 
-def recaption_job(manifest: Path, out: Path, config: RecaptionConfig) -> Report:
-    """``vidlm recaption``: :func:`run_recaption` with its progress bar, then the summary and where the results are."""
+def recaption_job(manifest: Path, out: Path, config: RecaptionConfig, serve: str | None = None) -> Report:
+    """``vidlm recaption``: :func:`run_recaption` with its progress bar, then the summary and where the results are.
+
+    ``serve`` (``--serve APP``) sets ``serve.app``.
+    """
+    if serve:
+        config = config.model_copy(update={"serve": config.serve.model_copy(update={"app": serve})})
     summary = run_recaption(manifest, out, config, show_progress=True)
     report = json.loads((summary.out.parent / "report.json").read_text())
     lines = [

