@@ -6,8 +6,8 @@ replicas of 8 requests, on a local Ray cluster. Measured in this run:
 1. online chat latency on the idle app (``--online`` requests, one after another, a real mp4 by ``file://``);
 2. a ``vidlm recaption --serve`` batch of long answers (``--copies`` x 4 videos x 2 windows, ``--max-tokens``) while
    the same online requests keep coming: the replica count over time (the batch's load, half of each replica's
-   ``max_ongoing_requests``, is over the autoscaler's target of 3.5 per replica until two run), one replica killed once
-   two run, and the online latency during the batch;
+   ``max_ongoing_requests``, is over the autoscaler's target of 3.5 per replica until two run), the first replica
+   (holding batch requests since the start) killed 3 s after the second runs, and the online latency during the batch;
 3. the replica count falling back to 1 after the batch.
 
 The table gives the online latencies with their ratio, when the second replica ran and which was killed, the batch's
