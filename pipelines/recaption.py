@@ -373,8 +373,8 @@ def run_recaption(
     if served is None:
         local = init_ray()
     gpus = num_gpus_in_cluster()
-    engines = engine_count(config.engine, gpus) if served is None else 1
     if served is None:
+        engines = engine_count(config.engine, gpus)
         stages = {"engine actors": engines * config.engine.num_cpus}
     else:
         stages = {"the serve client": config.serve.num_cpus}
@@ -454,10 +454,10 @@ def run_recaption(
         steady = max(snap["last_done"] - snap["first_request"], 1e-6)
         summary.rates["steady clips/s"] = snap["clips"] / steady
         summary.rates["steady output tokens/s"] = snap["output_tokens"] / steady
-    if snap["engine_start_s"] and snap["clips"] and served is None:
-        # Little's law: engines holding their full in-flight clips each return them at in-flight / latency
-        in_flight = min(config.engine.batch_size * config.engine.max_concurrent_batches, snap["clips"] / engines)
-        summary.rates["paced clips/s"] = engines * in_flight / max(_median_latency(snap["latencies"]), 1e-6)
+        if served is None:
+            # Little's law: engines holding their full in-flight clips each return them at in-flight / latency
+            in_flight = min(config.engine.batch_size * config.engine.max_concurrent_batches, snap["clips"] / engines)
+            summary.rates["paced clips/s"] = engines * in_flight / max(_median_latency(snap["latencies"]), 1e-6)
     write_report(out, captions_dir, config)
     record = {"manifest_clips": n_clips, "model": config.model, **summary.to_dict()}
     if served is not None:

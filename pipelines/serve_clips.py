@@ -26,7 +26,6 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
@@ -248,15 +247,22 @@ class ServeCaptionClips(CaptionClips):
                 await self.progress.serve_capacity.remote(replicas, limit)
             self.replicas = replicas
 
-    def request(self, clip_id: str, template: str, frames: np.ndarray):
-        """The ``ChatCompletionRequest`` of one caption."""
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
+    async def __call__(self, batch: dict[str, Any]):
+        """:meth:`CaptionClips.__call__` with each clip's frames as a ``video_url`` (:func:`frames_data_url`), encoded
+        once for all its templates."""
         from vidlm.models.vllm_model import frames_data_url
+
+        batch["frames"] = [frames_data_url(frames) for frames in batch["frames"]]
+        async for table in super().__call__(batch):
+            yield table
+
+    def request(self, clip_id: str, template: str, video_url: str):
+        """The ``ChatCompletionRequest`` of one caption of the clip whose frames ``video_url`` carries."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
         params = sampling_params(self.generation, clip_id, template)
         system = self.model_config.system_prompt
-        video = {"type": "video_url", "video_url": {"url": frames_data_url(frames)}}
+        video = {"type": "video_url", "video_url": {"url": video_url}}
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": [video, {"type": "text", "text": self.texts[template]}]})
         return ChatCompletionRequest(
@@ -271,10 +277,10 @@ class ServeCaptionClips(CaptionClips):
             priority=self.priority,
         )
 
-    async def _generate(self, clip_id: str, template: str, frames: np.ndarray) -> Generated:
+    async def _generate(self, clip_id: str, template: str, video_url: str) -> Generated:
         from ray.exceptions import RayActorError
 
-        request = self.request(clip_id, template, frames)
+        request = self.request(clip_id, template, video_url)
         for attempt in range(1, self.client.max_attempts + 1):
             try:
                 async with self.in_flight:

@@ -236,11 +236,9 @@ def llm_config(config: ServeConfig, model_dir: Path, gpus: int) -> Any:
         kwargs["allowed_local_media_path"] = _common_root(config.media.roots)
     if config.lora is not None:
         kwargs.update(enable_lora=True, max_lora_rank=config.lora.max_lora_rank)
-    # CPU replicas share nodes: each runs as many threads as the CPUs its bundle reserves.
-    env = {} if on_gpu else cpu_engine_env(engine, threads=max(1, round(engine.num_cpus)))
-    if env and config.cpu_threads_bind:
-        env.pop("OMP_NUM_THREADS")
-        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+    # CPU replicas share nodes: each runs as many threads as the CPUs its bundle reserves, unless bound.
+    threads = max(1, round(engine.num_cpus))
+    env = {} if on_gpu else cpu_engine_env(engine, threads=threads, bind=config.cpu_threads_bind)
     env.update(FEW_MALLOC_ARENAS)  # the replica decodes request videos in vLLM's media threads
     autoscaling = config.autoscaling.model_dump(exclude_none=True)
     if "initial_replicas" not in autoscaling:

