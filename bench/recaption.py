@@ -18,7 +18,8 @@ Engine start-up (construction + one warm-up request) is excluded from the rates 
 The ceiling and the job run back to back in each of ``--rounds`` rounds (a fresh engine each time; the
 ceiling's engine is shut down, and its processes gone, before the job starts): this VM's speed drifts by
 up to 20 % within minutes, so each round's job / ceiling compares numbers taken a minute apart. The table
-gives the median round's rates and the median of the rounds' ratios; every round is printed.
+gives the median round's rates (by job / ceiling); the goals line gives the median of the rounds' job / ceiling and,
+apart, of their serve / job; every round is printed.
 Goals: job >= 0.9 x ceiling, job >= 2 x baseline, serve >= 0.85 x job (output tokens/s).
 """
 
@@ -256,6 +257,7 @@ def main() -> None:
     ratios = [_rate(j) / _rate(c) for c, j in zip(ceilings, jobs, strict=True)]
     serve_ratios = [_rate(v) / _rate(j) for j, v in zip(jobs, serves, strict=True)]
     middle = median_round(ratios)
+    serve_middle = serve_ratios[median_round(serve_ratios)]  # its own median: the job's median round need not be it
     ceiling, job, served = ceilings[middle], jobs[middle], serves[middle]
     dtype = torch.bfloat16 if _engine_dtype_is_bf16(model_dir, cfg) else torch.float32
     console.print(f"baseline: transformers generate ({dtype}) ...")
@@ -293,7 +295,7 @@ def main() -> None:
     console.print(
         f"goals: job / ceiling = {ratios[middle]:.2f} (median round; range {min(ratios):.2f}-{max(ratios):.2f}; "
         f">= 0.90), job / baseline = {rate['job'] / rate['baseline']:.2f} (>= 2.00), serve / job = "
-        f"{serve_ratios[middle]:.2f} (>= 0.85; range {min(serve_ratios):.2f}-{max(serve_ratios):.2f}); "
+        f"{serve_middle:.2f} (median of the rounds; range {min(serve_ratios):.2f}-{max(serve_ratios):.2f}; >= 0.85); "
         f"job wall time {job['wall']:.1f} s, serve {served['wall']:.1f} s"
     )
 
