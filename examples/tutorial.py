@@ -1,6 +1,6 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
-``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200``
+``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--compressors pllava,slowfast,topa,mean]``
 
 1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
 2. ``vidlm train --config training/configs/video_planted.yaml``: the tiny-video model trained on the training
@@ -12,7 +12,9 @@
 
 Writes ``OUT/report.json`` (``mc_accuracy`` and ``untrained_mc_accuracy`` per task type, scored by the options'
 loss as TOPA does; ``caption_attribute_accuracy`` per attribute and for all three; the commands' seconds) and
-prints the table.
+prints the table. ``--compressors`` runs steps 2-4 once per compressor of :data:`COMPRESSORS` -- the same corpus,
+recipe, steps and seed, the ``tiny-video`` model with only its compressor changed -- into ``OUT/KIND/`` and adds
+the comparison (``compressors``: accuracy per task type, visual tokens per clip, train seconds) to the report.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "training/configs/video_planted.yaml"
 
+COMPRESSORS = {
+    "pllava": {"compressor": {"kind": "pllava", "pooling_shape": (4, 4, 4)}},
+    "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2, "pool_mode": "average"}},
+    "topa": {"compressor": {"kind": "global"}, "projector": "topa_linear"},
+    "mean": {"compressor": {"kind": "mean"}},
+}
+"""The papers' compressors as ``tiny-video`` overrides (4 frames of a 7 x 7 patch grid): PLLaVA adaptive structure
+pooling to ``(4, 4, 4)`` (``tiny-video``'s own, 64 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled
+2 x 2: 9 tokens) and the others fast (4 x 4: 1 token), 20 tokens; TOPA's one token per frame (the pooled embedding,
+its linear projector), 4 tokens; Video-ChatGPT's spatial and temporal means, 49 + 4 tokens."""
+
 
 def _vidlm(*args: str, log: Path) -> float:
     """Runs ``vidlm ARGS`` (output to ``log``); its wall time in seconds. Raises ``CalledProcessError``."""
@@ -36,33 +49,31 @@ def _vidlm(*args: str, log: Path) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "tutorial")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num", type=int, default=200, help="planted videos (a fifth held out)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
-    args = parser.parse_args()
+def _model(out: Path, kind: str) -> str:
+    """``tiny-video`` with the compressor ``kind`` of :data:`COMPRESSORS`, saved under ``out`` (its directory)."""
+    from vidlm.models.presets import build_preset
 
+    model, tokenizer = build_preset("tiny-video", overrides=COMPRESSORS[kind])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_prompt: str) -> dict:
+    """Steps 2-4 of the module for ``model``: train on ``planted``, then score the export and ``model`` itself.
+
+    Returns:
+        ``mc_accuracy`` / ``untrained_mc_accuracy`` (task type -> accuracy), ``caption_attribute_accuracy``,
+        ``visual_tokens`` (per clip), ``test_questions`` and ``seconds`` (per step).
+    """
     import pyarrow.dataset as pads
 
     from pipelines.planted import caption_accuracy
-    from training.config import TrainConfig
     from training.eval import evaluate_mc
-    from vidlm.config import load_config
+    from vidlm.models.presets import locate_model
 
-    overrides = [f"seed={args.seed}", *args.overrides]
-    config = load_config(
-        TrainConfig, str(REPO / RECIPE), overrides
-    )  # the untrained model and the caption prompt are its own
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    planted, train = out / "planted", out / "train"
-    seconds = {
-        "planted": _vidlm(
-            "planted", "--out", str(planted), "--num", str(args.num), "--seed", str(args.seed), log=out / "planted.log"
-        )
-    }
+    train = out / "train"
+    seconds = {}
     seconds["train"] = _vidlm(
         "train",
         "--config",
@@ -70,6 +81,7 @@ def main() -> None:
         "--out",
         str(train),
         f"data.train={planted / 'train.csv'}",
+        f"model={model}",
         *overrides,
         log=out / "train.log",
     )
@@ -80,33 +92,84 @@ def main() -> None:
         str(out / "captions"),
         "--model",
         str(train / "export"),
-        f"prompts={{caption: {config.data.caption_prompt}}}",
+        f"prompts={{caption: {caption_prompt}}}",
         "generation.max_tokens=48",
         log=out / "recaption.log",
     )
     started = time.perf_counter()
     trained = evaluate_mc(train / "export", planted / "test_mc.jsonl", generate=False)
-    untrained = evaluate_mc(config.model, planted / "test_mc.jsonl", generate=False)
+    untrained = evaluate_mc(model, planted / "test_mc.jsonl", generate=False)
     seconds["eval"] = time.perf_counter() - started
     scenes = {s["video_id"]: s for s in map(json.loads, (planted / "scenes.jsonl").read_text().splitlines())}
     captions = pads.dataset(out / "captions" / "captions").to_table(columns=["video_id", "caption"]).to_pylist()
-    tasks = trained.task_types
-    report = {
-        "seed": args.seed,
-        "videos": args.num,
+    config = locate_model(model)[1]
+    return {
         "test_questions": trained.n,
-        "mc_accuracy": {t: round(trained.accuracy("loss", t), 3) for t in tasks},
-        "untrained_mc_accuracy": {t: round(untrained.accuracy("loss", t), 3) for t in tasks},
+        "visual_tokens": config.num_visual_tokens(config.sampling_config.max_frames_per_clip()),
+        "mc_accuracy": {t: round(trained.accuracy("loss", t), 3) for t in trained.task_types},
+        "untrained_mc_accuracy": {t: round(untrained.accuracy("loss", t), 3) for t in trained.task_types},
         "caption_attribute_accuracy": caption_accuracy(captions, scenes),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _print(report: dict) -> None:
+    tasks = list(report["mc_accuracy"])
     print(f"{'task type':<12}{'trained':>9}{'untrained':>11}")
     for t in tasks:
         print(f"{t:<12}{report['mc_accuracy'][t]:>9.3f}{report['untrained_mc_accuracy'][t]:>11.3f}")
     for a, v in report["caption_attribute_accuracy"].items():
         what = "all three" if a == "all" else f"every object's {a}"
         print(f"captions naming {what}: {v:.3f}")
+
+
+def _print_compressors(report: dict) -> None:
+    tasks = list(report["mc_accuracy"])
+    print(f"\n{'compressor':<10}{'tokens':>7}" + "".join(f"{t:>10}" for t in tasks) + f"{'captions':>10}{'train s':>9}")
+    for kind, r in report["compressors"].items():
+        accuracy = "".join(f"{r['mc_accuracy'].get(t, float('nan')):>10.3f}" for t in tasks)
+        print(f"{kind:<10}{r['visual_tokens']:>7}{accuracy}{r['captions_all']:>10.3f}{r['seconds']['train']:>9.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "tutorial")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=int, default=200, help="planted videos (a fifth held out)")
+    parser.add_argument(
+        "--compressors", default="", help=f"comma-separated, of {', '.join(COMPRESSORS)}: also compare these"
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
+    args = parser.parse_args()
+    kinds = [k for k in args.compressors.split(",") if k]
+    if unknown := set(kinds) - set(COMPRESSORS):
+        parser.error(f"unknown compressors {sorted(unknown)}; known: {', '.join(COMPRESSORS)}")
+
+    from training.config import TrainConfig
+    from vidlm.config import load_config
+
+    overrides = [f"seed={args.seed}", *args.overrides]
+    config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the model and the caption prompt are its own
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    planted = out / "planted"
+    started = time.perf_counter()
+    _vidlm("planted", "--out", str(planted), "--num", str(args.num), "--seed", str(args.seed), log=out / "planted.log")
+    report = {"seed": args.seed, "videos": args.num, "planted_seconds": round(time.perf_counter() - started, 1)}
+    prompt = config.data.caption_prompt
+    report |= learn(out, planted, config.model, overrides, prompt)
+    _print(report)
+    if kinds:
+        report["compressors"] = {}
+        for kind in kinds:
+            if kind == "pllava" and config.model == "tiny-video":  # its own compressor: the run above
+                result = report
+            else:
+                result = learn(out / kind, planted, _model(out / kind / "model", kind), overrides, prompt)
+            report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
+            report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]
+        _print_compressors(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{out / 'report.json'}; seconds {report['seconds']}")
 
 

@@ -11,8 +11,8 @@ machine. It writes:
 - ``videos/planted_NNNNN.mp4``;
 - ``train.csv`` / ``test.csv``: Panda-70M manifests (one clip window per video: the whole video), split by video,
   whose ``caption`` is the ground truth, e.g. ``A red circle moves left. Then a blue square appears and moves up.``,
-  and whose ``conversations`` (LLaVA's layout, which ``vidlm train``'s ``video`` recipe reads) ask for the caption,
-  then each of the video's questions;
+  and whose ``conversations`` (LLaVA's layout, which ``vidlm train``'s ``video`` recipe reads: one training sample
+  per conversation) ask for the caption, and each of the video's questions on its own;
 - ``train_mc.jsonl`` / ``test_mc.jsonl``: multiple-choice questions in the EgoSchema / MVBench layout that
   ``vidlm eval mc`` reads (``video``, ``question``, five ``options``, ``answer``, ``task_type``): ``colour``,
   ``shape``, ``count``, ``direction`` and, with two objects or more, ``order`` (the last two need the frames in
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vidlm.config import JobConfig
 from vidlm.jobs import Report
@@ -75,8 +75,18 @@ class PlantedConfig(JobConfig):
     fps: int = Field(8, gt=0, le=60)
     seconds: float = Field(4.0, gt=0, le=60)
     max_objects: int = Field(3, ge=1, le=3)
+    object_size: tuple[float, float] = (0.06, 0.09)
+    """Range ``(low, high)`` of an object's half size, a fraction of the width (drawn per object); at most 0.14, so
+    three objects fit the 3 x 3 grid of the scene apart from each other."""
     test_fraction: float = Field(0.2, ge=0, lt=1)
     """Share of the videos held out for testing (at least one when there are two videos or more)."""
+
+    @field_validator("object_size")
+    @classmethod
+    def _fits(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.02 <= value[0] <= value[1] <= 0.14:
+            raise ValueError(f"object_size must be (low, high) with 0.02 <= low <= high <= 0.14, got {value}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ def _scene(video_id: str, rng: np.random.Generator, config: PlantedConfig) -> Sc
             dx, dy = DIRECTIONS[direction]
             start = (mid[0] - dx * travel / 2, mid[1] - dy * travel / 2)
             speed = travel / max(n - appears[i], 1)
-            radius = config.size * rng.uniform(0.06, 0.09)
+            radius = config.size * rng.uniform(*config.object_size)
             objects.append(PlantedObject(str(shapes[i]), str(colours[i]), direction, appears[i], start, speed, radius))
         if _apart(objects, n):
             break
@@ -214,14 +224,15 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
 
 
 def conversations(scene: Scene, rows: list[dict]) -> str:
-    """The LLaVA ``conversations`` of a video (JSON): its caption asked for with the training recipes' caption
-    prompt, then each of its questions asked and answered as ``vidlm eval mc`` asks and scores them."""
+    """The LLaVA ``conversations`` of a video (JSON): a list of single-turn conversations, each a training sample
+    about the video -- its caption asked for with the training recipes' caption prompt, and each of its questions
+    asked and answered as ``vidlm eval mc`` asks and scores them (first, right after the video)."""
     from training.config import DataConfig
     from training.data import LETTERS, mc_answer, mc_prompt
 
-    turns = [(f"<image>\n{DataConfig().caption_prompt}", scene.caption())]
+    turns = [(DataConfig().caption_prompt, scene.caption())]
     turns += [(mc_prompt(r["question"], r["options"]), mc_answer(LETTERS[r["answer"]])) for r in rows]
-    return json.dumps([m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})])
+    return json.dumps([[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}] for q, a in turns])
 
 
 def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -> dict[str, Path]:

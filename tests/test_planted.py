@@ -91,7 +91,8 @@ def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
                 assert answer == next(o["direction"] for o in objects if f"the {o['colour']} {o['shape']}" == name)
     assert set(asked) == {"colour", "shape", "count", "direction", "order"}
 
-    # the training rows: the caption asked for, then each question of the video asked and answered as eval mc scores
+    # the training rows: one sample asking for the caption, one per question of the video asked right after the
+    # video, as eval mc asks and scores it
     questions = Counter(q["id"].rsplit("_q", 1)[0] for q in load_benchmark(files["train_mc"]))
     for row in train[:4]:
         samples = clip_samples(
@@ -101,11 +102,9 @@ def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
             "unused",
             max_length=4096,
         )
-        text = tokenizer.decode([t for t in samples[0]["labels"] if t >= 0])
-        assert (
-            text.count(truth[row["video_id"]]) == 1
-            and text.count("The correct choice is (") == questions[row["video_id"]]
-        )
+        texts = [tokenizer.decode([t for t in s["labels"] if t >= 0]) for s in samples]
+        assert len(samples) == 1 + questions[row["video_id"]] and texts[0].startswith(truth[row["video_id"]])
+        assert all(t.startswith("The correct choice is (") for t in texts[1:])
     assert asked["colour"] == 12 and asked["order"] == sum(len(s["objects"]) > 1 for s in scenes)
 
     again = write_planted(tmp_path / "again", 12, seed=5, config=config)
@@ -122,17 +121,24 @@ def test_planted_command_writes_the_corpus_and_refuses_an_empty_one(tmp_path):
     from vidlm.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--num", "3", "size=64"], terminal_width=200)
+    args = ["planted", "--out", str(tmp_path), "--num", "3", "size=64", "object_size=[0.12,0.12]"]
+    result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert _frames(next((tmp_path / "videos").glob("*.mp4"))).shape[1:] == (64, 64, 3)
+    scenes = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    assert {o["radius"] for s in scenes for o in s["objects"]} == {0.12 * 64}
     result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--num", "0"], terminal_width=200)
     assert result.exit_code == 2 and "--num must be at least 1" in result.output
     result = runner.invoke(app, ["planted", "--out", str(tmp_path), "--seed", "-1"], terminal_width=200)
     assert result.exit_code == 2 and "--seed must be 0 or more" in result.output
     result = runner.invoke(app, ["planted", "--out", str(tmp_path), "size=65"], terminal_width=200)
     assert result.exit_code == 2 and "size" in result.output
+    result = runner.invoke(app, ["planted", "--out", str(tmp_path), "object_size=[0.1,0.3]"], terminal_width=200)
+    assert result.exit_code == 2 and "object_size must be (low, high)" in result.output
     with pytest.raises(ValueError):
         PlantedConfig(max_objects=4)
+    with pytest.raises(ValueError, match="object_size"):
+        PlantedConfig(object_size=(0.09, 0.06))
 
 
 def test_caption_accuracy_counts_the_captions_that_name_every_object_s_truth():

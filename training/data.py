@@ -8,7 +8,8 @@ Input contracts (parquet, read with Ray Data):
   CLIP text features of the frames.
 - Clips (``video``; what ``vidlm features`` writes): ``clip_id``, ``caption``, ``extra`` (the manifest's
   other columns as JSON; a ``conversations`` list in LLaVA's ``{"from": "human"|"gpt", "value"}`` layout
-  is used when present) and ``patch_features (T, h*w, Dv)`` or ``embeddings (T, D)``. Error rows are skipped.
+  is used when present, or a list of such lists: one sample per conversation) and ``patch_features (T, h*w, Dv)``
+  or ``embeddings (T, D)``. Error rows are skipped.
 - Videos (``video``, ``data.train`` a manifest file: CSV, JSONL... as the jobs read it): each clip's frames are
   decoded in the training's Ray Data ingest with the model's frame sampling (:func:`frame_samples`), so the vision
   tower can train too (``trainable.vision_tower: full``); the conversation as for feature rows.
@@ -204,65 +205,84 @@ def tideo_samples(row: dict[str, Any], model_dir: str, tasks: tuple[str, ...], m
     return [s for s in out if s is not None]
 
 
-def _turns(row: dict[str, Any], model_dir: str, caption_prompt: str) -> list[tuple[str, str]]:
-    """A clip's ``(user, assistant)`` turns: LLaVA's ``conversations`` in ``extra``, else its caption.
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("from"), str) and "value" in m for m in value
+    )
+
+
+def _conversations(row: dict[str, Any], model_dir: str, caption_prompt: str) -> list[list[tuple[str, str]]]:
+    """A clip's conversations, each a list of ``(user, assistant)`` turns and each one training sample.
+
+    LLaVA's ``conversations`` in ``extra``: one list of ``{"from": ..., "value": ...}`` messages (one sample), or a
+    list of such lists (several samples about the same clip, e.g. each question asked on its own as LLaVA-Video's
+    and the evaluations' single-turn questions are); else the clip's caption under ``caption_prompt``.
 
     Raises:
-        ValueError: ``conversations`` (a manifest column: hostile) is not LLaVA's JSON list of ``{"from": ...,
-            "value": ...}`` messages; the message names the clip.
+        ValueError: ``conversations`` (a manifest column: hostile) is neither layout; the message names the clip.
     """
     extra = json.loads(row["extra"]) if row.get("extra") else {}
     conversations = extra.get("conversations") or []
     try:
         if isinstance(conversations, str):  # a manifest column holding LLaVA's JSON
             conversations = json.loads(conversations)
-        if not isinstance(conversations, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("from"), str) and "value" in m for m in conversations
-        ):
-            raise ValueError("not a list of {from, value} messages")
+        if _is_messages(conversations):
+            conversations = [conversations]
+        elif not (isinstance(conversations, list) and all(_is_messages(c) for c in conversations)):
+            raise ValueError("not a list of {from, value} messages, nor a list of such lists")
     except ValueError as err:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"clip {row.get('clip_id')!r}: conversations: {err}") from None
-    turns: list[tuple[str, str]] = []
-    pending = None
-    for message in conversations:
-        text = str(message["value"]).replace("<image>", _model_config(model_dir).video_token)
-        if message["from"] in ("human", "user"):
-            pending = text
-        elif pending is not None:
-            turns.append((pending, text))
-            pending = None
-    if not turns and row.get("caption"):
-        turns = [(caption_prompt, row["caption"])]
-    return turns
+    video_token = _model_config(model_dir).video_token
+    out = []
+    for messages in conversations:
+        turns: list[tuple[str, str]] = []
+        pending = None
+        for message in messages:
+            text = str(message["value"]).replace("<image>", video_token)
+            if message["from"] in ("human", "user"):
+                pending = text
+            elif pending is not None:
+                turns.append((pending, text))
+                pending = None
+        if turns:
+            out.append(turns)
+    if not out and row.get("caption"):
+        out = [[(caption_prompt, row["caption"])]]
+    return out
 
 
 def clip_samples(
     row: dict[str, Any], model_dir: str, feature_column: str, caption_prompt: str, max_length: int
 ) -> list[dict]:
-    """The conversation of one clip of ``vidlm features``' output (LLaVA's ``conversations``, else its caption)."""
+    """The conversations of one clip of ``vidlm features``' output (LLaVA's ``conversations``, else its caption),
+    a sample each."""
     if row.get("error") or row.get(feature_column) is None or not len(row[feature_column]):
         return []
-    turns = _turns(row, model_dir, caption_prompt)
-    sample = _sample(model_dir, turns, np.asarray(row[feature_column]), "conversation", max_length) if turns else None
-    return [sample] if sample is not None else []
+    features = np.asarray(row[feature_column])
+    samples = [
+        _sample(model_dir, turns, features, "conversation", max_length)
+        for turns in _conversations(row, model_dir, caption_prompt)
+    ]
+    return [s for s in samples if s is not None]
 
 
 def frame_samples(row: dict[str, Any], model_dir: str, caption_prompt: str, max_length: int) -> list[dict]:
-    """The conversation of one clip of a manifest, with its frames decoded as the model samples them.
+    """The conversations of one clip of a manifest, a sample each, with its frames decoded as the model samples them.
 
     The frames are the model's frame sampling (``VidlmConfig.sampling_config``, seeded per clip) of the clip window,
-    ``(T, S, S, 3) uint8`` at the tower's side ``S``, in the row's ``features``; the trainer turns them into pixel
-    values with the model's own :meth:`~vidlm.models.video_llm.VidlmForConditionalGeneration.preprocess`, as
-    inference does. A manifest error row, or a clip that does not decode (:class:`~vidlm.clips.ClipError`: missing,
-    corrupt, too large), gives no sample.
+    ``(T, S, S, 3) uint8`` at the tower's side ``S``, in the row's ``features`` (decoded once for all the clip's
+    conversations); the trainer turns them into pixel values with the model's own
+    :meth:`~vidlm.models.video_llm.VidlmForConditionalGeneration.preprocess`, as inference does. A manifest error
+    row, or a clip that does not decode (:class:`~vidlm.clips.ClipError`: missing, corrupt, too large), gives no
+    sample.
     """
     from vidlm.clips import ClipError
     from vidlm.decode import decode_clip
 
     if row.get("error") or not row.get("path"):
         return []
-    turns = _turns(row, model_dir, caption_prompt)
-    if not turns:
+    conversations = _conversations(row, model_dir, caption_prompt)
+    if not conversations:
         return []
     config = _model_config(model_dir)
     try:
@@ -270,8 +290,8 @@ def frame_samples(row: dict[str, Any], model_dir: str, caption_prompt: str, max_
         clip = decode_clip(row["path"], config.sampling_config, config.image_size, *window, clip_key=row["clip_id"])
     except ClipError:
         return []
-    sample = _sample(model_dir, turns, clip.frames, "conversation", max_length)
-    return [sample] if sample is not None else []
+    samples = [_sample(model_dir, turns, clip.frames, "conversation", max_length) for turns in conversations]
+    return [s for s in samples if s is not None]
 
 
 def build_dataset(config, model_dir: str):
@@ -328,10 +348,17 @@ def build_dataset(config, model_dir: str):
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
     """A micro-batch of sample rows -> the model's inputs, right-padded.
 
+    Logits are computed only where a label follows: ``logits_to_keep`` holds the positions whose next token is
+    labelled in some row, ``shift_labels`` those next tokens (the causal LM's shifted labels at those positions), so
+    the LM head and its softmax run on the answers' tokens instead of the whole sequence -- visual tokens and
+    prompts included -- and the loss is the same mean over the labelled tokens (transformers' ``logits_to_keep`` and
+    ``ForCausalLMLoss``'s ``shift_labels``).
+
     Returns:
         ``input_ids (B, L) int64``, ``attention_mask (B, L) int64``, ``labels (B, L) int64`` (``-100`` on
-        padding) and ``video_features``, a list of ``B`` float32 tensors, or for rows of decoded frames
-        (:func:`frame_samples`) ``frames``, a list of ``B`` ``(T, S, S, 3) uint8`` arrays.
+        padding), ``logits_to_keep (K,) int64``, ``shift_labels (B, K) int64``, and ``video_features``, a list of
+        ``B`` float32 tensors, or for rows of decoded frames (:func:`frame_samples`) ``frames``, a list of ``B``
+        ``(T, S, S, 3) uint8`` arrays.
     """
     import torch
 
@@ -344,8 +371,10 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
         ids[i, : len(r)] = torch.from_numpy(r)
         labels[i, : len(r)] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
         mask[i, : len(r)] = 1
+    keep = torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out |= {"logits_to_keep": keep, "shift_labels": labels[:, keep + 1]}
     features = [np.asarray(f) for f in batch["features"]]
     if features and features[0].dtype == np.uint8:  # frames (T, S, S, 3) of frame_samples
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "frames": features}
-    features = [torch.from_numpy(f.astype(np.float32, copy=False)) for f in features]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "video_features": features}
+        return {**out, "frames": features}
+    return {**out, "video_features": [torch.from_numpy(f.astype(np.float32, copy=False)) for f in features]}
