@@ -8,7 +8,7 @@ ENGINE  ?= cpu
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.vidlm-installed-$(ENGINE)
 
-.PHONY: install demo test lint bench bench-cluster cluster-local soak tutorial clean
+.PHONY: install demo test lint bench bench-cluster cluster-local soak tutorial tutorial-compressors clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ SEED ?= 0
 NUM  ?= 200
 tutorial: install
 	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM)
+
+# The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; ~50 minutes here).
+tutorial-compressors: install
+	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM) --compressors pllava,slowfast,topa,mean
 
 soak: install
 	$(BIN)/python bench/soak_serve.py

@@ -56,6 +56,15 @@ def test_every_preset_builds_its_config_and_unknown_names_fail():
         build_preset("pllava-7b")
 
 
+def test_build_overrides_change_fields_and_fields_of_a_part():
+    base, _ = build_preset("tiny")
+    model, _ = build_preset("tiny", {"compressor": {"kind": "mean"}, "text_config.initializer_range": 0.02})
+    assert model.config.compressor_config.kind == "mean" and model.config.text_config.initializer_range == 0.02
+    narrow = model.language_model.model.layers[0].mlp.up_proj.weight.std().item()
+    wide = base.language_model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert narrow == pytest.approx(0.02, rel=0.1) and wide == pytest.approx(0.2, rel=0.1)
+
+
 def test_contradictory_parts_are_rejected():
     with pytest.raises(ValueError, match="topa_linear"):
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, compressor={"kind": "global"})

