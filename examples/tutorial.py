@@ -1,18 +1,20 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
-``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--compressors pllava,slowfast,topa,mean]``
+``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--max-objects N]
+[--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
 1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
 2. ``vidlm train --config training/configs/video_planted.yaml model=OUT/model``: the tutorial's model
    (:data:`MODEL`) trained on the training videos' frames (tower, projector and LLM) on their captions and
    questions;
-3. ``vidlm eval mc`` scoring (:func:`training.eval.evaluate_mc`) of the export and of the untrained model on the
-   held-out videos' questions;
+3. ``vidlm eval mc --option-text`` scoring (:func:`training.eval.evaluate_mc`) of the export and of the untrained
+   model on the held-out videos' questions: each question asked open-ended, as the model was trained, the option
+   whose words are likeliest its choice;
 4. ``vidlm recaption --model OUT/train/export`` on the held-out videos through vLLM, each caption scored against
    the planted truth (:func:`pipelines.planted.caption_accuracy`).
 
 Writes ``OUT/report.json`` (``mc_accuracy`` and ``untrained_mc_accuracy`` per task type, scored by the options'
-loss as TOPA does; ``caption_attribute_accuracy`` per attribute and for all three; the commands' seconds) and
+words; ``caption_attribute_accuracy`` per attribute and for all three; the commands' seconds) and
 prints the table. ``--compressors`` runs steps 2-4 once per compressor of :data:`COMPRESSORS` -- the same corpus,
 recipe, steps and seed, the tutorial's model with only its compressor changed -- into ``OUT/KIND/`` and adds
 the comparison (``compressors``: accuracy per task type, visual tokens per clip, train seconds) to the report.
@@ -30,10 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "training/configs/video_planted.yaml"
 
-MODEL = {"text_config.initializer_range": 0.02}
+MODEL = {"text_config.initializer_range": 0.02, "vision_config.patch_size": 16}
 """The tutorial's model: ``tiny-video`` with its LLM initialised as transformers does (``tiny``'s wide 0.2 makes
 greedy tokens of a random model vary for the parity tests, and keeps a short run from learning to read the visual
-tokens)."""
+tokens) and 16 px patches (a 14 x 14 grid: a planted object spans 2-3 patches instead of about one)."""
 
 COMPRESSORS = {
     "pllava": {},  # tiny-video's own
@@ -41,10 +43,10 @@ COMPRESSORS = {
     "topa": {"compressor": {"kind": "global"}, "projector": "topa_linear"},
     "mean": {"compressor": {"kind": "mean"}},
 }
-"""The papers' compressors as ``tiny-video`` overrides (4 frames of a 7 x 7 patch grid): PLLaVA adaptive structure
-pooling to ``(4, 4, 4)`` (``tiny-video``'s own, 64 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled
-2 x 2: 9 tokens) and the others fast (4 x 4: 1 token), 20 tokens; TOPA's one token per frame (the pooled embedding,
-its linear projector), 4 tokens; Video-ChatGPT's spatial and temporal means, 49 + 4 tokens."""
+"""The papers' compressors as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid): PLLaVA adaptive
+structure pooling to ``(4, 4, 4)`` (``tiny-video``'s own, 64 tokens); LLaVA-Video SlowFast with every 2nd frame slow
+(pooled 2 x 2: 49 tokens) and the others fast (4 x 4: 9 tokens), 116 tokens; TOPA's one token per frame (the pooled
+embedding, its linear projector), 4 tokens; Video-ChatGPT's spatial and temporal means, 196 + 4 tokens."""
 
 
 def _vidlm(*args: str, log: Path) -> float:
@@ -69,7 +71,9 @@ def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_pr
     """Steps 2-4 of the module for ``model``: train on ``planted``, then score the export and ``model`` itself.
 
     Returns:
-        ``mc_accuracy`` / ``untrained_mc_accuracy`` (task type -> accuracy), ``caption_attribute_accuracy``,
+        ``mc_accuracy`` / ``untrained_mc_accuracy`` (task type -> accuracy by the options' own words, ``vidlm eval
+        mc --option-text``), ``mc_letter_accuracy`` (the export by TOPA's letter score, a format the tutorial does
+        not train), ``caption_attribute_accuracy``,
         ``visual_tokens`` (per clip), ``test_questions`` and ``seconds`` (per step).
     """
     import pyarrow.dataset as pads
@@ -103,8 +107,8 @@ def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_pr
         log=out / "recaption.log",
     )
     started = time.perf_counter()
-    trained = evaluate_mc(train / "export", planted / "test_mc.jsonl", generate=False)
-    untrained = evaluate_mc(model, planted / "test_mc.jsonl", generate=False)
+    trained = evaluate_mc(train / "export", planted / "test_mc.jsonl", generate=False, option_text=True)
+    untrained = evaluate_mc(model, planted / "test_mc.jsonl", generate=False, option_text=True)
     seconds["eval"] = time.perf_counter() - started
     scenes = {s["video_id"]: s for s in map(json.loads, (planted / "scenes.jsonl").read_text().splitlines())}
     captions = pads.dataset(out / "captions" / "captions").to_table(columns=["video_id", "caption"]).to_pylist()
@@ -112,8 +116,9 @@ def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_pr
     return {
         "test_questions": trained.n,
         "visual_tokens": config.num_visual_tokens(config.sampling_config.max_frames_per_clip()),
-        "mc_accuracy": {t: round(trained.accuracy("loss", t), 3) for t in trained.task_types},
-        "untrained_mc_accuracy": {t: round(untrained.accuracy("loss", t), 3) for t in trained.task_types},
+        "mc_accuracy": {t: round(trained.accuracy("option", t), 3) for t in trained.task_types},
+        "untrained_mc_accuracy": {t: round(untrained.accuracy("option", t), 3) for t in trained.task_types},
+        "mc_letter_accuracy": {t: round(trained.accuracy("loss", t), 3) for t in trained.task_types},
         "caption_attribute_accuracy": caption_accuracy(captions, scenes),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
@@ -121,9 +126,10 @@ def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_pr
 
 def _print(report: dict) -> None:
     tasks = list(report["mc_accuracy"])
-    print(f"{'task type':<12}{'trained':>9}{'untrained':>11}")
+    print(f"{'task type':<12}{'trained':>9}{'untrained':>11}{'letters':>9}")
     for t in tasks:
-        print(f"{t:<12}{report['mc_accuracy'][t]:>9.3f}{report['untrained_mc_accuracy'][t]:>11.3f}")
+        accuracy = (report[k][t] for k in ("mc_accuracy", "untrained_mc_accuracy", "mc_letter_accuracy"))
+        print(f"{t:<12}" + "".join(f"{a:>{w}.3f}" for a, w in zip(accuracy, (9, 11, 9), strict=True)))
     for a, v in report["caption_attribute_accuracy"].items():
         what = "all three" if a == "all" else f"every object's {a}"
         print(f"captions naming {what}: {v:.3f}")
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tutorial")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=200, help="planted videos (a fifth held out)")
+    parser.add_argument("--max-objects", type=int, help="objects per video: 1 to this (vidlm planted's max_objects)")
     parser.add_argument(
         "--compressors", default="", help=f"comma-separated, of {', '.join(COMPRESSORS)}: also compare these"
     )
@@ -160,8 +167,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     planted = out / "planted"
     started = time.perf_counter()
-    _vidlm("planted", "--out", str(planted), "--num", str(args.num), "--seed", str(args.seed), log=out / "planted.log")
-    report = {"seed": args.seed, "videos": args.num, "planted_seconds": round(time.perf_counter() - started, 1)}
+    _vidlm(
+        "planted",
+        "--out",
+        str(planted),
+        "--num",
+        str(args.num),
+        "--seed",
+        str(args.seed),
+        *([f"max_objects={args.max_objects}"] if args.max_objects else []),
+        log=out / "planted.log",
+    )
+    report = {"seed": args.seed, "videos": args.num, "max_objects": args.max_objects}
+    report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
     report |= learn(out, planted, _model(out, "pllava"), overrides, prompt)
     _print(report)

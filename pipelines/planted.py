@@ -12,7 +12,8 @@ machine. It writes:
 - ``train.csv`` / ``test.csv``: Panda-70M manifests (one clip window per video: the whole video), split by video,
   whose ``caption`` is the ground truth, e.g. ``A red circle moves left. Then a blue square appears and moves up.``,
   and whose ``conversations`` (LLaVA's layout, which ``vidlm train``'s ``video`` recipe reads: one training sample
-  per conversation) ask for the caption, and each of the video's questions on its own;
+  per conversation) ask for the caption, and each of the video's questions on its own, open-ended (answered with
+  the true option's words);
 - ``train_mc.jsonl`` / ``test_mc.jsonl``: multiple-choice questions in the EgoSchema / MVBench layout that
   ``vidlm eval mc`` reads (``video``, ``question``, five ``options``, ``answer``, ``task_type``): ``colour``,
   ``shape``, ``count``, ``direction`` and, with two objects or more, ``order`` (the last two need the frames in
@@ -226,12 +227,12 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
 def conversations(scene: Scene, rows: list[dict]) -> str:
     """The LLaVA ``conversations`` of a video (JSON): a list of single-turn conversations, each a training sample
     about the video -- its caption asked for with the training recipes' caption prompt, and each of its questions
-    asked and answered as ``vidlm eval mc`` asks and scores them (first, right after the video)."""
+    asked open-ended right after the video and answered with the true option's words (LLaVA-Video-178K's
+    open-ended questions; ``vidlm eval mc --option-text`` scores the options the same way)."""
     from training.config import DataConfig
-    from training.data import LETTERS, mc_answer, mc_prompt
 
     turns = [(DataConfig().caption_prompt, scene.caption())]
-    turns += [(mc_prompt(r["question"], r["options"]), mc_answer(LETTERS[r["answer"]])) for r in rows]
+    turns += [(r["question"], r["options"][r["answer"]]) for r in rows]
     return json.dumps([[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}] for q, a in turns])
 
 

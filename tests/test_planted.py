@@ -4,7 +4,7 @@ and ``vidlm eval mc`` read, and a seed gives one corpus."""
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 
 import av
 import numpy as np
@@ -91,9 +91,11 @@ def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
                 assert answer == next(o["direction"] for o in objects if f"the {o['colour']} {o['shape']}" == name)
     assert set(asked) == {"colour", "shape", "count", "direction", "order"}
 
-    # the training rows: one sample asking for the caption, one per question of the video asked right after the
-    # video, as eval mc asks and scores it
-    questions = Counter(q["id"].rsplit("_q", 1)[0] for q in load_benchmark(files["train_mc"]))
+    # the training rows: one sample asking for the caption, one per question of the video asked on its own right
+    # after the video and answered with the true option's words, as eval mc's option score asks and scores it
+    answers = defaultdict(list)
+    for q in load_benchmark(files["train_mc"]):
+        answers[q["id"].rsplit("_q", 1)[0]].append(q["options"][LETTERS.index(q["answer"])])
     for row in train[:4]:
         samples = clip_samples(
             {**row, "patch_features": np.zeros((4, 49, 64), np.float32)},
@@ -103,8 +105,8 @@ def test_planted_pixels_manifests_and_questions_tell_the_truth(tmp_path):
             max_length=4096,
         )
         texts = [tokenizer.decode([t for t in s["labels"] if t >= 0]) for s in samples]
-        assert len(samples) == 1 + questions[row["video_id"]] and texts[0].startswith(truth[row["video_id"]])
-        assert all(t.startswith("The correct choice is (") for t in texts[1:])
+        assert len(samples) == 1 + len(answers[row["video_id"]]) and texts[0].startswith(truth[row["video_id"]])
+        assert [t.split("<|im_end|>")[0] for t in texts[1:]] == answers[row["video_id"]]
     assert asked["colour"] == 12 and asked["order"] == sum(len(s["objects"]) > 1 for s in scenes)
 
     again = write_planted(tmp_path / "again", 12, seed=5, config=config)

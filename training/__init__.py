@@ -41,6 +41,13 @@ EVAL_MC = Job(
             flags=("--modality-projection/--no-modality-projection",),
             default=True,
         ),
+        Param(
+            "option_text",
+            bool,
+            "also score each option's own words as the answer to the question asked alone",
+            flags=("--option-text/--no-option-text",),
+            default=False,
+        ),
     ),
 )
 PLAN_TRAIN = Job(

@@ -5,14 +5,17 @@ option's index), ``task_type`` (optional), and the video as either ``video`` (a 
 model's own frame sampling), ``features`` (the tower's features as nested lists: ``(T, D)`` for TOPA,
 ``(T, h*w, Dv)`` for patch models) or ``features_path`` (a ``.npy`` of the same).
 
-Two scores per question:
+Up to three scores per question:
 
 - ``loss`` (TOPA §4, zero-shot multiple choice): each option's answer ``The correct choice is (X)`` is
   scored by the mean token cross-entropy of the answer given the video and the question; the lowest wins.
 - ``generate``: greedy decoding of the answer, and the first ``(X)`` (or lone letter) in it.
+- ``option`` (optional): the question asked on its own, open-ended, as LLaVA-Video-178K's open-ended questions
+  are (no options listed); each option's own words are scored as the answer by their mean token cross-entropy,
+  the lowest wins -- the likelihood scoring of multiple choice for models trained on open-ended answers.
 
-The prompt is the training prompt (:func:`training.data.mc_prompt` in the chat template), so a model
-pre-aligned on TOPA's multiple-choice task is asked exactly what it learned.
+The ``loss`` and ``generate`` prompt is the training prompt (:func:`training.data.mc_prompt` in the chat template),
+so a model pre-aligned on TOPA's multiple-choice task is asked exactly what it learned.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def load_benchmark(path: str | Path) -> list[dict]:
 
 @dataclass
 class McResult:
-    """Accuracy of one model on one benchmark, overall and per task type, for both scores."""
+    """Accuracy of one model on one benchmark, overall and per task type, for each score."""
 
     n: int = 0
     correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # score -> count
@@ -148,6 +151,34 @@ def _as_embed_kwargs(inputs: dict) -> dict:
 
 
 @torch.no_grad()
+def _answer_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
+    """Mean token cross-entropy of each option's words as the reply to the question alone (the ``option`` score)."""
+    from vidlm.models.processing import expand_video_tokens
+
+    c = model.config
+    n = _visual_len(inputs, model)
+    losses = []
+    first = None  # (ids, embeds) of the first option: the video and the question are embedded once
+    for option in row["options"]:
+        ids, labels = conversation_ids(
+            tokenizer, [(row["question"], str(option))], c.video_token, c.video_token_index, c.system_prompt
+        )
+        at = ids.index(c.video_token_index)
+        ids = expand_video_tokens(ids, c.video_token_index, n)
+        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+        if first is None:
+            first = ids, model.embed(torch.tensor([ids]), **_as_embed_kwargs(inputs))
+            embeds = first[1]
+        else:  # the shared prefix (system, video, question) from the first; the rest is text
+            shared = next((i for i, (a, b) in enumerate(zip(ids, first[0], strict=False)) if a != b), len(ids))
+            shared = min(shared, len(ids) - 1, first[1].shape[1])
+            rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
+            embeds = torch.cat([first[1][:, :shared], rest], dim=1)
+        losses.append(float(model(inputs_embeds=embeds, labels=torch.tensor([labels])).loss))
+    return losses
+
+
+@torch.no_grad()
 def _generated_choice(model, tokenizer, row: dict, inputs: dict, max_new_tokens: int) -> str | None:
     """The letter in the greedy answer, or ``None``."""
     from vidlm.models.processing import expand_video_tokens, video_prompt_ids
@@ -181,6 +212,7 @@ def evaluate_mc(
     max_new_tokens: int = 12,
     limit: int | None = None,
     modality_projection: bool = True,
+    option_text: bool = False,
 ) -> McResult:
     """Score a model on a multiple-choice benchmark (see the module docstring).
 
@@ -191,6 +223,7 @@ def evaluate_mc(
         limit: the first ``limit`` questions only.
         modality_projection: project image features onto the model's memory (TOPA eq. 2) when it has one;
             ``False`` scores the same model without it (the ablation of TOPA's Table 5).
+        option_text: also score each option's own words as the answer to the question alone (``option``).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`load_benchmark`.
@@ -212,6 +245,9 @@ def evaluate_mc(
         losses = _option_losses(model, tokenizer, row, inputs)
         result.n += 1
         result.add(row["task_type"], "loss", LETTERS[int(np.argmin(losses))] == row["answer"])
+        if option_text:
+            losses = _answer_losses(model, tokenizer, row, inputs)
+            result.add(row["task_type"], "option", LETTERS[int(np.argmin(losses))] == row["answer"])
         if generate:
             result.add(
                 row["task_type"],
@@ -222,11 +258,23 @@ def evaluate_mc(
 
 
 def eval_mc_job(
-    benchmark: Path, model: str, generate: bool = True, limit: int | None = None, modality_projection: bool = True
+    benchmark: Path,
+    model: str,
+    generate: bool = True,
+    limit: int | None = None,
+    modality_projection: bool = True,
+    option_text: bool = False,
 ) -> Report:
     """``vidlm eval mc``: :func:`evaluate_mc`, as a table of accuracy per task type and score."""
-    result = evaluate_mc(model, benchmark, generate=generate, limit=limit, modality_projection=modality_projection)
-    scores = ["loss", "generate"] if generate else ["loss"]
+    result = evaluate_mc(
+        model,
+        benchmark,
+        generate=generate,
+        limit=limit,
+        modality_projection=modality_projection,
+        option_text=option_text,
+    )
+    scores = ["loss", *(["generate"] if generate else []), *(["option"] if option_text else [])]
     rows = [(t, *(f"{result.accuracy(s, t):.3f}" for s in scores)) for t in result.task_types]
     rows.append(("[bold]overall[/]", *(f"[bold]{result.accuracy(s):.3f}[/]" for s in scores)))
     header = ("task type", *(f"accuracy ({s})" for s in scores))
