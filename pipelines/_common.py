@@ -252,14 +252,40 @@ def arrow_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+PENDING_SUFFIX = ".pending.parquet"
+"""Ray Data's name of a checkpoint file before its commit (``ray.data.checkpoint.checkpoint_writer``)."""
+
+
+def finish_interrupted_commits(checkpoint: Path) -> list[Path]:
+    """Delete each pending checkpoint file of ``checkpoint`` whose committed twin exists; the deleted paths.
+
+    Ray Data commits a checkpoint by moving ``X.pending.parquet`` to ``X.parquet`` after the data file is written.
+    In object storage a move is a copy then a delete: a run killed between the two leaves both, and the next run's
+    recovery, seeing the pending file, deletes the data file while the committed checkpoint still marks its rows
+    written -- rows lost. Ray Data's own commit treats a committed file as committed (it only deletes the pending
+    one); this does the same before the recovery runs.
+    """
+    if not checkpoint.exists():
+        return []
+    done = []
+    for pending in checkpoint.glob(f"*{PENDING_SUFFIX}"):
+        if (checkpoint / (pending.name.removesuffix(PENDING_SUFFIX) + ".parquet")).exists():
+            pending.unlink()
+            done.append(pending)
+    return done
+
+
 @contextlib.contextmanager
 def exactly_once(out: Path, id_column: str = CLIP_ID) -> Iterator[None]:
-    """Run the Ray Data job inside with checkpointing on ``id_column`` under ``out/_checkpoint``."""
+    """Run the Ray Data job inside with checkpointing on ``id_column`` under ``out/_checkpoint`` (commits a killed
+    run left half done are finished first: :func:`finish_interrupted_commits`)."""
+    checkpoint = location(out) / "_checkpoint"
+    finish_interrupted_commits(checkpoint)
     ctx = DataContext.get_current()
     previous = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
         id_column=id_column,
-        checkpoint_path=str(location(out) / "_checkpoint"),
+        checkpoint_path=str(checkpoint),
         delete_checkpoint_on_success=False,
     )
     try:
