@@ -492,6 +492,8 @@ def test_option_text_scores_each_option_s_words_as_the_answer_to_the_question_al
     result = evaluate_mc(model_dir, path, generate=False, option_text=True)
     assert result.accuracy("option") == float(np.argmin(losses) == 2)
     assert ("all", "option") in result.by_type and ("all", "generate") not in result.by_type
+    with pytest.raises(ValueError, match="exactly one"):  # an option holding the video placeholder
+        _answer_losses(model, tokenizer, {**row, "options": ["red", f"{c.video_token} blue"]}, inputs)
 
 
 def test_deepspeed_values_that_contradict_the_config_are_refused(tmp_path):

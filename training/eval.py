@@ -115,31 +115,43 @@ def _visual_len(inputs: dict, model) -> int:
 
 
 @torch.no_grad()
-def _option_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
-    """Mean token cross-entropy of each option's answer (TOPA's multiple-choice score)."""
+def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dict) -> list[float]:
+    """Mean token cross-entropy of each reply to ``prompt`` about the video; the video and the prompt are embedded
+    once, each reply's tokens after them."""
     from vidlm.models.processing import expand_video_tokens
 
     c = model.config
     n = _visual_len(inputs, model)
-    prompt = mc_prompt(row["question"], list(row["options"]))
     losses = []
-    embeds = None
-    for letter in LETTERS[: len(row["options"])]:
-        ids, labels = conversation_ids(
-            tokenizer, [(prompt, mc_answer(letter))], c.video_token, c.video_token_index, c.system_prompt
-        )
+    first = None  # (ids, embeds) of the first reply
+    for reply in replies:
+        turns = [(prompt, reply)]
+        ids, labels = conversation_ids(tokenizer, turns, c.video_token, c.video_token_index, c.system_prompt)
         at = ids.index(c.video_token_index)
         ids = expand_video_tokens(ids, c.video_token_index, n)
         labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
-        input_ids = torch.tensor([ids])
-        if embeds is None or embeds.shape[1] != len(ids):
-            embeds = model.embed(input_ids, **_as_embed_kwargs(inputs))
-        else:  # same length: only the answer's letter differs; reuse the visual tokens
-            embeds = embeds.clone()
-            embeds[0, at + n :] = model.get_input_embeddings()(input_ids[0, at + n :])
-        out = model(inputs_embeds=embeds, labels=torch.tensor([labels]))
-        losses.append(float(out.loss))
+        if first is None:
+            first = ids, model.embed(torch.tensor([ids]), **_as_embed_kwargs(inputs))
+            embeds = first[1]
+        else:  # the shared prefix (system, video, prompt) from the first; the rest is text
+            shared = next((i for i, (a, b) in enumerate(zip(ids, first[0], strict=False)) if a != b), len(ids))
+            shared = min(shared, len(ids) - 1, first[1].shape[1])
+            rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
+            embeds = torch.cat([first[1][:, :shared], rest], dim=1)
+        losses.append(float(model(inputs_embeds=embeds, labels=torch.tensor([labels])).loss))
     return losses
+
+
+def _option_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
+    """Mean token cross-entropy of each option's answer (TOPA's multiple-choice score)."""
+    letters = LETTERS[: len(row["options"])]
+    prompt = mc_prompt(row["question"], list(row["options"]))
+    return _reply_losses(model, tokenizer, prompt, [mc_answer(letter) for letter in letters], inputs)
+
+
+def _answer_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
+    """Mean token cross-entropy of each option's words as the reply to the question alone (the ``option`` score)."""
+    return _reply_losses(model, tokenizer, row["question"], [str(o) for o in row["options"]], inputs)
 
 
 def _as_embed_kwargs(inputs: dict) -> dict:
@@ -148,34 +160,6 @@ def _as_embed_kwargs(inputs: dict) -> dict:
         if "video_features" in inputs
         else {"pixel_values_videos": inputs["pixel_values_videos"]}
     )
-
-
-@torch.no_grad()
-def _answer_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
-    """Mean token cross-entropy of each option's words as the reply to the question alone (the ``option`` score)."""
-    from vidlm.models.processing import expand_video_tokens
-
-    c = model.config
-    n = _visual_len(inputs, model)
-    losses = []
-    first = None  # (ids, embeds) of the first option: the video and the question are embedded once
-    for option in row["options"]:
-        ids, labels = conversation_ids(
-            tokenizer, [(row["question"], str(option))], c.video_token, c.video_token_index, c.system_prompt
-        )
-        at = ids.index(c.video_token_index)
-        ids = expand_video_tokens(ids, c.video_token_index, n)
-        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
-        if first is None:
-            first = ids, model.embed(torch.tensor([ids]), **_as_embed_kwargs(inputs))
-            embeds = first[1]
-        else:  # the shared prefix (system, video, question) from the first; the rest is text
-            shared = next((i for i, (a, b) in enumerate(zip(ids, first[0], strict=False)) if a != b), len(ids))
-            shared = min(shared, len(ids) - 1, first[1].shape[1])
-            rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
-            embeds = torch.cat([first[1][:, :shared], rest], dim=1)
-        losses.append(float(model(inputs_embeds=embeds, labels=torch.tensor([labels])).loss))
-    return losses
 
 
 @torch.no_grad()
