@@ -95,9 +95,10 @@ TINY_VARIANTS = {
         "modality_memory_size": 32,
         "modality_temperature": 0.05,
     },
-    "mean": {"compressor": {"kind": "mean"}},
+    "mean": {"compressor": {"kind": "mean"}, "center_visual_tokens": True},
 }
-"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling)."""
+"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``mean`` also centres its visual
+tokens (``center_visual_tokens``), so the vLLM parity tests cover it."""
 
 
 _SERIES = re.compile(r"^(ray_vidlm_[a-z_]+)\{(.*)\}\s+(\S+)$")

@@ -115,6 +115,25 @@ def test_topa_modality_projection_is_applied_at_inference(tiny_models):
     assert memory.abs().sum() > 0  # the memory was saved and loaded with the weights
 
 
+def test_centred_visual_tokens_are_the_tokens_less_their_clip_mean(tmp_path):
+    model, tokenizer = build_preset("tiny", overrides={"center_visual_tokens": True})
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.center_visual_tokens
+    clips = [np.random.default_rng(s).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8) for s in (0, 1)]
+    clips[1][:, 20:40, 20:40] = (220, 40, 40)  # an object on the second clip
+    with torch.no_grad():
+        centred = loaded.get_video_features([loaded.preprocess(f) for f in clips])
+        loaded.config.center_visual_tokens = False
+        raw = loaded.get_video_features([loaded.preprocess(f) for f in clips])
+    for c, r in zip(centred, raw, strict=True):
+        assert c.shape == r.shape == (loaded.config.num_visual_tokens(4), loaded.config.text_config.hidden_size)
+        assert torch.allclose(c.mean(0), torch.zeros_like(c[0]), atol=1e-5)  # each clip on its own
+        assert torch.allclose(c, r - r.mean(0), atol=1e-6)
+        assert r.mean(0).abs().max() > 1e-3  # there was a shared part to remove
+
+
 @pytest.mark.slow
 def test_smol_generates_fluent_text():
     from vidlm.models.presets import resolve_model

@@ -117,7 +117,8 @@ def _visual_len(inputs: dict, model) -> int:
 @torch.no_grad()
 def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dict) -> list[float]:
     """Mean token cross-entropy of each reply to ``prompt`` about the video; the video and the prompt are embedded
-    once, each reply's tokens after them."""
+    once, each reply's tokens after them, and the LM head runs only where a reply token follows (as in training:
+    :func:`~training.data.collate`)."""
     from vidlm.models.processing import expand_video_tokens
 
     c = model.config
@@ -138,7 +139,10 @@ def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dic
             shared = min(shared, len(ids) - 1, first[1].shape[1])
             rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
             embeds = torch.cat([first[1][:, :shared], rest], dim=1)
-        losses.append(float(model(inputs_embeds=embeds, labels=torch.tensor([labels])).loss))
+        labels = torch.tensor([labels])
+        keep = torch.nonzero(labels[0, 1:] != IGNORE_INDEX).flatten()
+        out = model(inputs_embeds=embeds, labels=labels, logits_to_keep=keep, shift_labels=labels[:, keep + 1])
+        losses.append(float(out.loss))
     return losses
 
 

@@ -86,6 +86,11 @@ class VidlmConfig(PreTrainedConfig):
         modality_memory_size: TOPA: rows ``K`` of the memory of CLIP text features (a buffer
             ``modality_memory (K, D)`` saved with the weights); 0: no modality projection.
         modality_temperature: TOPA eq. 2's tau (the reference hard-codes 0.01).
+        center_visual_tokens: subtract from a clip's visual tokens their mean over the clip, so that they carry
+            what differs between its tokens and frames (objects, motion) and not what they share (background, the
+            tower's constant part). For towers trained from random weights (the tutorial's model): their shared
+            part outweighs everything else, and the LLM, averaging over the tokens, reads the same input for
+            every clip. A clip's overall tone is lost with it. The released checkpoints' configurations keep it off.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -110,6 +115,7 @@ class VidlmConfig(PreTrainedConfig):
         image_std: tuple[float, float, float] = CLIP_STD,
         modality_memory_size: int = 0,
         modality_temperature: float = 0.01,
+        center_visual_tokens: bool = False,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -128,6 +134,7 @@ class VidlmConfig(PreTrainedConfig):
         self.image_std = list(image_std)
         self.modality_memory_size = modality_memory_size
         self.modality_temperature = modality_temperature
+        self.center_visual_tokens = center_visual_tokens
         self.system_prompt = system_prompt
         self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
@@ -270,6 +277,7 @@ def tokens_from_features(
     CLIP text features are unit-norm already), then, for image features and a model with a memory, projected
     onto the memory of CLIP text features (TOPA eq. 2, :func:`~vidlm.models.modality_projection.modality_projection`).
     Tideo text features (``text_features``) are what the model was pre-aligned on: they are not projected.
+    With ``config.center_visual_tokens``, each video's tokens have their mean over the video subtracted last.
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -309,6 +317,8 @@ def tokens_from_features(
                 tokens = parts.projector(parts.compressor(x[None]))  # (1, T, h, w, Dv) -> (1, N, Dl)
             else:
                 tokens = parts.compressor(parts.projector(x[None]))  # (1, T, h, w, Dl) -> (1, N, Dl)
+        if config.center_visual_tokens:
+            tokens = tokens - tokens.mean(dim=1, keepdim=True)  # (1, N, Dl), zero mean over the clip's N tokens
         out.append(tokens[0])
     return out
 
