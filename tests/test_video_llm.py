@@ -70,6 +70,12 @@ def test_contradictory_parts_are_rejected():
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, compressor={"kind": "global"})
 
 
+@pytest.mark.parametrize("value", ["false", 1, None, [True]])
+def test_center_visual_tokens_must_be_a_boolean(value):
+    with pytest.raises(ValueError, match="center_visual_tokens must be true or false"):
+        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, center_visual_tokens=value)
+
+
 def test_preprocess_resizes_crops_and_normalises():
     frames = np.full((2, 40, 80, 3), 255, np.uint8)
     x = preprocess_frames(frames, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

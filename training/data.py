@@ -38,6 +38,7 @@ __all__ = [
     "collate",
     "conversation_ids",
     "frame_samples",
+    "labelled_positions",
     "mc_answer",
     "mc_prompt",
     "read_memory",
@@ -345,6 +346,17 @@ def build_dataset(config, model_dir: str):
     return ds.flat_map(fn, fn_kwargs=kwargs)
 
 
+def labelled_positions(labels):
+    """Where the LM head has to run for ``labels (B, L) int64`` (``-100`` unlabelled): ``logits_to_keep (K,) int64``,
+    the positions whose next token is labelled in some row, and ``shift_labels (B, K) int64``, those next tokens --
+    transformers' ``logits_to_keep`` and ``ForCausalLMLoss``'s ``shift_labels``, the same mean loss as the whole
+    sequence's logits."""
+    import torch
+
+    keep = torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
+    return {"logits_to_keep": keep, "shift_labels": labels[:, keep + 1]}
+
+
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
     """A micro-batch of sample rows -> the model's inputs, right-padded.
 
@@ -371,9 +383,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
         ids[i, : len(r)] = torch.from_numpy(r)
         labels[i, : len(r)] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
         mask[i, : len(r)] = 1
-    keep = torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    out |= {"logits_to_keep": keep, "shift_labels": labels[:, keep + 1]}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels} | labelled_positions(labels)
     features = [np.asarray(f) for f in batch["features"]]
     if features and features[0].dtype == np.uint8:  # frames (T, S, S, 3) of frame_samples
         return {**out, "frames": features}

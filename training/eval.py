@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data import IGNORE_INDEX, LETTERS, conversation_ids, mc_answer, mc_prompt
+from training.data import IGNORE_INDEX, LETTERS, conversation_ids, labelled_positions, mc_answer, mc_prompt
 from vidlm.jobs import Report
 
 __all__ = ["McResult", "evaluate_mc", "load_benchmark"]
@@ -140,9 +140,7 @@ def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dic
             rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
             embeds = torch.cat([first[1][:, :shared], rest], dim=1)
         labels = torch.tensor([labels])
-        keep = torch.nonzero(labels[0, 1:] != IGNORE_INDEX).flatten()
-        out = model(inputs_embeds=embeds, labels=labels, logits_to_keep=keep, shift_labels=labels[:, keep + 1])
-        losses.append(float(out.loss))
+        losses.append(float(model(inputs_embeds=embeds, labels=labels, **labelled_positions(labels)).loss))
     return losses
 
 

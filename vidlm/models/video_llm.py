@@ -148,8 +148,11 @@ class VidlmConfig(PreTrainedConfig):
 
         Raises:
             ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or
-                the other way round), or a modality memory without pooled embeddings.
+                the other way round), a modality memory without pooled embeddings, or a ``center_visual_tokens``
+                that is not a JSON boolean (``"false"`` would read as true).
         """
+        if not isinstance(self.center_visual_tokens, bool):
+            raise ValueError(f"center_visual_tokens must be true or false, got {self.center_visual_tokens!r}")
         kind = self.compressor_config.kind
         if (kind == "global") != (self.projector == "topa_linear"):
             raise ValueError(
