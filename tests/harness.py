@@ -101,6 +101,9 @@ TINY_VARIANTS = {
 tokens (``center_visual_tokens``), so the vLLM parity tests cover it."""
 
 
+RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}
+"""The two prompt templates of the recaption tests (``prompts=`` of ``RecaptionConfig``)."""
+
 _SERIES = re.compile(r"^(ray_vidlm_[a-z_]+)\{(.*)\}\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 _KEPT_LABELS = ("job", "outcome", "kind", "stage", "status", "le")

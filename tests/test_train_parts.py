@@ -323,6 +323,7 @@ def test_deepspeed_auto_values_are_filled():
         cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})}), 128, 100, 8
     )
     assert gpu["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True and "torch_adam" not in gpu["optimizer"]["params"]
 
 
 def test_deepspeed_unknown_auto_is_refused(tmp_path):
@@ -523,3 +524,20 @@ def test_checkpoint_shards_stage_beside_the_storage_only_when_they_fit(tmp_path,
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda _: usage._replace(free=10 * 2**20))
     with pytest.raises(OSError, match=r"needs about 0.08 GiB, 0.01 GiB are free"):
         checkpoints.staging_dir(engine, tmp_path)
+
+
+def test_a_partial_checkpoint_is_refused_with_what_is_missing_before_deepspeed_reads_it(tmp_path):
+    """``load_checkpoint`` names the missing record, the other world size, or the missing RNG states of the rank; the
+    engine (``None`` here) is never reached."""
+    from training.checkpoints import META, CheckpointError, load_checkpoint
+
+    folder = tmp_path / "checkpoint_000001"
+    (folder / "rng").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=f"is partial: it has no {META}"):
+        load_checkpoint(None, folder, rank=0, world_size=2)
+    (folder / META).write_text(json.dumps({"world_size": 2, "step": 7, "config": {}}))
+    with pytest.raises(CheckpointError, match="written by 2 workers; this group has 3"):
+        load_checkpoint(None, folder, rank=0, world_size=3)
+    torch.save({}, folder / "rng" / "rank0.pt")
+    with pytest.raises(CheckpointError, match=r"is partial: rank 1's RNG states \(rank1.pt\) are missing"):
+        load_checkpoint(None, folder, rank=1, world_size=2)

@@ -19,9 +19,8 @@ MAX_TOKENS = 8
 
 
 @pytest.fixture(autouse=True)
-def _cpu_engine_env(monkeypatch):
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+def _engine_env(offline_vllm):
+    """Every engine here is a ``vllm.LLM`` in the test's process (``offline_vllm``)."""
 
 
 def _greedy_hf(model, ids, frames) -> list[int]:

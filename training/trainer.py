@@ -71,8 +71,9 @@ def fill_deepspeed_config(config: TrainConfig, hidden_size: int, total_steps: in
 
     Batch sizes, clipping, precision and the optimizer's hyper-parameters come from ``config``; ZeRO bucket sizes
     from the LLM's hidden size ``h`` (``h*h``, ``0.9*h*h``, ``10*h``). A JSON without an optimizer or a scheduler
-    gets AdamW and a linear warm-up + cosine schedule (``WarmupCosineLR`` over ``total_steps``, warm-up
-    ``ceil(optim.warmup_ratio * total_steps)``, at least 1): the Trainer builds those in torch instead.
+    gets AdamW (torch's on CPU workers) and a linear warm-up + cosine schedule (``WarmupCosineLR`` over
+    ``total_steps``, warm-up ``ceil(optim.warmup_ratio * total_steps)``, at least 1): the Trainer builds those in
+    torch instead.
 
     Raises:
         FileNotFoundError: the JSON does not exist.
@@ -90,9 +91,10 @@ def fill_deepspeed_config(config: TrainConfig, hidden_size: int, total_steps: in
     o, d = config.optim, config.data
     ds.setdefault("fp16", {"enabled": "auto"})
     ds.setdefault("bf16", {"enabled": "auto"})
-    ds.setdefault(
-        "optimizer", {"type": "AdamW", "params": dict.fromkeys(["lr", "betas", "eps", "weight_decay"], "auto")}
-    )
+    adamw = dict.fromkeys(["lr", "betas", "eps", "weight_decay"], "auto")
+    if not config.scaling.use_gpu:  # torch's AdamW: DeepSpeed's CPU kernel is a C++ op compiled at the first start
+        adamw["torch_adam"] = True
+    ds.setdefault("optimizer", {"type": "AdamW", "params": adamw})
     ds.setdefault(
         "scheduler",
         {
