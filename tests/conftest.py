@@ -88,17 +88,11 @@ def ray_cluster():
 
 @pytest.fixture
 def offline_vllm(monkeypatch):
-    """Environment of a test that builds a ``vllm.LLM`` on this CPU: a 1 GiB KV cache, OpenMP on cores 0-1, and the
-    engine core and its worker in the test's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no two processes to
-    spawn, each importing vLLM). The engine lowers torch's thread count of the process; it is restored after."""
-    import torch
-
-    threads = torch.get_num_threads()
+    """Environment of a test that builds a ``vllm.LLM`` on this CPU: a 1 GiB KV cache and OpenMP on cores 0-1. The
+    engine runs in its own processes: vLLM's in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) scans every
+    loaded module when it starts and fails on the Flask proxies of the session's moto S3 server."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
