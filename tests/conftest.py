@@ -34,14 +34,29 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CO
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on loopback (``AWS_ENDPOINT_URL``) for the session; stopped at its end."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on loopback (``AWS_ENDPOINT_URL``) for the session, in its own process (its Flask app stays
+    out of the test process, whose in-process vLLM engines scan every loaded module); stopped at its end."""
+    import subprocess
+    import sys
+    import time
 
     host, port = S3_ENDPOINT.removeprefix("http://").split(":")
-    server = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
-    server.start()
-    yield S3_ENDPOINT
-    server.stop()
+    argv = [sys.executable, "-m", "moto.server", "-H", host, "-p", port]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on {S3_ENDPOINT}") from None
+                time.sleep(0.1)
+        yield S3_ENDPOINT
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture
@@ -88,11 +103,17 @@ def ray_cluster():
 
 @pytest.fixture
 def offline_vllm(monkeypatch):
-    """Environment of a test that builds a ``vllm.LLM`` on this CPU: a 1 GiB KV cache and OpenMP on cores 0-1. The
-    engine runs in its own processes: vLLM's in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) scans every
-    loaded module when it starts and fails on the Flask proxies of the session's moto S3 server."""
+    """Environment of a test that builds a ``vllm.LLM`` on this CPU: a 1 GiB KV cache, OpenMP on cores 0-1, and the
+    engine core and its worker in the test's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no two processes to
+    spawn, each importing vLLM). The engine lowers torch's thread count of the process; it is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
