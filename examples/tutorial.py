@@ -1,7 +1,7 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
 ``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--max-objects N]
-[--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
+[--center-visual-tokens clip|frames] [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
 1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
 2. ``vidlm train --config training/configs/video_planted.yaml model=OUT/model``: the tutorial's model
@@ -35,13 +35,16 @@ RECIPE = "training/configs/video_planted.yaml"
 MODEL = {
     "text_config.initializer_range": 0.02,
     "compressor": {"kind": "pllava", "pooling_shape": (4, 7, 7)},
-    "center_visual_tokens": True,
+    "center_visual_tokens": "clip",
 }
 """The tutorial's model: ``tiny-video`` (32 px patches: a 7 x 7 grid) with its LLM initialised as transformers does
 (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity tests), every patch kept (adaptive
 structure pooling to ``(4, 7, 7)``: pooling 7 x 7 to 4 x 4 blurs a planted object's few pixels of motion between
-frames), and its visual tokens centred per clip (``center_visual_tokens``: with a tower of random weights, the
-tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip)."""
+frames), and its visual tokens centred per clip (``center_visual_tokens: clip``: with a tower of random weights, the
+tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip).
+``--center-visual-tokens frames`` (each frame's features less their mean over the frames: only what moves is left)
+lets the LLM learn motion from direction questions alone, but the tutorial's mix of captions and questions on one to
+three objects loses colour with it (README "Tutorial")."""
 
 
 COMPRESSORS = {
@@ -64,11 +67,14 @@ def _vidlm(*args: str, log: Path) -> float:
     return time.perf_counter() - started
 
 
-def _model(out: Path, kind: str) -> str:
-    """:data:`MODEL` with the compressor ``kind`` of :data:`COMPRESSORS`, saved in ``out / "model"``; its path."""
+def _model(out: Path, kind: str, center: str) -> str:
+    """:data:`MODEL` with the compressor ``kind`` of :data:`COMPRESSORS` and ``center_visual_tokens=center``, saved
+    in ``out / "model"``; its path."""
     from vidlm.models.presets import build_preset
 
-    model, tokenizer = build_preset("tiny-video", overrides=MODEL | COMPRESSORS[kind])
+    model, tokenizer = build_preset(
+        "tiny-video", overrides=MODEL | COMPRESSORS[kind] | {"center_visual_tokens": center}
+    )
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return str(out / "model")
@@ -151,11 +157,19 @@ def _print_compressors(report: dict) -> None:
 
 
 def main() -> None:
+    from vidlm.models.video_llm import CENTERINGS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tutorial")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=200, help="planted videos (a fifth held out)")
     parser.add_argument("--max-objects", type=int, help="objects per video: 1 to this (vidlm planted's max_objects)")
+    parser.add_argument(
+        "--center-visual-tokens",
+        choices=CENTERINGS,
+        default=MODEL["center_visual_tokens"],
+        help="the model's centring of its visual tokens (VidlmConfig.center_visual_tokens)",
+    )
     parser.add_argument(
         "--compressors", default="", help=f"comma-separated, of {', '.join(COMPRESSORS)}: also compare these"
     )
@@ -186,15 +200,19 @@ def main() -> None:
         log=out / "planted.log",
     )
     report = {"seed": args.seed, "videos": args.num, "max_objects": args.max_objects}
+    report["center_visual_tokens"] = args.center_visual_tokens
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
-    report |= learn(out, planted, _model(out, "pllava"), overrides, prompt)
+    center = args.center_visual_tokens
+    report |= learn(out, planted, _model(out, "pllava", center), overrides, prompt)
     _print(report)
     if kinds:
         report["compressors"] = {}
         for kind in kinds:
             result = (
-                report if kind == "pllava" else learn(out / kind, planted, _model(out / kind, kind), overrides, prompt)
+                report
+                if kind == "pllava"
+                else learn(out / kind, planted, _model(out / kind, kind, center), overrides, prompt)
             )
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]

@@ -88,17 +88,21 @@ def write_bad_inputs(folder: str | os.PathLike) -> dict[str, tuple[Path, ErrorTy
 
 TINY_VARIANTS = {
     "pllava": {"compressor": {"kind": "pllava", "pooling_shape": (4, 4, 4)}},
-    "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2}},
+    "slowfast": {
+        "compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2},
+        "center_visual_tokens": "frames",
+    },
     "topa": {
         "compressor": {"kind": "global"},
         "projector": "topa_linear",
         "modality_memory_size": 32,
         "modality_temperature": 0.05,
     },
-    "mean": {"compressor": {"kind": "mean"}, "center_visual_tokens": True},
+    "mean": {"compressor": {"kind": "mean"}, "center_visual_tokens": "clip"},
 }
-"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``mean`` also centres its visual
-tokens (``center_visual_tokens``), so the vLLM parity tests cover it."""
+"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` and ``mean`` also
+centre their visual tokens (``center_visual_tokens`` ``"frames"`` and ``"clip"``), so the vLLM parity tests cover
+both."""
 
 
 RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}

@@ -70,9 +70,9 @@ def test_contradictory_parts_are_rejected():
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, compressor={"kind": "global"})
 
 
-@pytest.mark.parametrize("value", ["false", 1, None, [True]])
-def test_center_visual_tokens_must_be_a_boolean(value):
-    with pytest.raises(ValueError, match="center_visual_tokens must be true or false"):
+@pytest.mark.parametrize("value", ["false", True, 1, ["clip"], "frame"])
+def test_center_visual_tokens_must_be_a_known_centering(value):
+    with pytest.raises(ValueError, match="center_visual_tokens must be null, 'clip' or 'frames'"):
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, center_visual_tokens=value)
 
 
@@ -122,16 +122,16 @@ def test_topa_modality_projection_is_applied_at_inference(tiny_models):
 
 
 def test_centred_visual_tokens_are_the_tokens_less_their_clip_mean(tmp_path):
-    model, tokenizer = build_preset("tiny", overrides={"center_visual_tokens": True})
+    model, tokenizer = build_preset("tiny", overrides={"center_visual_tokens": "clip"})
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.config.center_visual_tokens
+    assert loaded.config.center_visual_tokens == "clip"
     clips = [np.random.default_rng(s).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8) for s in (0, 1)]
     clips[1][:, 20:40, 20:40] = (220, 40, 40)  # an object on the second clip
     with torch.no_grad():
         centred = loaded.get_video_features([loaded.preprocess(f) for f in clips])
-        loaded.config.center_visual_tokens = False
+        loaded.config.center_visual_tokens = None
         raw = loaded.get_video_features([loaded.preprocess(f) for f in clips])
     for c, r in zip(centred, raw, strict=True):
         assert c.shape == r.shape == (loaded.config.num_visual_tokens(4), loaded.config.text_config.hidden_size)
@@ -217,3 +217,30 @@ def test_auto_classes_load_a_vidlm_directory_without_remote_code(tiny_models):
     with pytest.raises(ValueError, match="same number of frames"):
         processor(text=[text, text], videos=[frames, frames[:2]])
     assert processor(text="no video here")["input_ids"].shape[0] == 1
+
+
+def test_frame_centred_tokens_keep_only_what_changes_between_frames(tmp_path):
+    grid = build_preset("tiny")[0].config.compressor_config.grid[0]
+    every_patch = {"kind": "pllava", "pooling_shape": (4, grid, grid)}  # a token per patch and frame
+    model, tokenizer = build_preset("tiny", overrides={"center_visual_tokens": "frames", "compressor": every_patch})
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.center_visual_tokens == "frames"
+    still = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8), 4, axis=0)
+    moving = still.copy()
+    for t in range(4):  # an object moving right over the same background
+        moving[t, 20:36, 8 + 12 * t : 24 + 12 * t] = (220, 40, 40)
+    with torch.no_grad():
+        centred = loaded.get_video_features([loaded.preprocess(f) for f in (still, moving)])
+        loaded.config.center_visual_tokens = None
+        raw = loaded.get_video_features([loaded.preprocess(f) for f in (still, moving)])
+    width = loaded.config.text_config.hidden_size
+    assert centred[0].shape == raw[0].shape == (4 * grid * grid, width)
+    assert centred[0].abs().max() < 1e-5  # nothing moves: nothing is left
+    by_frame = raw[1].reshape(4, grid * grid, width)
+    assert torch.allclose(centred[1], (by_frame - by_frame.mean(0)).reshape(-1, width), atol=1e-5)
+    change = centred[1].reshape(4, grid, grid, width).norm(dim=-1).amax(0)  # (grid, grid): most over frames
+    path = change[20 * grid // 64 : 36 * grid // 64 + 1]  # the patch rows the object crosses
+    rest = torch.cat([change[: 20 * grid // 64], change[36 * grid // 64 + 1 :]])
+    assert path.mean() > 3 * rest.mean(), (path.mean(), rest.mean())  # the tower's attention spreads a little

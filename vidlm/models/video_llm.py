@@ -57,6 +57,8 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CENTERINGS = ("clip", "frames")
+"""The values of :attr:`VidlmConfig.center_visual_tokens` besides ``None``."""
 
 
 def _sub_config(value, default_type: str) -> PreTrainedConfig | None:
@@ -86,11 +88,16 @@ class VidlmConfig(PreTrainedConfig):
         modality_memory_size: TOPA: rows ``K`` of the memory of CLIP text features (a buffer
             ``modality_memory (K, D)`` saved with the weights); 0: no modality projection.
         modality_temperature: TOPA eq. 2's tau (the reference hard-codes 0.01).
-        center_visual_tokens: subtract from a clip's visual tokens their mean over the clip, so that they carry
-            what differs between its tokens and frames (objects, motion) and not what they share (background, the
-            tower's constant part). For towers trained from random weights (the tutorial's model): their shared
-            part outweighs everything else, and the LLM, averaging over the tokens, reads the same input for
-            every clip. A clip's overall tone is lost with it. The released checkpoints' configurations keep it off.
+        center_visual_tokens: ``None`` (the released checkpoints' configurations), ``"clip"``: subtract from a
+            clip's visual tokens their mean over the clip, so that they carry what differs between its tokens and
+            frames (objects, motion) and not what they share (background, the tower's constant part); or
+            ``"frames"``: subtract from each frame's patch features, at the compressor's input, their mean over the
+            clip's frames at the same patch, so that only what changes between frames is left (what moves,
+            appears or leaves) and a static background is gone. For towers trained from random weights (the
+            tutorial's model): their shared part outweighs everything else, and the LLM, averaging over the
+            tokens, reads the same input for every clip. A clip's overall tone is lost with either; with
+            ``"frames"``, anything that stays still too, and the ``mean`` compressor's spatial tokens (means over
+            the frames) carry nothing.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -115,7 +122,7 @@ class VidlmConfig(PreTrainedConfig):
         image_std: tuple[float, float, float] = CLIP_STD,
         modality_memory_size: int = 0,
         modality_temperature: float = 0.01,
-        center_visual_tokens: bool = False,
+        center_visual_tokens: str | None = None,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -149,10 +156,12 @@ class VidlmConfig(PreTrainedConfig):
         Raises:
             ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or
                 the other way round), a modality memory without pooled embeddings, or a ``center_visual_tokens``
-                that is not a JSON boolean (``"false"`` would read as true).
+                other than ``None``, ``"clip"`` and ``"frames"``.
         """
-        if not isinstance(self.center_visual_tokens, bool):
-            raise ValueError(f"center_visual_tokens must be true or false, got {self.center_visual_tokens!r}")
+        if self.center_visual_tokens not in (None, *CENTERINGS):
+            raise ValueError(
+                f"center_visual_tokens must be null, 'clip' or 'frames', got {self.center_visual_tokens!r}"
+            )
         kind = self.compressor_config.kind
         if (kind == "global") != (self.projector == "topa_linear"):
             raise ValueError(
@@ -268,6 +277,16 @@ def subsample_frames(features, max_frames: int):
     return features[[(j * t) // max_frames for j in range(max_frames)]]
 
 
+def _less_frame_mean(x: torch.Tensor) -> torch.Tensor:
+    """``(1, T, ...)`` features less their mean over the clip's ``T`` frames (dim 1), place by place."""
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself."""
+    return x
+
+
 def tokens_from_features(
     parts: nn.Module, config: VidlmConfig, features: list[torch.Tensor], text_features: bool = False
 ) -> list[torch.Tensor]:
@@ -280,7 +299,9 @@ def tokens_from_features(
     CLIP text features are unit-norm already), then, for image features and a model with a memory, projected
     onto the memory of CLIP text features (TOPA eq. 2, :func:`~vidlm.models.modality_projection.modality_projection`).
     Tideo text features (``text_features``) are what the model was pre-aligned on: they are not projected.
-    With ``config.center_visual_tokens``, each video's tokens have their mean over the video subtracted last.
+    ``config.center_visual_tokens``: ``"frames"`` subtracts from the compressor's input (the projected patch
+    features, or the tower's with ``pool_before_projector``; the projected pooled embeddings for ``global``) their
+    mean over the clip's frames; ``"clip"`` subtracts from each video's tokens their mean over the video, last.
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -307,6 +328,8 @@ def tokens_from_features(
             if parts.modality_memory is not None and not text_features:  # TOPA eq. 2, at inference
                 x = modality_projection(x, parts.modality_memory, tau=config.modality_temperature)
             tokens = parts.projector(x.to(dtype)[None])  # (1, T, D) -> (1, T, Dl)
+            if config.center_visual_tokens == "frames":
+                tokens = _less_frame_mean(tokens)
         else:
             x = x.to(dtype)
             width = config.vision_config.hidden_size
@@ -316,11 +339,12 @@ def tokens_from_features(
                 raise ValueError(
                     f"expected patch features (T, {g * g}, {width}) or (T, {g}, {g}, {width}), got {tuple(x.shape)}"
                 )
+            frames = _less_frame_mean if config.center_visual_tokens == "frames" else _same
             if config.pool_before_projector:
-                tokens = parts.projector(parts.compressor(x[None]))  # (1, T, h, w, Dv) -> (1, N, Dl)
+                tokens = parts.projector(parts.compressor(frames(x[None])))  # (1, T, h, w, Dv) -> (1, N, Dl)
             else:
-                tokens = parts.compressor(parts.projector(x[None]))  # (1, T, h, w, Dl) -> (1, N, Dl)
-        if config.center_visual_tokens:
+                tokens = parts.compressor(frames(parts.projector(x[None])))  # (1, T, h, w, Dl) -> (1, N, Dl)
+        if config.center_visual_tokens == "clip":
             tokens = tokens - tokens.mean(dim=1, keepdim=True)  # (1, N, Dl), zero mean over the clip's N tokens
         out.append(tokens[0])
     return out
