@@ -277,14 +277,10 @@ def subsample_frames(features, max_frames: int):
     return features[[(j * t) // max_frames for j in range(max_frames)]]
 
 
-def _less_frame_mean(x: torch.Tensor) -> torch.Tensor:
-    """``(1, T, ...)`` features less their mean over the clip's ``T`` frames (dim 1), place by place."""
+def _less_mean(x: torch.Tensor) -> torch.Tensor:
+    """``(1, L, ...)`` less its mean over dim 1, place by place: over the ``T`` frames of ``(1, T, ...)`` features,
+    or over the ``N`` tokens of ``(1, N, Dl)`` visual tokens."""
     return x - x.mean(dim=1, keepdim=True)
-
-
-def _same(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself."""
-    return x
 
 
 def tokens_from_features(
@@ -329,7 +325,7 @@ def tokens_from_features(
                 x = modality_projection(x, parts.modality_memory, tau=config.modality_temperature)
             tokens = parts.projector(x.to(dtype)[None])  # (1, T, D) -> (1, T, Dl)
             if config.center_visual_tokens == "frames":
-                tokens = _less_frame_mean(tokens)
+                tokens = _less_mean(tokens)
         else:
             x = x.to(dtype)
             width = config.vision_config.hidden_size
@@ -339,13 +335,15 @@ def tokens_from_features(
                 raise ValueError(
                     f"expected patch features (T, {g * g}, {width}) or (T, {g}, {g}, {width}), got {tuple(x.shape)}"
                 )
-            frames = _less_frame_mean if config.center_visual_tokens == "frames" else _same
+            frames = config.center_visual_tokens == "frames"
             if config.pool_before_projector:
-                tokens = parts.projector(parts.compressor(frames(x[None])))  # (1, T, h, w, Dv) -> (1, N, Dl)
+                y = x[None]  # (1, T, h, w, Dv)
+                tokens = parts.projector(parts.compressor(_less_mean(y) if frames else y))  # -> (1, N, Dl)
             else:
-                tokens = parts.compressor(frames(parts.projector(x[None])))  # (1, T, h, w, Dl) -> (1, N, Dl)
+                y = parts.projector(x[None])  # (1, T, h, w, Dv) -> (1, T, h, w, Dl)
+                tokens = parts.compressor(_less_mean(y) if frames else y)  # -> (1, N, Dl)
         if config.center_visual_tokens == "clip":
-            tokens = tokens - tokens.mean(dim=1, keepdim=True)  # (1, N, Dl), zero mean over the clip's N tokens
+            tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
         out.append(tokens[0])
     return out
 
