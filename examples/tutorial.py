@@ -1,7 +1,8 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
 ``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--max-objects N]
-[--center-visual-tokens clip|frames] [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
+[--center-visual-tokens clip|frames|differences]
+[--no-visual-position-embedding] [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
 1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
 2. ``vidlm train --config training/configs/video_planted.yaml model=OUT/model``: the tutorial's model
@@ -35,28 +36,31 @@ RECIPE = "training/configs/video_planted.yaml"
 MODEL = {
     "text_config.initializer_range": 0.02,
     "compressor": {"kind": "pllava", "pooling_shape": (4, 7, 7)},
-    "center_visual_tokens": "clip",
+    "center_visual_tokens": "differences",
+    "visual_position_embedding": True,
 }
 """The tutorial's model: ``tiny-video`` (32 px patches: a 7 x 7 grid) with its LLM initialised as transformers does
 (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity tests), every patch kept (adaptive
 structure pooling to ``(4, 7, 7)``: pooling 7 x 7 to 4 x 4 blurs a planted object's few pixels of motion between
-frames), and its visual tokens centred per clip (``center_visual_tokens: clip``: with a tower of random weights, the
-tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip).
-``--center-visual-tokens frames`` (each frame's features less their mean over the frames: only what moves is left)
-lets the LLM learn motion from direction questions alone, but the tutorial's mix of captions and questions on one to
-three objects loses colour with it (README "Tutorial")."""
+frames), its frames turned into frame differences (``center_visual_tokens: differences``: with a tower of random
+weights, the tokens' shared part -- the background -- outweighs the objects and the LLM reads the same input for
+every clip; differences remove it, and a moving object's new place and old place, of opposite signs, are in every
+frame after the first) and a learned position embedding per patch added back after that
+(``visual_position_embedding``: the differences remove the tower's own, the same in every frame, and the LLM's
+attention carries no position in its values). README "Tutorial" has what each of these changed."""
 
 
 COMPRESSORS = {
     "pllava": {},  # MODEL's own
     "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 1, "pool_mode": "average"}},
-    "topa": {"compressor": {"kind": "global"}, "projector": "topa_linear"},
+    "topa": {"compressor": {"kind": "global"}, "projector": "topa_linear", "visual_position_embedding": False},
     "mean": {"compressor": {"kind": "mean"}},
 }
 """The papers' compressors as overrides of :data:`MODEL` (4 frames of a 7 x 7 patch grid): PLLaVA adaptive
 structure pooling to ``(4, 7, 7)`` (:data:`MODEL`'s own, 196 tokens); LLaVA-Video SlowFast with every 2nd frame slow
 (7 x 7: 49 tokens) and the others fast (pooled 2 x 2: 9 tokens), 116 tokens; TOPA's one token per frame (the pooled
-embedding, its linear projector), 4 tokens; Video-ChatGPT's spatial and temporal means, 49 + 4 tokens."""
+embedding, its linear projector; no patch grid, so no position embedding), 4 tokens; Video-ChatGPT's spatial and
+temporal means, 49 + 4 tokens."""
 
 
 def _vidlm(*args: str, log: Path) -> float:
@@ -67,14 +71,13 @@ def _vidlm(*args: str, log: Path) -> float:
     return time.perf_counter() - started
 
 
-def _model(out: Path, kind: str, center: str) -> str:
-    """:data:`MODEL` with the compressor ``kind`` of :data:`COMPRESSORS` and ``center_visual_tokens=center``, saved
-    in ``out / "model"``; its path."""
+def _model(out: Path, kind: str, center: str, position: bool) -> str:
+    """:data:`MODEL` with ``center_visual_tokens=center``, ``visual_position_embedding=position`` and the compressor
+    ``kind`` of :data:`COMPRESSORS` (which may turn the embedding off), saved in ``out / "model"``; its path."""
     from vidlm.models.presets import build_preset
 
-    model, tokenizer = build_preset(
-        "tiny-video", overrides=MODEL | COMPRESSORS[kind] | {"center_visual_tokens": center}
-    )
+    mine = {"center_visual_tokens": center, "visual_position_embedding": position}
+    model, tokenizer = build_preset("tiny-video", overrides=MODEL | mine | COMPRESSORS[kind])
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return str(out / "model")
@@ -171,6 +174,12 @@ def main() -> None:
         help="the model's centring of its visual tokens (VidlmConfig.center_visual_tokens)",
     )
     parser.add_argument(
+        "--visual-position-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=MODEL["visual_position_embedding"],
+        help="a learned position embedding per patch after the centring (VidlmConfig.visual_position_embedding)",
+    )
+    parser.add_argument(
         "--compressors", default="", help=f"comma-separated, of {', '.join(COMPRESSORS)}: also compare these"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
@@ -201,10 +210,11 @@ def main() -> None:
     )
     report = {"seed": args.seed, "videos": args.num, "max_objects": args.max_objects}
     report["center_visual_tokens"] = args.center_visual_tokens
+    report["visual_position_embedding"] = args.visual_position_embedding
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
-    center = args.center_visual_tokens
-    report |= learn(out, planted, _model(out, "pllava", center), overrides, prompt)
+    center, position = args.center_visual_tokens, args.visual_position_embedding
+    report |= learn(out, planted, _model(out, "pllava", center, position), overrides, prompt)
     _print(report)
     if kinds:
         report["compressors"] = {}
@@ -212,7 +222,7 @@ def main() -> None:
             result = (
                 report
                 if kind == "pllava"
-                else learn(out / kind, planted, _model(out / kind, kind, center), overrides, prompt)
+                else learn(out / kind, planted, _model(out / kind, kind, center, position), overrides, prompt)
             )
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]

@@ -90,7 +90,8 @@ TINY_VARIANTS = {
     "pllava": {"compressor": {"kind": "pllava", "pooling_shape": (4, 4, 4)}},
     "slowfast": {
         "compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2},
-        "center_visual_tokens": "frames",
+        "center_visual_tokens": "differences",
+        "visual_position_embedding": True,
     },
     "topa": {
         "compressor": {"kind": "global"},
@@ -100,9 +101,9 @@ TINY_VARIANTS = {
     },
     "mean": {"compressor": {"kind": "mean"}, "center_visual_tokens": "clip"},
 }
-"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` and ``mean`` also
-centre their visual tokens (``center_visual_tokens`` ``"frames"`` and ``"clip"``), so the vLLM parity tests cover
-both."""
+"""Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` turns its frames
+into frame differences with a visual position embedding (the tutorial's model) and ``mean`` centres its tokens per
+clip (``center_visual_tokens`` ``"differences"`` and ``"clip"``), so the vLLM parity tests cover both."""
 
 
 RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}

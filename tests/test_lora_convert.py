@@ -31,7 +31,7 @@ def _trained_lora(tmp_path, r=4, alpha=32.0):
     return peft_model.state_dict()
 
 
-def test_what_trains_is_configuration():
+def test_what_trains_is_configuration(tmp_path):
     model, _ = build_preset("tiny")
     peft_model = apply_trainable(model, TrainableConfig(lora=LoraSettings(r=4)))
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -43,6 +43,16 @@ def test_what_trains_is_configuration():
     model, _ = build_preset("tiny")
     full = apply_trainable(model, TrainableConfig(vision_tower="full", projector="frozen", llm="frozen"))
     assert all(p.requires_grad == n.startswith("vision_tower.") for n, p in full.named_parameters())
+
+    model, _ = build_preset("tiny", {"visual_position_embedding": True})  # the connector trains as the projector
+    peft_model = apply_trainable(model, TrainableConfig(lora=LoraSettings(r=4)))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("visual_position_embedding" in n for n in trainable)
+    peft_model.save_pretrained(tmp_path)  # and is saved in the adapter, beside the LoRA weights
+    assert any("visual_position_embedding" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    model, _ = build_preset("tiny", {"visual_position_embedding": True})
+    frozen = apply_trainable(model, TrainableConfig(projector="frozen", llm="full"))
+    assert not frozen.visual_position_embedding.weight.requires_grad
 
 
 @pytest.mark.parametrize("alpha", [4.0, 32.0])

@@ -70,10 +70,23 @@ def test_contradictory_parts_are_rejected():
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, compressor={"kind": "global"})
 
 
-@pytest.mark.parametrize("value", ["false", True, 1, ["clip"], "frame"])
+@pytest.mark.parametrize("value", ["false", True, 1, ["clip"], "frame", "difference"])
 def test_center_visual_tokens_must_be_a_known_centering(value):
-    with pytest.raises(ValueError, match="center_visual_tokens must be null, 'clip' or 'frames'"):
+    with pytest.raises(ValueError, match="center_visual_tokens must be null, 'clip', 'frames', 'differences'"):
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, center_visual_tokens=value)
+
+
+@pytest.mark.parametrize("value", ["true", 1, None, [True]])
+def test_visual_position_embedding_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="visual_position_embedding must be true or false"):
+        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, visual_position_embedding=value)
+    with pytest.raises(ValueError, match="needs a patch grid"):
+        VidlmConfig(
+            vision_config={"model_type": "clip_vision_model"},
+            compressor={"kind": "global"},
+            projector="topa_linear",
+            visual_position_embedding=True,
+        )
 
 
 def test_preprocess_resizes_crops_and_normalises():
@@ -244,3 +257,35 @@ def test_frame_centred_tokens_keep_only_what_changes_between_frames(tmp_path):
     path = change[20 * grid // 64 : 36 * grid // 64 + 1]  # the patch rows the object crosses
     rest = torch.cat([change[: 20 * grid // 64], change[36 * grid // 64 + 1 :]])
     assert path.mean() > 3 * rest.mean(), (path.mean(), rest.mean())  # the tower's attention spreads a little
+
+
+def test_frame_differences_with_position_embeddings_carry_where_an_object_went(tmp_path):
+    grid = build_preset("tiny")[0].config.compressor_config.grid[0]
+    every_patch = {"kind": "pllava", "pooling_shape": (4, grid, grid)}  # a token per patch and frame
+    overrides = {"center_visual_tokens": "differences", "visual_position_embedding": True, "compressor": every_patch}
+    model, tokenizer = build_preset("tiny", overrides=overrides)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    width = loaded.config.text_config.hidden_size
+    embedding = loaded.visual_position_embedding.weight
+    assert embedding.shape == (grid, grid, width) and embedding.std() > 0.01  # saved and loaded
+    assert torch.equal(embedding, model.visual_position_embedding.weight)
+    still = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8), 4, axis=0)
+    right, left = still.copy(), still.copy()
+    for t in range(4):  # an object moving right over the same background, and the same frames backwards
+        right[t, 20:36, 8 + 12 * t : 24 + 12 * t] = (220, 40, 40)
+        left[3 - t, 20:36, 8 + 12 * t : 24 + 12 * t] = (220, 40, 40)
+    clips = [loaded.preprocess(f) for f in (still, right, left)]
+    with torch.no_grad():
+        tokens = [x.reshape(4, grid, grid, width) for x in loaded.get_video_features(clips)]
+        loaded.config.center_visual_tokens, loaded.visual_position_embedding = None, None
+        raw = [x.reshape(4, grid, grid, width) for x in loaded.get_video_features(clips)]
+    assert torch.allclose(tokens[0], embedding.expand(4, -1, -1, -1), atol=1e-5)  # nothing moves: where, only
+    for x, r in zip(tokens[1:], raw[1:], strict=True):
+        assert torch.allclose(x[0], r[0] - r.mean(0) + embedding, atol=1e-5)  # the first frame less the mean
+        assert torch.allclose(x[1:], r[1:] - r[:-1] + embedding, atol=1e-5)  # then the frame differences
+    # the same frames backwards: the later frames' differences are the forward ones reversed and negated, so the
+    # sense of the motion is in every one of them (frame centring gives both clips the same set of frames)
+    assert torch.allclose(tokens[2][1:] - embedding, -(tokens[1][1:] - embedding).flip(0), atol=1e-5)
+    assert (tokens[1][1:] - embedding).norm() > 1e-2

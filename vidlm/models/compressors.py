@@ -46,6 +46,7 @@ __all__ = [
     "NFrame",
     "SlowFast",
     "SpatialTemporalMean",
+    "VisualPositionEmbedding",
     "pool_2d",
     "pooled_grid",
     "build_compressor",
@@ -265,6 +266,28 @@ class SpatialTemporalMean(nn.Module):
         temporal = x.mean(dim=1).reshape(b, h * w, d)  # (B, T, h, w, D) -> (B, h*w, D)
         spatial = x.mean(dim=(2, 3))  # (B, T, h, w, D) -> (B, T, D)
         return torch.cat([temporal, spatial], dim=1)
+
+
+class VisualPositionEmbedding(nn.Module):
+    """A learned embedding per patch of the tower's grid, added to every frame's patch features at the compressor's
+    input (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_position_embedding`).
+
+    Args:
+        grid: ``(h, w)``, the tower's patch grid.
+        dim: D, the compressor's input width.
+        std: the initial weights' standard deviation (0.02: CLIP's and BERT's position embeddings).
+
+    Shapes:
+        ``(B, T, h, w, D) -> (B, T, h, w, D)``, in the input's dtype; ``weight (h, w, D)``.
+    """
+
+    def __init__(self, grid: tuple[int, int], dim: int, std: float = 0.02):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*grid, dim) * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check(x)
+        return x + self.weight.to(x.dtype)
 
 
 def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Module:

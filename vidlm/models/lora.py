@@ -67,20 +67,23 @@ def lora_config(settings: LoraSettings, modules_to_save: tuple[str, ...] = ()):
 
 
 def apply_trainable(model, config: TrainableConfig):
-    """Set what trains on a :class:`VidlmForConditionalGeneration`.
+    """Set what trains on a :class:`VidlmForConditionalGeneration`: the projector's setting holds for the
+    ``visual_position_embedding`` too (the connector between the tower and the LLM).
 
     Returns:
         the model itself, or a peft ``PeftModel`` wrapping it when ``config.llm == "lora"``.
     """
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(config.vision_tower == "full")
-    model.projector.requires_grad_(config.projector == "full")
+    connector = ["projector"] + ["visual_position_embedding"] * (model.visual_position_embedding is not None)
+    for part in connector:
+        getattr(model, part).requires_grad_(config.projector == "full")
     model.language_model.requires_grad_(config.llm == "full")
     if config.llm != "lora":
         return model
     from peft import get_peft_model
 
-    full = tuple(part for part in ("vision_tower", "projector") if getattr(config, part) == "full")
+    full = ("vision_tower",) * (config.vision_tower == "full") + tuple(connector) * (config.projector == "full")
     return get_peft_model(model, lora_config(config.lora, modules_to_save=full))  # the rest is frozen
 
 

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.models.auto import CONFIG_MAPPING
 
-from vidlm.models.compressors import CompressorConfig, build_compressor, num_visual_tokens
+from vidlm.models.compressors import CompressorConfig, VisualPositionEmbedding, build_compressor, num_visual_tokens
 from vidlm.models.modality_projection import modality_projection
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
 from vidlm.models.projector import ProjectorConfig, build_projector
@@ -57,7 +57,7 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CENTERINGS = ("clip", "frames")
+CENTERINGS = ("clip", "frames", "differences")
 """The values of :attr:`VidlmConfig.center_visual_tokens` besides ``None``."""
 
 
@@ -97,7 +97,15 @@ class VidlmConfig(PreTrainedConfig):
             tutorial's model): their shared part outweighs everything else, and the LLM, averaging over the
             tokens, reads the same input for every clip. A clip's overall tone is lost with either; with
             ``"frames"``, anything that stays still too, and the ``mean`` compressor's spatial tokens (means over
-            the frames) carry nothing.
+            the frames) carry nothing. ``"differences"``: at the same place, the first frame's features less
+            their mean over the clip's frames and each later frame's less the previous frame's (frame
+            differences): a moving object leaves its new place with the opposite sign of its old one in every frame
+            after the first, so the sense of the motion is in each frame, not only in the frames' order.
+        visual_position_embedding: a learned embedding per patch of the tower's grid, ``(h, w, D)`` (``D`` the
+            compressor's input width), added to every frame's patch features at the compressor's input, after
+            the centring. Centring removes the tower's own position embeddings (the same in every frame) from the
+            tokens; this puts where a patch is back into them, so the LLM's attention, whose values carry no
+            position under RoPE, reads where an object is and where it went. Not for the ``global`` compressor.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -123,6 +131,7 @@ class VidlmConfig(PreTrainedConfig):
         modality_memory_size: int = 0,
         modality_temperature: float = 0.01,
         center_visual_tokens: str | None = None,
+        visual_position_embedding: bool = False,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -142,6 +151,7 @@ class VidlmConfig(PreTrainedConfig):
         self.modality_memory_size = modality_memory_size
         self.modality_temperature = modality_temperature
         self.center_visual_tokens = center_visual_tokens
+        self.visual_position_embedding = visual_position_embedding
         self.system_prompt = system_prompt
         self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
@@ -155,14 +165,18 @@ class VidlmConfig(PreTrainedConfig):
 
         Raises:
             ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or
-                the other way round), a modality memory without pooled embeddings, or a ``center_visual_tokens``
-                other than ``None``, ``"clip"`` and ``"frames"``.
+                the other way round), a modality memory without pooled embeddings, a ``center_visual_tokens``
+                other than ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding`` that is not a bool
+                or is asked of the ``global`` compressor.
         """
         if self.center_visual_tokens not in (None, *CENTERINGS):
-            raise ValueError(
-                f"center_visual_tokens must be null, 'clip' or 'frames', got {self.center_visual_tokens!r}"
-            )
+            known = ", ".join(repr(c) for c in CENTERINGS)
+            raise ValueError(f"center_visual_tokens must be null, {known}, got {self.center_visual_tokens!r}")
+        if not isinstance(self.visual_position_embedding, bool):
+            raise ValueError(f"visual_position_embedding must be true or false, got {self.visual_position_embedding!r}")
         kind = self.compressor_config.kind
+        if self.visual_position_embedding and kind == "global":
+            raise ValueError("visual_position_embedding needs a patch grid: not for compressor.kind='global'")
         if (kind == "global") != (self.projector == "topa_linear"):
             raise ValueError(
                 f"compressor.kind={kind!r} needs projector='topa_linear' and vice versa (got {self.projector!r})"
@@ -283,6 +297,17 @@ def _less_mean(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=1, keepdim=True)
 
 
+def _across_frames(y: torch.Tensor, centring: str | None) -> torch.Tensor:
+    """``(1, T, ...)`` features at the compressor's input, centred across the frames as ``centring`` says
+    (:attr:`VidlmConfig.center_visual_tokens`): ``"frames"``, less their mean over the frames; ``"differences"``,
+    the first frame less that mean and each later frame less the previous one; anything else, unchanged."""
+    if centring == "frames":
+        return _less_mean(y)
+    if centring == "differences":
+        return torch.cat([y[:, :1] - y.mean(dim=1, keepdim=True), y[:, 1:] - y[:, :-1]], dim=1)
+    return y
+
+
 def tokens_from_features(
     parts: nn.Module, config: VidlmConfig, features: list[torch.Tensor], text_features: bool = False
 ) -> list[torch.Tensor]:
@@ -297,7 +322,10 @@ def tokens_from_features(
     Tideo text features (``text_features``) are what the model was pre-aligned on: they are not projected.
     ``config.center_visual_tokens``: ``"frames"`` subtracts from the compressor's input (the projected patch
     features, or the tower's with ``pool_before_projector``; the projected pooled embeddings for ``global``) their
-    mean over the clip's frames; ``"clip"`` subtracts from each video's tokens their mean over the video, last.
+    mean over the clip's frames; ``"differences"`` there turns the frames into frame differences (the first frame
+    less the mean); ``"clip"`` subtracts from each video's tokens their mean over the video, last. Then
+    ``config.visual_position_embedding`` adds the learned ``(h, w, D)`` embedding to every frame's patch features
+    at the compressor's input.
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -312,6 +340,7 @@ def tokens_from_features(
         ValueError: features whose shape does not fit the model (names the expected shape).
     """
     kind = config.compressor_config.kind
+    centring = config.center_visual_tokens
     dtype = next(parts.projector.parameters()).dtype
     g, _ = config.compressor_config.grid
     out = []
@@ -323,9 +352,7 @@ def tokens_from_features(
             x = F.normalize(x.float(), dim=-1)  # (T, D), unit norm
             if parts.modality_memory is not None and not text_features:  # TOPA eq. 2, at inference
                 x = modality_projection(x, parts.modality_memory, tau=config.modality_temperature)
-            tokens = parts.projector(x.to(dtype)[None])  # (1, T, D) -> (1, T, Dl)
-            if config.center_visual_tokens == "frames":
-                tokens = _less_mean(tokens)
+            tokens = _across_frames(parts.projector(x.to(dtype)[None]), centring)  # (1, T, D) -> (1, T, Dl)
         else:
             x = x.to(dtype)
             width = config.vision_config.hidden_size
@@ -335,14 +362,14 @@ def tokens_from_features(
                 raise ValueError(
                     f"expected patch features (T, {g * g}, {width}) or (T, {g}, {g}, {width}), got {tuple(x.shape)}"
                 )
-            frames = config.center_visual_tokens == "frames"
+            # (1, T, h, w, Dv), or (1, T, h, w, Dl) projected first
+            y = _across_frames(x[None] if config.pool_before_projector else parts.projector(x[None]), centring)
+            if parts.visual_position_embedding is not None:
+                y = parts.visual_position_embedding(y)  # + (h, w, D) on every frame
+            tokens = parts.compressor(y)  # -> (1, N, D)
             if config.pool_before_projector:
-                y = x[None]  # (1, T, h, w, Dv)
-                tokens = parts.projector(parts.compressor(_less_mean(y) if frames else y))  # -> (1, N, Dl)
-            else:
-                y = parts.projector(x[None])  # (1, T, h, w, Dv) -> (1, T, h, w, Dl)
-                tokens = parts.compressor(_less_mean(y) if frames else y)  # -> (1, N, Dl)
-        if config.center_visual_tokens == "clip":
+                tokens = parts.projector(tokens)  # -> (1, N, Dl)
+        if centring == "clip":
             tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
         out.append(tokens[0])
     return out
@@ -380,11 +407,14 @@ def attach_modality_memory(model: nn.Module, memory) -> None:
 
 
 def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
-    """Create ``vision_tower``, ``projector``, ``compressor`` and ``modality_memory`` on ``parts``."""
+    """Create ``vision_tower``, ``projector``, ``compressor``, ``visual_position_embedding`` and ``modality_memory``
+    on ``parts``."""
     parts.vision_tower = HFVisionTower(config.vision_config, config.vision_feature_layer, config.projection_dim)
     parts.projector = build_projector(config.projector_config)
     width = config.vision_config.hidden_size if config.pool_before_projector else config.text_config.hidden_size
     parts.compressor = build_compressor(config.compressor_config, dim=width)
+    grid = config.compressor_config.grid
+    parts.visual_position_embedding = VisualPositionEmbedding(grid, width) if config.visual_position_embedding else None
     if config.modality_memory_size:
         parts.register_buffer("modality_memory", torch.zeros(config.modality_memory_size, parts.vision_tower.embed_dim))
     else:
@@ -395,7 +425,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """Vision tower -> projector -> compressor -> causal LM, with ``generate()`` from transformers.
 
     Parameters are named ``vision_tower.*``, ``projector.*``, ``language_model.*`` (the LLM's own names,
-    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``) and, for TOPA, ``modality_memory``.
+    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``), ``visual_position_embedding`` when the config
+    asks for it and, for TOPA, ``modality_memory``.
     """
 
     config_class = VidlmConfig
