@@ -304,7 +304,7 @@ def _across_frames(y: torch.Tensor, centring: str | None) -> torch.Tensor:
     if centring == "frames":
         return _less_mean(y)
     if centring == "differences":
-        return torch.cat([y[:, :1] - y.mean(dim=1, keepdim=True), y[:, 1:] - y[:, :-1]], dim=1)
+        return torch.cat([y[:, :1] - y.mean(dim=1, keepdim=True), torch.diff(y, dim=1)], dim=1)
     return y
 
 
