@@ -62,7 +62,7 @@ NUM  ?= 200
 tutorial: install
 	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM)
 
-# The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; ~50 minutes here).
+# The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; ~42 minutes here).
 tutorial-compressors: install
 	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM) --compressors pllava,slowfast,topa,mean
 
