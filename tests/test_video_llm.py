@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,20 @@ def test_centred_visual_tokens_are_the_tokens_less_their_clip_mean(tmp_path):
         assert torch.allclose(c.mean(0), torch.zeros_like(c[0]), atol=1e-5)  # each clip on its own
         assert torch.allclose(c, r - r.mean(0), atol=1e-6)
         assert r.mean(0).abs().max() > 1e-3  # there was a shared part to remove
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_llm_s_own_tying_of_its_embeddings_is_the_model_s(tied, tmp_path):
+    model, tokenizer = build_preset("tiny", overrides={"text_config.tie_word_embeddings": tied})
+    assert model.config.tie_word_embeddings is tied
+    same = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert same is tied
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is tied
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path)
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) is tied
+    assert torch.equal(loaded.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
 @pytest.mark.slow

@@ -129,7 +129,7 @@ def build_video_llm(config: VidlmConfig, tokenizer, llm_dir: Path | None = None,
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32) if llm_dir is not None else None
     if llm is not None:
         config.text_config = llm.config
-        config.tie_word_embeddings = bool(getattr(llm.config, "tie_word_embeddings", False))
+    config.tie_word_embeddings = bool(getattr(config.text_config, "tie_word_embeddings", False))  # the LLM's own
     config.video_token_index = add_video_token(tokenizer, config.video_token)
     if config.text_config.vocab_size < len(tokenizer):
         config.text_config.vocab_size = len(tokenizer)
