@@ -2,10 +2,13 @@
 
 ``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--max-objects N]
 [--center-visual-tokens clip|frames|differences]
-[--no-visual-position-embedding] [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
+[--no-visual-position-embedding] [--pretrain-tower] [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
 1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
-2. ``vidlm train --config training/configs/video_planted.yaml model=OUT/model``: the tutorial's model
+2. with ``--pretrain-tower``, first ``vidlm train --config training/configs/words_planted.yaml model=OUT/model``:
+   the tower and projector pre-trained on the training videos' frames and their captions' words (recipe ``words``),
+   whose export the next step starts from;
+   ``vidlm train --config training/configs/video_planted.yaml model=OUT/model``: the tutorial's model
    (:data:`MODEL`) trained on the training videos' frames (tower, projector and LLM) on their captions and
    questions;
 3. ``vidlm eval mc --option-text`` scoring (:func:`training.eval.evaluate_mc`) of the export and of the untrained
@@ -32,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "training/configs/video_planted.yaml"
+WORDS_RECIPE = "training/configs/words_planted.yaml"
 
 MODEL = {
     "text_config.initializer_range": 0.02,
@@ -83,8 +87,11 @@ def _model(out: Path, kind: str, center: str, position: bool) -> str:
     return str(out / "model")
 
 
-def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_prompt: str) -> dict:
-    """Steps 2-4 of the module for ``model``: train on ``planted``, then score the export and ``model`` itself.
+def learn(
+    out: Path, planted: Path, model: str, overrides: list[str], caption_prompt: str, pretrain: bool = False
+) -> dict:
+    """Steps 2-4 of the module for ``model``: train on ``planted`` (``pretrain``: its tower and projector on the
+    captions' words first), then score the export and ``model`` itself.
 
     Returns:
         ``mc_accuracy`` / ``untrained_mc_accuracy`` (task type -> accuracy by the options' own words, ``vidlm eval
@@ -100,6 +107,14 @@ def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_pr
 
     train = out / "train"
     seconds = {}
+    start = model
+    if pretrain:
+        words = out / "words"
+        train_data = f"data.train={planted / 'train.csv'}"
+        seed = [o for o in overrides if o.startswith("seed=")]
+        args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *seed)
+        seconds["words"] = _vidlm(*args, "export.dtype=float32", log=out / "words.log")
+        start = str(words / "export")
     seconds["train"] = _vidlm(
         "train",
         "--config",
@@ -107,7 +122,7 @@ def learn(out: Path, planted: Path, model: str, overrides: list[str], caption_pr
         "--out",
         str(train),
         f"data.train={planted / 'train.csv'}",
-        f"model={model}",
+        f"model={start}",
         *overrides,
         log=out / "train.log",
     )
@@ -180,6 +195,11 @@ def main() -> None:
         help="a learned position embedding per patch after the centring (VidlmConfig.visual_position_embedding)",
     )
     parser.add_argument(
+        "--pretrain-tower",
+        action="store_true",
+        help=f"pre-train the tower and projector on the captions' words first ({WORDS_RECIPE})",
+    )
+    parser.add_argument(
         "--compressors", default="", help=f"comma-separated, of {', '.join(COMPRESSORS)}: also compare these"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
@@ -211,10 +231,12 @@ def main() -> None:
     report = {"seed": args.seed, "videos": args.num, "max_objects": args.max_objects}
     report["center_visual_tokens"] = args.center_visual_tokens
     report["visual_position_embedding"] = args.visual_position_embedding
+    report["pretrain_tower"] = args.pretrain_tower
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
     center, position = args.center_visual_tokens, args.visual_position_embedding
-    report |= learn(out, planted, _model(out, "pllava", center, position), overrides, prompt)
+    pretrain = args.pretrain_tower
+    report |= learn(out, planted, _model(out, "pllava", center, position), overrides, prompt, pretrain)
     _print(report)
     if kinds:
         report["compressors"] = {}
@@ -222,7 +244,7 @@ def main() -> None:
             result = (
                 report
                 if kind == "pllava"
-                else learn(out / kind, planted, _model(out / kind, kind, center, position), overrides, prompt)
+                else learn(out / kind, planted, _model(out / kind, kind, center, position), overrides, prompt, pretrain)
             )
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]

@@ -355,3 +355,39 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
     assert len(tower) > 5 and all(k in after for k in tower)
     moved = [k for k in tower if not torch.allclose(before[k].float(), after[k].float(), atol=1e-3)]
     assert moved == tower, sorted(set(tower) - set(moved))
+
+
+def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves_the_llm(ray_cluster, tmp_path):
+    """Recipe ``words`` on planted videos under ZeRO-3: each clip's decoded frames classified into its caption's
+    words; the loss falls, the export's tower and projector moved and its LLM is the starting one, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipelines.planted import PlantedConfig, write_planted
+    from vidlm.models.presets import resolve_model
+
+    paths = write_planted(tmp_path / "planted", num=40, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
+    overrides = [
+        f"data.train={paths['train']}",
+        "optim.epochs=10",
+        "data.micro_batch_size=4",
+        "deepspeed.config=training/configs/deepspeed/zero3.json",
+    ]
+    prepared = prepare_training(load_config(TrainConfig, "training/configs/words_planted.yaml", overrides))
+    summary = run_training(prepared, tmp_path / "out")
+    records = read_metrics(tmp_path / "out")
+    assert len(records) == prepared.total_steps == 10 * 40 // 8
+    assert records[-1]["param_fraction_held"] == pytest.approx(0.5, abs=0.01)  # ZeRO-3 on 2 ranks
+    assert np.mean([r["loss"] for r in records[-5:]]) < 0.8 * np.mean([r["loss"] for r in records[:3]])
+
+    before = load_file(str(resolve_model("tiny-video") / "model.safetensors"))
+    after = load_file(str(summary.export / "model.safetensors"))
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}  # export.dtype's rounding
+    llm = {k for k in before if k.startswith("language_model.")}
+    assert llm and not moved & llm
+    # the patch embedding and the first layer feed the features whatever vision_feature_layer the model reads
+    tower = {k for k in before if k.startswith("vision_tower.") and ("embeddings" in k or ".layers.0." in k)}
+    trained = {k for k in tower | set(before) if k.startswith(("vision_tower.", "projector.")) and before[k].ndim >= 2}
+    trained = {k for k in trained if k.startswith("projector.") or k in tower}
+    assert len(trained) > 5 and trained <= moved, sorted(trained - moved)

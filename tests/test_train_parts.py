@@ -541,3 +541,62 @@ def test_a_partial_checkpoint_is_refused_with_what_is_missing_before_deepspeed_r
     torch.save({}, folder / "rng" / "rank0.pt")
     with pytest.raises(CheckpointError, match=r"is partial: rank 1's RNG states \(rank1.pt\) are missing"):
         load_checkpoint(None, folder, rank=1, world_size=2)
+
+
+def test_caption_word_loss_is_each_caption_word_s_likelihood_among_the_batch_s_words():
+    """By hand (numpy): cosine logits over the micro-batch's distinct words at CLIP's temperature, the mean negative
+    log-likelihood of each clip's words; a clip nearer its own words scores lower."""
+    from vidlm.models.caption_words import WORD_TEMPERATURE, caption_word_loss
+
+    table = torch.nn.Embedding(6, 3)
+    table.weight.data = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [9, 9, 9], [0, 1, 1]])
+    clips = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, 3.0]])
+    words = [torch.tensor([0, 3]), torch.tensor([2, 5, 2])]  # word 4 is in no caption: not a class
+    vocab = [0, 2, 3, 5]
+    e = table.weight.detach().numpy()[vocab]
+    c = clips.numpy()
+    cos = (c / np.linalg.norm(c, axis=1, keepdims=True)) @ (e / np.linalg.norm(e, axis=1, keepdims=True)).T
+    logits = cos / WORD_TEMPERATURE
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -(np.mean([log_p[0, 0], log_p[0, 2]]) + np.mean([log_p[1, 1], log_p[1, 3]])) / 2
+    loss = caption_word_loss(clips, words, table)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(caption_word_loss(clips.flip(0), words, table)) > float(loss) + 1.0
+    with pytest.raises(ValueError, match="no words"):
+        caption_word_loss(clips, [torch.tensor([0]), torch.tensor([], dtype=torch.int64)], table)
+    with pytest.raises(ValueError, match="word lists"):
+        caption_word_loss(clips, words[:1], table)
+
+
+def test_words_samples_are_a_clip_s_frames_and_its_caption_s_distinct_words(video_dir, tmp_path):
+    """Recipe ``words``: a planted clip's frames as inference decodes them and its caption's token ids, once each;
+    no sample for a missing video or an empty caption; collate hands on words and frames alone; a LoRA or full LLM
+    and a parquet folder are refused."""
+    from transformers import AutoTokenizer
+
+    from pipelines.planted import PlantedConfig, write_planted
+    from training.data import word_samples
+    from vidlm.clips import clips_table
+    from vidlm.decode import decode_clip
+    from vidlm.models.video_llm import VidlmConfig
+
+    paths = write_planted(tmp_path / "p", num=2, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
+    row = clips_table(paths["train"]).to_pylist()[0]
+    (sample,) = word_samples(row, video_dir)
+    config = VidlmConfig.from_pretrained(video_dir)
+    frames = decode_clip(row["path"], config.sampling_config, config.image_size, row["start_s"], row["end_s"])
+    assert np.array_equal(sample["features"], frames.frames)
+    ids = AutoTokenizer.from_pretrained(video_dir)(row["caption"], add_special_tokens=False)["input_ids"]
+    assert sample["input_ids"].dtype == np.int64 and sample["input_ids"].tolist() == sorted(set(ids))
+    assert word_samples({**row, "path": str(tmp_path / "gone.mp4")}, video_dir) == []
+    assert word_samples({**row, "caption": " "}, video_dir) == []
+    batch = {k: np.array([sample[k], sample[k]], dtype=object) for k in ("input_ids", "labels", "features", "task")}
+    out = collate(batch, pad_id=0)
+    assert set(out) == {"caption_words", "frames"} and out["caption_words"][1].tolist() == sample["input_ids"].tolist()
+    with pytest.raises(ValueError, match="trainable.llm must be frozen"):
+        load_config(TrainConfig, "training/configs/words_planted.yaml", ["trainable.llm=lora"])
+    from training.data import build_dataset
+
+    words = load_config(TrainConfig, "training/configs/words_planted.yaml", [f"data.train={tmp_path}"])
+    with pytest.raises(ValueError, match="manifest file"):
+        build_dataset(words, video_dir)

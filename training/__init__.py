@@ -11,7 +11,8 @@ from vidlm.plan import DEFAULT_GPU_TYPE, GPU_TYPES
 
 TRAIN = Job(
     "train",
-    "Train a video LLM with Ray Train + DeepSpeed (TOPA pre-alignment or video instruction tuning).",
+    "Train a video LLM with Ray Train + DeepSpeed (TOPA pre-alignment, video instruction tuning, or caption-word "
+    "pre-training of the vision tower).",
     run="training.trainer:train_job",
     config="training.config:TrainConfig",
     params=(

@@ -1,12 +1,15 @@
 """``vidlm train``'s configuration: one YAML per recipe (``training/configs/*.yaml``) plus ``key=value`` overrides.
 
-Two recipes share one trainer:
+Three recipes share one trainer:
 
 - ``topa``: TOPA text-only pre-alignment (TOPA §3): Tideos from ``vidlm textvid`` -- CLIP *text* features
   of textual frames -- with summary, open-ended QA and multiple-choice QA tasks mixed in every step; the
   LLM frozen, the projector and LoRA trained.
 - ``video``: PLLaVA / LLaVA-Video instruction tuning on the patch features ``vidlm features`` writes
   (pooling or SlowFast in the model), LLaVA-style multi-turn conversations, loss on answers only.
+- ``words``: caption-word pre-training of the vision tower and projector on a manifest's decoded clips, each
+  classified into the words of its caption (:mod:`vidlm.models.caption_words`); the LLM frozen and not run. Its
+  export is the model the ``video`` recipe then starts from (``model=OUT/export``).
 
 The DeepSpeed JSON files are those of the LLaVA-NeXT / PLLaVA references (``training/configs/deepspeed``);
 their ``"auto"`` values are filled from this config (:func:`training.trainer.fill_deepspeed_config`) by
@@ -37,7 +40,8 @@ class DataConfig(Section):
     train: str = ""
     """Parquet folder: ``vidlm textvid``'s Tideos (``topa``) or ``vidlm features``' output (``video``); or, for
     ``video``, a manifest file (any but ``.parquet``) whose clips are decoded as the model samples frames, in the
-    training's ingest, so the vision tower can train (``trainable.vision_tower: full``)."""
+    training's ingest, so the vision tower can train (``trainable.vision_tower: full``); for ``words``, such a
+    manifest only, its clips' ``caption`` the classes' words."""
     manifest: ManifestConfig = ManifestConfig()
     """How a manifest ``train`` is read (``video_root``, ``path_template``, ``sample``), as in the jobs."""
     max_length: int = Field(2048, gt=0)
@@ -118,7 +122,7 @@ class ExportSection(Section):
 class TrainConfig(JobConfig):
     """``vidlm train``: one YAML of this shape, plus ``key=value`` overrides."""
 
-    recipe: Literal["topa", "video"] = "topa"
+    recipe: Literal["topa", "video", "words"] = "topa"
     model: str = "tiny-topa"
     """The model to start from: a preset name (``tiny-topa``, ``tiny-video``...) or a model directory."""
     seed: int = 0
@@ -134,6 +138,8 @@ class TrainConfig(JobConfig):
     def _check(self) -> TrainConfig:
         if not self.data.tasks:
             raise ValueError("data.tasks must name at least one of " + ", ".join(TASKS))
+        if self.recipe == "words" and self.trainable.llm != "frozen":
+            raise ValueError(f"recipe words runs no LLM: trainable.llm must be frozen, got {self.trainable.llm}")
         return self
 
     @property

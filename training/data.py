@@ -13,6 +13,8 @@ Input contracts (parquet, read with Ray Data):
 - Videos (``video``, ``data.train`` a manifest file: CSV, JSONL... as the jobs read it): each clip's frames are
   decoded in the training's Ray Data ingest with the model's frame sampling (:func:`frame_samples`), so the vision
   tower can train too (``trainable.vision_tower: full``); the conversation as for feature rows.
+- Captioned videos (``words``: a manifest file, as for ``video``): each clip's frames and the distinct token ids
+  of its ``caption`` (:func:`word_samples`), ``task`` :data:`WORDS_TASK`.
 
 Output rows (:data:`SAMPLE_COLUMNS`): ``input_ids (L,) int64`` with the video placeholder already repeated
 ``num_visual_tokens(T)`` times, ``labels (L,) int64`` (``-100`` everywhere but the assistant's answers and
@@ -43,12 +45,15 @@ __all__ = [
     "mc_prompt",
     "read_memory",
     "tideo_samples",
+    "word_samples",
 ]
 
 IGNORE_INDEX = -100
 SAMPLE_COLUMNS = ("input_ids", "labels", "features", "task")
 SUMMARY_PROMPT = "Generate a summary for the video."  # TOPA's summary task
 LETTERS = string.ascii_uppercase
+WORDS_TASK = "caption_words"
+"""``task`` of :func:`word_samples`' rows: ``input_ids`` holds the caption's words, not a sequence."""
 
 
 def mc_prompt(question: str, options: list[str]) -> str:
@@ -277,22 +282,47 @@ def frame_samples(row: dict[str, Any], model_dir: str, caption_prompt: str, max_
     row, or a clip that does not decode (:class:`~vidlm.clips.ClipError`: missing, corrupt, too large), gives no
     sample.
     """
-    from vidlm.clips import ClipError
-    from vidlm.decode import decode_clip
-
     if row.get("error") or not row.get("path"):
         return []
     conversations = _conversations(row, model_dir, caption_prompt)
     if not conversations:
         return []
-    config = _model_config(model_dir)
-    try:
-        window = (row["start_s"], row["end_s"])
-        clip = decode_clip(row["path"], config.sampling_config, config.image_size, *window, clip_key=row["clip_id"])
-    except ClipError:
+    clip = _decoded(row, model_dir)
+    if clip is None:
         return []
     samples = [_sample(model_dir, turns, clip.frames, "conversation", max_length) for turns in conversations]
     return [s for s in samples if s is not None]
+
+
+def _decoded(row: dict[str, Any], model_dir: str):
+    """The clip of a manifest row decoded as the model samples frames (``(T, S, S, 3) uint8``), or ``None`` for an
+    error row or a clip that does not decode (:class:`~vidlm.clips.ClipError`: missing, corrupt, too large)."""
+    from vidlm.clips import ClipError
+    from vidlm.decode import decode_clip
+
+    if row.get("error") or not row.get("path"):
+        return None
+    config = _model_config(model_dir)
+    try:
+        window = (row["start_s"], row["end_s"])
+        return decode_clip(row["path"], config.sampling_config, config.image_size, *window, clip_key=row["clip_id"])
+    except ClipError:
+        return None
+
+
+def word_samples(row: dict[str, Any], model_dir: str) -> list[dict]:
+    """One ``words`` sample of a manifest clip: its frames decoded as the model samples them (``features``, ``(T, S,
+    S, 3) uint8``) and the distinct token ids of its ``caption`` (``input_ids`` and ``labels``, ``(W,) int64``,
+    sorted), ``task`` :data:`WORDS_TASK`. A row without a caption, an error row or a clip that does not decode
+    gives no sample."""
+    caption = row.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        return []
+    clip = _decoded(row, model_dir)
+    if clip is None:
+        return []
+    words = np.unique(np.asarray(_tokenizer(model_dir)(caption, add_special_tokens=False)["input_ids"], np.int64))
+    return [{"input_ids": words, "labels": words, "features": clip.frames, "task": WORDS_TASK}]
 
 
 def build_dataset(config, model_dir: str):
@@ -315,7 +345,17 @@ def build_dataset(config, model_dir: str):
         raise FileNotFoundError(
             f"data.train: no parquet folder or manifest file at {folder!s} (give data.train=DIR or a manifest)"
         )
-    if config.recipe == "video" and folder.is_file() and folder.suffix.lower() != ".parquet":
+    manifest = folder.is_file() and folder.suffix.lower() != ".parquet"
+    if config.recipe == "words":
+        if not manifest:
+            raise ValueError(f"data.train: recipe 'words' decodes videos: give a manifest file, not {folder}")
+        from vidlm.clips import clips_table
+
+        if feature_column(_model_config(model_dir)) != "patch_features":
+            raise ValueError("recipe 'words' trains a patch model's tower: this model pools each frame (global)")
+        table = clips_table(folder, config.data.manifest)
+        return ray.data.from_arrow(table).flat_map(word_samples, fn_kwargs={"model_dir": model_dir})
+    if config.recipe == "video" and manifest:
         from vidlm.clips import clips_table
 
         kwargs = {"model_dir": model_dir, "caption_prompt": config.data.caption_prompt, "max_length": d.max_length}
@@ -370,10 +410,15 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
         ``input_ids (B, L) int64``, ``attention_mask (B, L) int64``, ``labels (B, L) int64`` (``-100`` on
         padding), ``logits_to_keep (K,) int64``, ``shift_labels (B, K) int64``, and ``video_features``, a list of
         ``B`` float32 tensors, or for rows of decoded frames (:func:`frame_samples`) ``frames``, a list of ``B``
-        ``(T, S, S, 3) uint8`` arrays.
+        ``(T, S, S, 3) uint8`` arrays. A micro-batch of :func:`word_samples` gives ``caption_words`` (``B``
+        ``(W_i,) int64`` tensors) and ``frames`` alone.
     """
     import torch
 
+    tasks = batch.get("task")
+    if tasks is not None and len(tasks) and tasks[0] == WORDS_TASK:
+        words = [torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in batch["input_ids"]]
+        return {"caption_words": words, "frames": [np.asarray(f) for f in batch["features"]]}
     rows = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)

@@ -417,11 +417,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 inputs["pixel_values_videos"] = [engine.module.preprocess(f).to(device) for f in inputs.pop("frames")]
             else:
                 inputs["video_features"] = [f.to(device) for f in inputs["video_features"]]
+            if "caption_words" in inputs:  # the words recipe: the vision side alone
+                inputs["caption_words"] = [w.to(device) for w in inputs["caption_words"]]
             loss = engine(**inputs, text_features=config.recipe == "topa").loss  # Tideos: CLIP text features
             engine.backward(loss)
             engine.step()
             window.append(float(loss.detach()))
-            tokens += int(inputs["attention_mask"].sum())
+            if "attention_mask" in inputs:
+                tokens += int(inputs["attention_mask"].sum())
+            else:
+                tokens += sum(len(w) for w in inputs["caption_words"])
             if engine.global_steps == step:
                 continue  # inside a gradient-accumulation window
             step = engine.global_steps

@@ -33,8 +33,10 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
+from vidlm.models.caption_words import caption_word_loss
 from vidlm.models.compressors import CompressorConfig, VisualPositionEmbedding, build_compressor, num_visual_tokens
 from vidlm.models.modality_projection import modality_projection
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
@@ -519,9 +521,10 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         text_features: bool = False,
+        caption_words: list[torch.Tensor] | None = None,
         **kwargs,
     ):
-        """Run the LLM on text with videos.
+        """Run the LLM on text with videos; or, given ``caption_words``, only the vision side, for its pre-training.
 
         Args:
             input_ids: ``(B, L) int64``, each sequence with its placeholder expanded to its video's tokens.
@@ -529,11 +532,24 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             video_features: instead of frames, one tensor of tower features per sequence (training on the
                 parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
             text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
+            caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; each
+                video's vector is the projector of the maximum of its tower's patch features over frames and patches,
+                and the loss :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; a patch
+                model's frames only, else ``ValueError``).
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
 
         Returns:
-            the causal LM's output (``logits (B, L, V) float``, ``loss`` when ``labels`` are given).
+            the causal LM's output (``logits (B, L, V) float``, ``loss`` when ``labels`` are given); with
+            ``caption_words``, a ``CausalLMOutputWithPast`` holding ``loss`` alone.
         """
+        if caption_words is not None:
+            if self.config.compressor_config.kind == "global" or pixel_values_videos is None:
+                raise ValueError("caption_words: a patch model's frames (pixel_values_videos) are needed")
+            videos = list(pixel_values_videos)
+            _, patches = self.vision_tower(torch.cat(videos))  # (sum T, h, w, Dv)
+            peaks = torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches.split([len(v) for v in videos])])
+            clips = self.projector(peaks)  # (B, Dv) -> (B, Dl)
+            return CausalLMOutputWithPast(loss=caption_word_loss(clips, caption_words, self.get_input_embeddings()))
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
         return self.language_model(
