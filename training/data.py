@@ -346,20 +346,19 @@ def build_dataset(config, model_dir: str):
             f"data.train: no parquet folder or manifest file at {folder!s} (give data.train=DIR or a manifest)"
         )
     manifest = folder.is_file() and folder.suffix.lower() != ".parquet"
-    if config.recipe == "words":
-        if not manifest:
-            raise ValueError(f"data.train: recipe 'words' decodes videos: give a manifest file, not {folder}")
+    if config.recipe == "words" and not manifest:
+        raise ValueError(f"data.train: recipe 'words' decodes videos: give a manifest file, not {folder}")
+    if manifest and config.recipe in ("video", "words"):
         from vidlm.clips import clips_table
 
-        if feature_column(_model_config(model_dir)) != "patch_features":
-            raise ValueError("recipe 'words' trains a patch model's tower: this model pools each frame (global)")
-        table = clips_table(folder, config.data.manifest)
-        return ray.data.from_arrow(table).flat_map(word_samples, fn_kwargs={"model_dir": model_dir})
-    if config.recipe == "video" and manifest:
-        from vidlm.clips import clips_table
-
-        kwargs = {"model_dir": model_dir, "caption_prompt": config.data.caption_prompt, "max_length": d.max_length}
-        return ray.data.from_arrow(clips_table(folder, config.data.manifest)).flat_map(frame_samples, fn_kwargs=kwargs)
+        if config.recipe == "words":
+            if feature_column(_model_config(model_dir)) != "patch_features":
+                raise ValueError("recipe 'words' trains a patch model's tower: this model pools each frame (global)")
+            fn, kwargs = word_samples, {"model_dir": model_dir}
+        else:
+            fn = frame_samples
+            kwargs = {"model_dir": model_dir, "caption_prompt": d.caption_prompt, "max_length": d.max_length}
+        return ray.data.from_arrow(clips_table(folder, config.data.manifest)).flat_map(fn, fn_kwargs=kwargs)
     files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else [folder]
     if not files:
         raise FileNotFoundError(f"data.train: {folder} holds no .parquet file")
