@@ -1,6 +1,6 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
-``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--max-objects N]
+``python examples/tutorial.py --out runs/tutorial --seed 0 --num 200 [--test-fraction F] [--max-objects N]
 [--center-visual-tokens clip|frames|differences]
 [--no-visual-position-embedding] [--pretrain-tower] [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
@@ -180,7 +180,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tutorial")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num", type=int, default=200, help="planted videos (a fifth held out)")
+    parser.add_argument("--num", type=int, default=200, help="planted videos (--test-fraction of them held out)")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        help="share of the videos held out (default: vidlm planted's test_fraction)",
+    )
     parser.add_argument("--max-objects", type=int, help="objects per video: 1 to this (vidlm planted's max_objects)")
     parser.add_argument(
         "--center-visual-tokens",
@@ -226,9 +231,15 @@ def main() -> None:
         "--seed",
         str(args.seed),
         *([f"max_objects={args.max_objects}"] if args.max_objects else []),
+        *([f"test_fraction={args.test_fraction}"] if args.test_fraction is not None else []),
         log=out / "planted.log",
     )
-    report = {"seed": args.seed, "videos": args.num, "max_objects": args.max_objects}
+    report = {
+        "seed": args.seed,
+        "videos": args.num,
+        "test_fraction": args.test_fraction,
+        "max_objects": args.max_objects,
+    }
     report["center_visual_tokens"] = args.center_visual_tokens
     report["visual_position_embedding"] = args.visual_position_embedding
     report["pretrain_tower"] = args.pretrain_tower
