@@ -106,11 +106,11 @@ def learn(
     from vidlm.models.presets import locate_model
 
     train = out / "train"
+    train_data = f"data.train={planted / 'train.csv'}"
     seconds = {}
     start = model
     if pretrain:
         words = out / "words"
-        train_data = f"data.train={planted / 'train.csv'}"
         seed = [o for o in overrides if o.startswith("seed=")]
         args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *seed)
         seconds["words"] = _vidlm(*args, "export.dtype=float32", log=out / "words.log")
@@ -121,7 +121,7 @@ def learn(
         RECIPE,
         "--out",
         str(train),
-        f"data.train={planted / 'train.csv'}",
+        train_data,
         f"model={start}",
         *overrides,
         log=out / "train.log",
@@ -213,11 +213,18 @@ def main() -> None:
     if unknown := set(kinds) - set(COMPRESSORS):
         parser.error(f"unknown compressors {sorted(unknown)}; known: {', '.join(COMPRESSORS)}")
 
+    from pipelines.planted import PlantedConfig
     from training.config import TrainConfig
-    from vidlm.config import load_config
+    from vidlm.config import ConfigError, load_config
 
     overrides = [f"seed={args.seed}", *args.overrides]
-    config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the caption prompt is the recipe's
+    given = (("max_objects", args.max_objects), ("test_fraction", args.test_fraction))
+    scenes = [f"{k}={v}" for k, v in given if v is not None]  # the rest are vidlm planted's defaults
+    try:
+        load_config(PlantedConfig, None, scenes)
+        config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the caption prompt is the recipe's
+    except ConfigError as e:
+        parser.error(str(e))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     planted = out / "planted"
@@ -230,8 +237,7 @@ def main() -> None:
         str(args.num),
         "--seed",
         str(args.seed),
-        *([f"max_objects={args.max_objects}"] if args.max_objects else []),
-        *([f"test_fraction={args.test_fraction}"] if args.test_fraction is not None else []),
+        *scenes,
         log=out / "planted.log",
     )
     report = {

@@ -9,7 +9,8 @@ the captions; chance 0.2): held-out colour and count questions >= 0.9 and vLLM c
 0.8, against <= 0.45 for the untrained model's colour. Shape and motion are not learnt in this budget (README
 "Tutorial"), so they are not asserted. The captions come from the vLLM engine and the answers from transformers,
 both reading the same export: a mismatch of frames, pooling, centring or merge scale between training and serving
-loses the captions' colour while the answers keep it.
+loses the captions' colour while the answers keep it. A scene option ``vidlm planted`` refuses is refused before
+anything is planted.
 """
 
 from __future__ import annotations
@@ -21,15 +22,35 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--test-fraction", "1.5", "test_fraction"),
+        ("--test-fraction", "-0.1", "test_fraction"),
+        ("--test-fraction", "nan", "test_fraction"),
+        ("--max-objects", "0", "max_objects"),
+        ("--max-objects", "4", "max_objects"),
+    ],
+)
+def test_the_tutorial_refuses_scene_options_planted_refuses_before_it_plants(tmp_path, option, value, message):
+    out = tmp_path / "tutorial"
+    argv = [sys.executable, "examples/tutorial.py", "--out", str(out), option, value]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert not out.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_tutorial_loop_learns_colour_and_count_and_vllm_captions_name_the_colour(tmp_path):
     out = tmp_path / "tutorial"
-    argv = ["--out", str(out), "--seed", "0", "--num", "800", "--test-fraction", "0.05", "--max-objects", "1"]
-    argv.append("optim.epochs=1")
+    argv = [
+        *("--out", str(out), "--seed", "0", "--num", "800"),
+        *("--test-fraction", "0.05", "--max-objects", "1", "optim.epochs=1"),
+    ]
     run = subprocess.run(
         [sys.executable, "examples/tutorial.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=1800
     )
