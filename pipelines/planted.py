@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -236,8 +238,20 @@ def conversations(scene: Scene, rows: list[dict]) -> str:
     return json.dumps([[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}] for q, a in turns])
 
 
+def _plant(job: tuple[Path, int, int, PlantedConfig]) -> tuple[Scene, list[dict]]:
+    """Video ``i`` of the corpus of ``seed`` (its own random stream, so any process renders it alike), written to
+    ``out/videos/``; its scene and questions."""
+    out, seed, i, config = job
+    rng = np.random.default_rng([seed, 0, i])
+    scene = _scene(f"planted_{i:05d}", rng, config)
+    frames = render(scene, config.size, seed=int(rng.integers(2**31)))
+    write_frames(out / "videos" / f"{scene.video_id}.mp4", frames, fps=config.fps)
+    return scene, questions(scene, rng)
+
+
 def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -> dict[str, Path]:
-    """Render ``num`` planted videos into ``out`` with their manifests and questions (see the module).
+    """Render ``num`` planted videos into ``out`` with their manifests and questions (see the module), a process
+    per CPU.
 
     Returns:
         ``name -> path`` of the files written (``train``, ``test``, ``train_mc``, ``test_mc``, ``scenes``).
@@ -255,13 +269,12 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
     test = set(np.random.default_rng([seed, 1]).permutation(num)[:held].tolist())
     splits: dict[str, list[tuple[Scene, list[dict]]]] = {"train": [], "test": []}
     scenes = []
-    for i in range(num):
-        rng = np.random.default_rng([seed, 0, i])
-        scene = _scene(f"planted_{i:05d}", rng, config)
-        path = out / "videos" / f"{scene.video_id}.mp4"
-        write_frames(path, render(scene, config.size, seed=int(rng.integers(2**31))), fps=config.fps)
-        splits["test" if i in test else "train"].append((scene, questions(scene, rng)))
-        scenes.append({"video": str(path.relative_to(out)), "caption": scene.caption(), **asdict(scene)})
+    jobs = [(out, seed, i, config) for i in range(num)]
+    with ProcessPoolExecutor(max_workers=min(num, os.cpu_count() or 1)) as pool:
+        for i, (scene, rows) in enumerate(pool.map(_plant, jobs, chunksize=8)):
+            splits["test" if i in test else "train"].append((scene, rows))
+            path = f"videos/{scene.video_id}.mp4"
+            scenes.append({"video": path, "caption": scene.caption(), **asdict(scene)})
     files = {"scenes": out / "scenes.jsonl"}
     files["scenes"].write_text("".join(json.dumps(s) + "\n" for s in scenes))
     end = f"0:00:{config.seconds:06.3f}"
