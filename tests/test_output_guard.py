@@ -70,8 +70,12 @@ def test_a_second_job_on_the_same_output_is_refused_and_a_killed_holder_leaves_n
     try:
         assert holder.stdout.readline().strip() == "holding"
         deadline = time.time() + 60
-        while not (out / RUN_FILE).is_file() and time.time() < deadline:
-            time.sleep(0.1)
+        while time.time() < deadline:  # the holder has the lock, and has written its rows (after the lock)
+            try:
+                _max_tokens(out)
+                break
+            except (OSError, pa.ArrowInvalid):
+                time.sleep(0.1)
         with pytest.raises(OutputInUse, match=rf"in use by another vidlm job \(demo, pid {holder.pid} on "):
             run_demo("src", out, DemoConfig())
         assert _max_tokens(out) == 256  # the holder's output untouched
