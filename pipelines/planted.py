@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -270,7 +271,8 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
     splits: dict[str, list[tuple[Scene, list[dict]]]] = {"train": [], "test": []}
     scenes = []
     jobs = [(out, seed, i, config) for i in range(num)]
-    with ProcessPoolExecutor(max_workers=min(num, os.cpu_count() or 1)) as pool:
+    spawn = multiprocessing.get_context("spawn")  # a fork of a process running threads (torch, Ray) can abort
+    with ProcessPoolExecutor(max_workers=min(num, os.cpu_count() or 1), mp_context=spawn) as pool:
         for i, (scene, rows) in enumerate(pool.map(_plant, jobs, chunksize=8)):
             splits["test" if i in test else "train"].append((scene, rows))
             path = f"videos/{scene.video_id}.mp4"
