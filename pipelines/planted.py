@@ -239,6 +239,11 @@ def conversations(scene: Scene, rows: list[dict]) -> str:
     return json.dumps([[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}] for q, a in turns])
 
 
+def _video_file(scene: Scene) -> str:
+    """The scene's video, relative to the corpus folder."""
+    return f"videos/{scene.video_id}.mp4"
+
+
 def _plant(job: tuple[Path, int, int, PlantedConfig]) -> tuple[Scene, list[dict]]:
     """Video ``i`` of the corpus of ``seed`` (its own random stream, so any process renders it alike), written to
     ``out/videos/``; its scene and questions."""
@@ -246,7 +251,7 @@ def _plant(job: tuple[Path, int, int, PlantedConfig]) -> tuple[Scene, list[dict]
     rng = np.random.default_rng([seed, 0, i])
     scene = _scene(f"planted_{i:05d}", rng, config)
     frames = render(scene, config.size, seed=int(rng.integers(2**31)))
-    write_frames(out / "videos" / f"{scene.video_id}.mp4", frames, fps=config.fps)
+    write_frames(out / _video_file(scene), frames, fps=config.fps)
     return scene, questions(scene, rng)
 
 
@@ -275,8 +280,7 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
     with ProcessPoolExecutor(max_workers=min(num, os.cpu_count() or 1), mp_context=spawn) as pool:
         for i, (scene, rows) in enumerate(pool.map(_plant, jobs, chunksize=8)):
             splits["test" if i in test else "train"].append((scene, rows))
-            path = f"videos/{scene.video_id}.mp4"
-            scenes.append({"video": path, "caption": scene.caption(), **asdict(scene)})
+            scenes.append({"video": _video_file(scene), "caption": scene.caption(), **asdict(scene)})
     files = {"scenes": out / "scenes.jsonl"}
     files["scenes"].write_text("".join(json.dumps(s) + "\n" for s in scenes))
     end = f"0:00:{config.seconds:06.3f}"
@@ -286,13 +290,13 @@ def write_planted(out: str | Path, num: int, seed: int, config: PlantedConfig) -
             writer = csv.writer(f)
             writer.writerow(["videoID", "url", "timestamp", "caption", "matching_score", "path", "conversations"])
             for scene, rows in items:
-                path = f"videos/{scene.video_id}.mp4"
+                path = _video_file(scene)
                 window, caption = repr([["0:00:00.000", end]]), repr([scene.caption()])
                 writer.writerow([scene.video_id, "", window, caption, "[1.0]", path, conversations(scene, rows)])
         files[f"{split}_mc"] = out / f"{split}_mc.jsonl"
         with files[f"{split}_mc"].open("w") as f:
             for scene, rows in items:
-                video = str((out / "videos" / f"{scene.video_id}.mp4").resolve())
+                video = str((out / _video_file(scene)).resolve())
                 for n, row in enumerate(rows):
                     f.write(json.dumps({"id": f"{scene.video_id}_q{n}", "video": video, **row}) + "\n")
     return files
