@@ -116,18 +116,26 @@ def _visual_len(inputs: dict, model) -> int:
 
 @torch.no_grad()
 def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dict) -> list[float]:
-    """Mean token cross-entropy of each reply to ``prompt`` about the video; the video and the prompt are embedded
-    once, each reply's tokens after them, and the LM head runs only where a reply token follows (as in training:
-    :func:`~training.data.collate`)."""
+    """Mean token cross-entropy of each reply to ``prompt`` about the video, all replies in one forward.
+
+    The video and the prompt are embedded once (the first reply's conversation); each reply's sequence is that
+    shared prefix followed by its own text embeddings, right-padded into a ``(R, L, Dl)`` batch (the causal mask
+    keeps a reply's logits those of its sequence alone), and the LM head runs only where a reply token follows (as
+    in training: :func:`~training.data.labelled_positions`).
+
+    Returns:
+        ``R`` floats: each reply's mean negative log-likelihood (nats per token).
+    """
     from vidlm.models.processing import expand_video_tokens
 
     c = model.config
     n = _visual_len(inputs, model)
-    losses = []
+    sequences = []  # (embeds (1, L_r, Dl), labels)
     first = None  # (ids, embeds) of the first reply
     for reply in replies:
-        turns = [(prompt, reply)]
-        ids, labels = conversation_ids(tokenizer, turns, c.video_token, c.video_token_index, c.system_prompt)
+        ids, labels = conversation_ids(
+            tokenizer, [(prompt, reply)], c.video_token, c.video_token_index, c.system_prompt
+        )
         at = ids.index(c.video_token_index)
         ids = expand_video_tokens(ids, c.video_token_index, n)
         labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
@@ -139,9 +147,21 @@ def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dic
             shared = min(shared, len(ids) - 1, first[1].shape[1])
             rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
             embeds = torch.cat([first[1][:, :shared], rest], dim=1)
-        labels = torch.tensor([labels])
-        losses.append(float(model(inputs_embeds=embeds, labels=labels, **labelled_positions(labels)).loss))
-    return losses
+        sequences.append((embeds, labels))
+    length = max(e.shape[1] for e, _ in sequences)
+    batch = first[1].new_zeros(len(sequences), length, first[1].shape[2])
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    for r, (embeds, reply_labels) in enumerate(sequences):
+        batch[r, : embeds.shape[1]] = embeds[0]
+        mask[r, : embeds.shape[1]] = 1
+        labels[r, : len(reply_labels)] = torch.tensor(reply_labels)
+    kept = labelled_positions(labels)
+    logits = model(inputs_embeds=batch, attention_mask=mask, logits_to_keep=kept["logits_to_keep"]).logits.float()
+    targets = kept["shift_labels"]  # (R, K)
+    counted = targets != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")  # (R, K)
+    return ((nll * counted).sum(dim=1) / counted.sum(dim=1)).tolist()
 
 
 def _option_losses(model, tokenizer, row: dict, inputs: dict) -> list[float]:
@@ -226,8 +246,11 @@ def evaluate_mc(
         model.modality_memory = None
     tokenizer = AutoTokenizer.from_pretrained(path)
     result = McResult()
+    last = (None, None)  # (source, inputs): a video's questions in a row decode it once
     for row in rows:
-        inputs = _features(row, model)
+        source = row.get("video") or row.get("features_path")
+        inputs = last[1] if source is not None and source == last[0] else _features(row, model)
+        last = (source, inputs)
         losses = _option_losses(model, tokenizer, row, inputs)
         result.n += 1
         result.add(row["task_type"], "loss", LETTERS[int(np.argmin(losses))] == row["answer"])
