@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,33 @@ def test_every_preset_builds_its_config_and_unknown_names_fail():
         preset_config("pllava-8b")
     with pytest.raises(ValueError, match="vidlm convert"):
         build_preset("pllava-7b")
+
+
+def test_a_materialised_model_another_process_finished_first_is_kept(tmp_path):
+    """``write_once`` of a directory that another process renamed into place while this one wrote its own: the
+    first one stays, this one's copy is discarded; a failed write leaves nothing behind."""
+    from vidlm.models._builders import write_once
+
+    out = tmp_path / "models" / "m"
+
+    def write_while_another_finishes(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text('{"mine": true}')
+        out.mkdir(parents=True)
+        (out / "config.json").write_text('{"first": true}')
+
+    assert write_once(out, write_while_another_finishes) == out
+    assert (out / "config.json").read_text() == '{"first": true}'
+    assert [p.name for p in out.parent.iterdir()] == ["m"]
+    assert write_once(out, lambda tmp: pytest.fail("a finished directory is not written again")) == out
+
+    def fail(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_once(tmp_path / "other", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
 def test_build_overrides_change_fields_and_fields_of_a_part():

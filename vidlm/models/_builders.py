@@ -63,15 +63,25 @@ def vision_config(
 def write_once(out: Path, write: Callable[[Path], None]) -> Path:
     """Create the directory ``out`` with ``write(tmp)`` and an atomic rename, unless it already holds a model.
 
-    Concurrent first uses never see half a directory; a finished ``out`` (with ``config.json``) is reused.
+    Concurrent first uses never see half a directory: the first rename wins and the others discard their own; a
+    finished ``out`` (with ``config.json``) is reused.
     """
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its own first: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
     return out
 
 
