@@ -319,7 +319,8 @@ def test_video_recipe_loss_falls_under_zero2(clip_features, tmp_path):
 def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_cluster, clip_manifest, tmp_path):
     """``data.train`` a manifest: Ray Data decodes each clip as the model samples frames, the trainer preprocesses
     them as inference does, and the tower trains with the projector and LoRA under ZeRO-3; a clip whose video is
-    missing gives no sample and the run goes on."""
+    missing gives no sample and the run goes on. The projector's own learning rate (``optim.projector_lr``, a
+    DeepSpeed parameter group) at 1e-9 leaves it where it started while the tower moves."""
     import torch
     from safetensors.torch import load_file
 
@@ -330,7 +331,7 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
     manifest = tmp_path / "manifest.csv"
     missing = f"gone,u,\"[['0:00:00.000', '0:00:01.000']]\",\"['c1']\",\"[0.5]\",{tmp_path / 'gone.mp4'}\n"
     manifest.write_text(clip_manifest.read_text() + missing)
-    overrides = [f"data.train={manifest}", "optim.epochs=3", "trainable.vision_tower=full"]
+    overrides = [f"data.train={manifest}", "optim.epochs=3", "trainable.vision_tower=full", "optim.projector_lr=1e-9"]
     config = load_config(TrainConfig, "training/configs/video_tiny.yaml", overrides)
     prepared = prepare_training(config)
     summary = run_training(prepared, tmp_path / "out")
@@ -355,6 +356,9 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
     assert len(tower) > 5 and all(k in after for k in tower)
     moved = [k for k in tower if not torch.allclose(before[k].float(), after[k].float(), atol=1e-3)]
     assert moved == tower, sorted(set(tower) - set(moved))
+    projector = [k for k in before if k.startswith("projector.")]
+    still = [k for k in projector if torch.allclose(before[k].float(), after[k].float(), rtol=2**-7, atol=1e-6)]
+    assert projector and still == projector  # at most the export's bfloat16 rounding (8 bits of mantissa)
 
 
 def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves_the_llm(ray_cluster, tmp_path):

@@ -14,7 +14,7 @@ from training.config import TrainConfig
 from training.data import IGNORE_INDEX, clip_samples, collate, conversation_ids, frame_samples, tideo_samples
 from training.memory import count_parameters
 from training.trainer import TrainingConfigError, fill_deepspeed_config, plan_training
-from vidlm.config import load_config
+from vidlm.config import ConfigError, load_config
 from vidlm.models.presets import build_preset, resolve_model
 
 
@@ -352,6 +352,38 @@ def test_parameter_counts_follow_the_trainable_config():
     assert counts.total == sum(p.numel() for p in model.parameters()) + lora + projector
     frozen = count_parameters(model.config, TrainableConfig(projector="frozen", llm="frozen"))
     assert frozen.trainable == 0
+
+
+@pytest.mark.parametrize("llm", ["lora", "full"])
+def test_parameter_groups_give_the_tower_and_the_projector_their_own_learning_rates(llm):
+    """LLaVA-NeXT's ``mm_vision_tower_lr`` / ``mm_projector_lr``: every trainable parameter in exactly one group, the
+    tower's (peft's trainable copy under LoRA) at ``optim.vision_tower_lr``, the projector's and the position
+    embedding's at ``optim.projector_lr``, the rest at ``optim.lr``; unset, one group at ``optim.lr``; a rate for a
+    frozen part is refused."""
+    from training.trainer import parameter_groups
+    from vidlm.models.lora import apply_trainable
+
+    overrides = ["trainable.vision_tower=full", f"trainable.llm={llm}", "optim.lr=1e-3"]
+    config = load_config(TrainConfig, "training/configs/video_tiny.yaml", overrides)
+    model = apply_trainable(build_preset("tiny-video", {"visual_position_embedding": True})[0], config.trainable)
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    (single,) = parameter_groups(model, config.optim)
+    assert single["lr"] == 1e-3 and {id(p) for p in single["params"]} == set(trainable)
+
+    optim = config.optim.model_copy(update={"vision_tower_lr": 1e-5, "projector_lr": 1e-4})
+    groups = {g["name"]: g for g in parameter_groups(model, optim)}
+    assert list(groups) == ["rest", "vision_tower", "projector"]
+    assert [g["lr"] for g in groups.values()] == [1e-3, 1e-5, 1e-4]
+    names = {k: {trainable[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert sum(len(g["params"]) for g in groups.values()) == len(trainable)  # each parameter once
+    assert names["vision_tower"] == {n for n in trainable.values() if "vision_tower." in n}
+    assert names["projector"] == {n for n in trainable.values() if "projector." in n or "visual_position" in n}
+    assert any("visual_position" in n for n in names["projector"])
+    assert names["rest"] and all("language_model." in n for n in names["rest"])
+
+    frozen = ["trainable.vision_tower=frozen", "optim.vision_tower_lr=1e-5"]
+    with pytest.raises(ConfigError, match="optim.vision_tower_lr=1e-05 needs trainable.vision_tower: full"):
+        load_config(TrainConfig, "training/configs/video_tiny.yaml", frozen)
 
 
 def test_memory_plan_refuses_what_cannot_fit_and_accepts_zero3():

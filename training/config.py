@@ -72,6 +72,13 @@ class OptimConfig(Section):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to stop after (``None``: ``epochs`` full passes)."""
+    vision_tower_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the vision tower's parameters (LLaVA-NeXT's ``mm_vision_tower_lr``, e.g. 2e-6 against
+    an ``lr`` of 1e-5), an AdamW parameter group on the same schedule; ``None``: ``lr``. Needs
+    ``trainable.vision_tower: full``."""
+    projector_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the projector and the visual position embedding (LLaVA-NeXT's ``mm_projector_lr``);
+    ``None``: ``lr``. Needs ``trainable.projector: full``."""
 
 
 class DeepSpeedSection(Section):
@@ -140,6 +147,11 @@ class TrainConfig(JobConfig):
             raise ValueError("data.tasks must name at least one of " + ", ".join(TASKS))
         if self.recipe == "words" and self.trainable.llm != "frozen":
             raise ValueError(f"recipe words runs no LLM: trainable.llm must be frozen, got {self.trainable.llm}")
+        for part, lr in (("vision_tower", self.optim.vision_tower_lr), ("projector", self.optim.projector_lr)):
+            if lr is not None and getattr(self.trainable, part) != "full":
+                raise ValueError(
+                    f"optim.{part}_lr={lr:g} needs trainable.{part}: full, got {getattr(self.trainable, part)}"
+                )
         return self
 
     @property

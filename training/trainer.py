@@ -330,9 +330,42 @@ def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
     model = VidlmForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
     _attach_memory(model, config)
     model = apply_trainable(model, config.trainable)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    groups = parameter_groups(model, config.optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine
+
+
+def parameter_groups(model, optim) -> list[dict]:
+    """The optimizer's parameter groups of a model after :func:`~vidlm.models.lora.apply_trainable`: the vision
+    tower's trainable parameters with ``optim.vision_tower_lr``, the projector's and the visual position embedding's
+    with ``optim.projector_lr`` (each where set), every other trainable parameter in a group of its own at
+    ``optim.lr`` (LLaVA-NeXT's ``mm_vision_tower_lr`` / ``mm_projector_lr``). DeepSpeed's optimizer and its
+    ``WarmupCosineLR`` keep each group's peak and scale all of them by the same schedule.
+
+    Returns:
+        ``[{"params": [...], "lr": float, "name": str}, ...]``: ``rest`` first (the ``lr`` of ``metrics.jsonl`` is
+        the first group's), then ``vision_tower`` and ``projector``; groups without parameters are left out.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper (LoRA)
+    parts = {
+        "vision_tower": (["vision_tower"], optim.vision_tower_lr),
+        "projector": (["projector", "visual_position_embedding"], optim.projector_lr),
+    }
+    groups, taken = [], set()
+    for name, (attributes, lr) in parts.items():
+        if lr is None:
+            continue
+        params = []
+        for attribute in attributes:
+            part = getattr(base, attribute, None)
+            if isinstance(part, torch.nn.Module):
+                params += [p for p in part.parameters() if p.requires_grad and id(p) not in taken]
+            elif isinstance(part, torch.nn.Parameter) and part.requires_grad and id(part) not in taken:
+                params.append(part)
+        taken |= {id(p) for p in params}
+        groups.append({"params": params, "lr": lr, "name": name})
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    return [g for g in [{"params": rest, "lr": optim.lr, "name": "rest"}, *groups] if g["params"]]
 
 
 def _parameter_stats(engine) -> dict:
