@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from training.data import IGNORE_INDEX, LETTERS, conversation_ids, labelled_positions, mc_answer, mc_prompt
 from vidlm.jobs import Report
@@ -133,9 +134,8 @@ def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dic
     sequences = []  # (embeds (1, L_r, Dl), labels)
     first = None  # (ids, embeds) of the first reply
     for reply in replies:
-        ids, labels = conversation_ids(
-            tokenizer, [(prompt, reply)], c.video_token, c.video_token_index, c.system_prompt
-        )
+        turns = [(prompt, reply)]
+        ids, labels = conversation_ids(tokenizer, turns, c.video_token, c.video_token_index, c.system_prompt)
         at = ids.index(c.video_token_index)
         ids = expand_video_tokens(ids, c.video_token_index, n)
         labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
@@ -148,14 +148,10 @@ def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dic
             rest = model.get_input_embeddings()(torch.tensor([ids[shared:]]))
             embeds = torch.cat([first[1][:, :shared], rest], dim=1)
         sequences.append((embeds, labels))
-    length = max(e.shape[1] for e, _ in sequences)
-    batch = first[1].new_zeros(len(sequences), length, first[1].shape[2])
-    mask = torch.zeros(len(sequences), length, dtype=torch.long)
-    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
-    for r, (embeds, reply_labels) in enumerate(sequences):
-        batch[r, : embeds.shape[1]] = embeds[0]
-        mask[r, : embeds.shape[1]] = 1
-        labels[r, : len(reply_labels)] = torch.tensor(reply_labels)
+    batch = pad_sequence([e[0] for e, _ in sequences], batch_first=True)  # (R, L, Dl), zeros after each reply
+    lengths = torch.tensor([e.shape[1] for e, _ in sequences])
+    mask = (torch.arange(batch.shape[1]) < lengths[:, None]).long()
+    labels = pad_sequence([torch.tensor(t) for _, t in sequences], batch_first=True, padding_value=IGNORE_INDEX)
     kept = labelled_positions(labels)
     logits = model(inputs_embeds=batch, attention_mask=mask, logits_to_keep=kept["logits_to_keep"]).logits.float()
     targets = kept["shift_labels"]  # (R, K)
