@@ -346,10 +346,12 @@ def parameter_groups(model, optim) -> list[dict]:
         ``[{"params": [...], "lr": float, "name": str}, ...]``: ``rest`` first (the ``lr`` of ``metrics.jsonl`` is
         the first group's), then ``vision_tower`` and ``projector``; groups without parameters are left out.
     """
+    from vidlm.models.lora import connector_parts
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper (LoRA)
     parts = {
         "vision_tower": (["vision_tower"], optim.vision_tower_lr),
-        "projector": (["projector", "visual_position_embedding"], optim.projector_lr),
+        "projector": (connector_parts(base), optim.projector_lr),
     }
     groups, taken = [], set()
     for name, (attributes, lr) in parts.items():

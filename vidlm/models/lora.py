@@ -66,6 +66,12 @@ def lora_config(settings: LoraSettings, modules_to_save: tuple[str, ...] = ()):
     )
 
 
+def connector_parts(model) -> list[str]:
+    """The attributes of a :class:`VidlmForConditionalGeneration` between its tower and its LLM that
+    ``trainable.projector`` sets: ``projector``, and ``visual_position_embedding`` where the model has one."""
+    return ["projector"] + ["visual_position_embedding"] * (model.visual_position_embedding is not None)
+
+
 def apply_trainable(model, config: TrainableConfig):
     """Set what trains on a :class:`VidlmForConditionalGeneration`: the projector's setting holds for the
     ``visual_position_embedding`` too (the connector between the tower and the LLM).
@@ -75,7 +81,7 @@ def apply_trainable(model, config: TrainableConfig):
     """
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(config.vision_tower == "full")
-    connector = ["projector"] + ["visual_position_embedding"] * (model.visual_position_embedding is not None)
+    connector = connector_parts(model)
     for part in connector:
         getattr(model, part).requires_grad_(config.projector == "full")
     model.language_model.requires_grad_(config.llm == "full")
