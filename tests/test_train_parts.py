@@ -359,7 +359,7 @@ def test_parameter_groups_give_the_tower_and_the_projector_their_own_learning_ra
     """LLaVA-NeXT's ``mm_vision_tower_lr`` / ``mm_projector_lr``: every trainable parameter in exactly one group, the
     tower's (peft's trainable copy under LoRA) at ``optim.vision_tower_lr``, the projector's and the position
     embedding's at ``optim.projector_lr``, the rest at ``optim.lr``; unset, one group at ``optim.lr``; a rate for a
-    frozen part is refused."""
+    frozen part, or one that is not a finite positive number, is refused."""
     from training.trainer import parameter_groups
     from vidlm.models.lora import apply_trainable
 
@@ -384,6 +384,10 @@ def test_parameter_groups_give_the_tower_and_the_projector_their_own_learning_ra
     frozen = ["trainable.vision_tower=frozen", "optim.vision_tower_lr=1e-5"]
     with pytest.raises(ConfigError, match="optim.vision_tower_lr=1e-05 needs trainable.vision_tower: full"):
         load_config(TrainConfig, "training/configs/video_tiny.yaml", frozen)
+    for key in ("lr", "vision_tower_lr", "projector_lr"):
+        for bad in ("0", "-1e-3", "nan", "inf", "fast", "[1e-3]"):
+            with pytest.raises(ConfigError, match=f"optim.{key}"):
+                load_config(TrainConfig, "training/configs/video_tiny.yaml", [*overrides, f"optim.{key}={bad}"])
 
 
 def test_memory_plan_refuses_what_cannot_fit_and_accepts_zero3():

@@ -63,7 +63,7 @@ class DataConfig(Section):
 class OptimConfig(Section):
     """AdamW with linear warm-up and cosine decay (DeepSpeed ``WarmupCosineLR``)."""
 
-    lr: float = Field(2e-5, gt=0)
+    lr: float = Field(2e-5, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -72,11 +72,11 @@ class OptimConfig(Section):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to stop after (``None``: ``epochs`` full passes)."""
-    vision_tower_lr: float | None = Field(None, gt=0)
+    vision_tower_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Peak learning rate of the vision tower's parameters (LLaVA-NeXT's ``mm_vision_tower_lr``, e.g. 2e-6 against
     an ``lr`` of 1e-5), an AdamW parameter group on the same schedule; ``None``: ``lr``. Needs
     ``trainable.vision_tower: full``."""
-    projector_lr: float | None = Field(None, gt=0)
+    projector_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Peak learning rate of the projector and the visual position embedding (LLaVA-NeXT's ``mm_projector_lr``);
     ``None``: ``lr``. Needs ``trainable.projector: full``."""
 
