@@ -4,8 +4,9 @@ peft LoRA, tiny models from the preset builders, Ray Data shards of real parquet
 - TOPA recipe on a planted task (Tideos whose frames name a colour; multiple-choice "which colour"): the loss
   falls, parameters are partitioned, the trainable count is the config's, the export loads in transformers and
   vLLM (same greedy tokens), the eval harness scores the trained model far above chance and the untrained one
-  near it; the run, on a local multi-node cluster, loses one worker's node midway, and the group restarted on the
-  remaining node and a fresh one repeats the losses of the steps that ran twice.
+  near it; the run, on a local multi-node cluster with its checkpoints in ``s3://`` (a real S3 API on loopback), loses
+  one worker's node midway, and the group restarted on the remaining node and a fresh one repeats the losses of the
+  steps that ran twice; a rerun of the finished run resumes from its last checkpoint and only exports.
 - Video recipe on the patch features ``vidlm features`` writes from the real mp4s, under ZeRO-2.
 """
 
@@ -68,25 +69,30 @@ def _config(tideos: Path, *overrides: str) -> TrainConfig:
 
 
 KILL_AFTER = CHECKPOINT + 4  # a checkpoint, and a few steps past it
+TOPA_CHECKPOINTS = "s3://vidlm-topa/checkpoints"
 
 
 @pytest.fixture(scope="module")
-def topa_run(tideos, memory, tmp_path_factory):
+def topa_run(tideos, memory, s3_server, tmp_path_factory):
     """The planted TOPA run with its modality memory, as a user runs it: ``vidlm train`` on a local multi-node
-    cluster (a head that runs no work, two 2-CPU worker nodes, one Ray Train worker on each). After step 25 the node
-    of one worker is lost (its raylet and processes killed) and a fresh node joins: Ray Train restarts the group from
-    the step-21 checkpoint. Every test of the recipe uses this run (the restart test reads both attempts' records)."""
+    cluster (a head that runs no work, two 2-CPU worker nodes, one Ray Train worker on each), its checkpoints in
+    ``s3://`` (a real S3 API on loopback). After step 25 the node of one worker is lost (its raylet and processes
+    killed) and a fresh node joins: Ray Train restarts the group from the step-21 checkpoint. Every test of the recipe
+    uses this run (the restart test reads both attempts' records, the rerun test its last checkpoint)."""
+    import boto3
     from ray.util.state import list_actors
 
     from training.trainer import EXPORT_DIR
     from vidlm.cluster import LocalNode, start_local_cluster
 
     out = tmp_path_factory.mktemp("topa")
+    boto3.client("s3").create_bucket(Bucket="vidlm-topa")
+    overrides = [f"data.memory={memory}", f"checkpoint.storage_path={TOPA_CHECKPOINTS}"]
     node = LocalNode(node_type="train", num_cpus=2)  # a Ray Train worker and a Ray Data ingest task
     cluster = start_local_cluster([node, node], dashboard_port=0, fast_node_death=True)
     try:
         argv = [sys.executable, "-m", "vidlm", "train", "--config", "training/configs/topa_tiny.yaml", "--out"]
-        argv += [str(out), f"data.train={tideos}", f"data.memory={memory}", *PLANTED]
+        argv += [str(out), f"data.train={tideos}", *overrides, *PLANTED]
         argv += ["scaling.placement_strategy=SPREAD"]  # a worker per node
         log = out.parent / "topa-train.log"
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
@@ -110,7 +116,9 @@ def topa_run(tideos, memory, tmp_path_factory):
     finally:
         cluster.shutdown()
     attempts = max(r["attempt"] for r in read_metrics(out))
-    return SimpleNamespace(out=out, export=out / EXPORT_DIR, attempts=attempts, log=log.read_text())
+    return SimpleNamespace(
+        out=out, export=out / EXPORT_DIR, attempts=attempts, log=log.read_text(), overrides=overrides
+    )
 
 
 def test_topa_loss_falls_on_partitioned_parameters(topa_run):
@@ -252,34 +260,27 @@ def test_a_lost_node_restarts_the_group_from_checkpoint_to_the_same_losses(topa_
 
 
 def test_a_rerun_after_the_final_checkpoint_exports_and_another_config_is_refused(
-    ray_cluster, s3_bucket, tideos, tmp_path
+    ray_cluster, topa_run, tideos, tmp_path
 ):
-    """7 steps with a checkpoint on step 7 (the last), kept in ``s3://`` (a real S3 API on loopback); rerunning the
-    finished run resumes there and exports (no step to run); another world size or config is refused before any
-    worker starts (a partial checkpoint: ``test_train_parts``)."""
-    from training.checkpoints import CheckpointMismatch
-    from vidlm.storage import location
+    """The planted TOPA run's last checkpoint is its last step's (42), kept in ``s3://``: rerunning the finished run
+    (a copy of its output folder) resumes there and exports, with no step to run; another world size or config is
+    refused before any worker starts (a partial checkpoint: ``test_train_parts``)."""
+    import shutil
 
+    from training.checkpoints import CheckpointMismatch
+
+    assert not (topa_run.out / "ray_train").exists()  # nothing of the checkpoints on the local disk
     out = tmp_path / "run"
-    storage = location(f"{s3_bucket}/checkpoints")
-    final = [
-        "optim.epochs=1",
-        "checkpoint.every_steps=7",
-        "checkpoint.max_failures=0",
-        f"checkpoint.storage_path={storage}",
-    ]
-    first = run_training(prepare_training(_config(tideos, *final)), out)
-    assert first.steps == 7 and (out / "checkpoint.json").is_file()
-    assert str(first.checkpoint).startswith(f"{s3_bucket.removeprefix('s3://')}/checkpoints/ray_train/checkpoint_")
-    assert not (out / "ray_train").exists()  # nothing of the checkpoint on the local disk
+    shutil.copytree(topa_run.out, out)
     (out / "export" / "config.json").unlink()
-    again = run_training(prepare_training(_config(tideos, *final)), out)
-    assert (out / "export" / "config.json").is_file() and again.steps == 7
-    assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
+    again = run_training(prepare_training(_config(tideos, *topa_run.overrides)), out)
+    assert (out / "export" / "config.json").is_file() and again.steps == STEPS
+    assert str(again.checkpoint).startswith(f"{TOPA_CHECKPOINTS.removeprefix('s3://')}/ray_train/checkpoint_")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
     with pytest.raises(CheckpointMismatch, match="checkpoint of 2 workers.*scaling.num_workers=1"):
-        run_training(prepare_training(_config(tideos, *final, "scaling.num_workers=1")), out)
+        run_training(prepare_training(_config(tideos, *topa_run.overrides, "scaling.num_workers=1")), out)
     with pytest.raises(CheckpointMismatch, match=r"optim.lr: 0.003 -> 0.001"):
-        run_training(prepare_training(_config(tideos, *final, "optim.lr=1e-3")), out)
+        run_training(prepare_training(_config(tideos, *topa_run.overrides, "optim.lr=1e-3")), out)
 
 
 @pytest.fixture(scope="module")

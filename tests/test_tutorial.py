@@ -19,6 +19,7 @@ anything is planted.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     ("option", "value", "message"),
-    [
-        ("--test-fraction", "1.5", "test_fraction"),
-        ("--test-fraction", "-0.1", "test_fraction"),
-        ("--test-fraction", "nan", "test_fraction"),
-        ("--max-objects", "0", "max_objects"),
-        ("--max-objects", "4", "max_objects"),
-    ],
-)
+    [("--test-fraction", "nan", "test_fraction"), ("--max-objects", "4", "max_objects")],
+)  # the other values vidlm planted refuses: tests/test_planted.py
 def test_the_tutorial_refuses_scene_options_planted_refuses_before_it_plants(tmp_path, option, value, message):
     out = tmp_path / "tutorial"
     argv = [sys.executable, "examples/tutorial.py", "--out", str(out), option, value]
@@ -55,8 +50,9 @@ def test_the_tutorial_loop_learns_colour_and_count_and_vllm_captions_name_the_co
         *("--test-fraction", "0.05", "--max-objects", "1", "optim.epochs=1", "data.micro_batch_size=8"),
         *("scaling.num_workers=1", "scaling.cpus_per_worker=2"),
     ]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # vLLM's default, as a user runs it (conftest.py)
     run = subprocess.run(
-        [sys.executable, "examples/tutorial.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=1800
+        [sys.executable, "examples/tutorial.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
