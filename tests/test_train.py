@@ -69,7 +69,8 @@ def _config(tideos: Path, *overrides: str) -> TrainConfig:
 
 
 KILL_AFTER = CHECKPOINT + 4  # a checkpoint, and a few steps past it
-TOPA_CHECKPOINTS = "s3://vidlm-topa/checkpoints"
+TOPA_BUCKET = "vidlm-topa"
+TOPA_CHECKPOINTS = f"s3://{TOPA_BUCKET}/checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def topa_run(tideos, memory, s3_server, tmp_path_factory):
     from vidlm.cluster import LocalNode, start_local_cluster
 
     out = tmp_path_factory.mktemp("topa")
-    boto3.client("s3").create_bucket(Bucket="vidlm-topa")
+    boto3.client("s3").create_bucket(Bucket=TOPA_BUCKET)
     overrides = [f"data.memory={memory}", f"checkpoint.storage_path={TOPA_CHECKPOINTS}"]
     node = LocalNode(node_type="train", num_cpus=2)  # a Ray Train worker and a Ray Data ingest task
     cluster = start_local_cluster([node, node], dashboard_port=0, fast_node_death=True)
