@@ -365,11 +365,16 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
 
 def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves_the_llm(ray_cluster, tmp_path):
     """Recipe ``words`` on planted videos under ZeRO-3: each clip's decoded frames classified into its caption's
-    words; the loss falls, the export's tower and projector moved and its LLM is the starting one, bit for bit."""
+    words; the loss falls, the export's tower and projector moved and its LLM is the starting one, bit for bit. The
+    recipe's clips are decoded once (``data.materialize``), in the order the streamed plan gives them, which a
+    rerun's skipped batches count on."""
     import torch
+    from ray.data import DataContext
+    from ray.data.dataset import MaterializedDataset
     from safetensors.torch import load_file
 
     from pipelines.planted import PlantedConfig, write_planted
+    from training.data import build_dataset
     from vidlm.models.presets import resolve_model
 
     paths = write_planted(tmp_path / "planted", num=40, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
@@ -380,6 +385,18 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
         "deepspeed.config=training/configs/deepspeed/zero3.json",
     ]
     prepared = prepare_training(load_config(TrainConfig, "training/configs/words_planted.yaml", overrides))
+    assert isinstance(prepared.dataset, MaterializedDataset)
+    options = DataContext.get_current().execution_options
+    assert not options.preserve_order  # the driver's own setting, left as it was
+    options.preserve_order = True
+    try:
+        streamed = build_dataset(prepared.config, prepared.model_dir).take_all()
+    finally:
+        options.preserve_order = False
+    cached = prepared.dataset.take_all()
+    assert len(cached) == 40
+    assert [r["input_ids"].tolist() for r in cached] == [r["input_ids"].tolist() for r in streamed]
+    assert all(np.array_equal(a["features"], b["features"]) for a, b in zip(cached, streamed, strict=True))
     summary = run_training(prepared, tmp_path / "out")
     records = read_metrics(tmp_path / "out")
     assert len(records) == prepared.total_steps == 10 * 40 // 8
