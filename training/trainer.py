@@ -183,7 +183,8 @@ def prepare_training(config: TrainConfig) -> PreparedRun:
     """Check the memory plan, then resolve the model, plan the data and fill DeepSpeed's config.
 
     Counting the optimizer steps of a run without ``optim.max_steps`` reads the data once (tokenisation
-    included); give ``max_steps`` to skip that pass on large corpora.
+    included); give ``max_steps`` to skip that pass on large corpora. With ``data.materialize`` the plan runs once
+    here, into the object store, and the count and the workers read its blocks.
 
     Raises:
         TrainingConfigError: the memory plan does not fit ``scaling.device_memory_gb`` (before anything starts).
