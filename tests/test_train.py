@@ -374,7 +374,7 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     from safetensors.torch import load_file
 
     from pipelines.planted import PlantedConfig, write_planted
-    from training.data import build_dataset
+    from training.data import build_dataset, ordered_execution
     from vidlm.models.presets import resolve_model
 
     paths = write_planted(tmp_path / "planted", num=40, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
@@ -386,13 +386,9 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     ]
     prepared = prepare_training(load_config(TrainConfig, "training/configs/words_planted.yaml", overrides))
     assert isinstance(prepared.dataset, MaterializedDataset)
-    options = DataContext.get_current().execution_options
-    assert not options.preserve_order  # the driver's own setting, left as it was
-    options.preserve_order = True
-    try:
+    assert not DataContext.get_current().execution_options.preserve_order  # the driver's own, left as it was
+    with ordered_execution():
         streamed = build_dataset(prepared.config, prepared.model_dir).take_all()
-    finally:
-        options.preserve_order = False
     cached = prepared.dataset.take_all()
     assert len(cached) == 40
     assert [r["input_ids"].tolist() for r in cached] == [r["input_ids"].tolist() for r in streamed]

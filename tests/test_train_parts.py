@@ -164,6 +164,32 @@ def test_a_missing_training_input_names_both_kinds(tmp_path):
         build_dataset(config, "unused")
 
 
+def test_materialize_takes_a_boolean_only():
+    for bad in ("maybe", "2", "null", "[true]", "{a: 1}"):
+        with pytest.raises(ConfigError, match="data.materialize"):
+            load_config(TrainConfig, "training/configs/video_tiny.yaml", [f"data.materialize={bad}"])
+    assert not load_config(TrainConfig, "training/configs/video_tiny.yaml", []).data.materialize  # streamed
+    assert load_config(TrainConfig, "training/configs/video_planted.yaml", []).data.materialize
+
+
+def test_ordered_execution_restores_the_setting_it_found_also_after_an_error():
+    from ray.data import DataContext
+
+    from training.data import ordered_execution
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    try:
+        for found in (False, True):
+            options.preserve_order = found
+            with pytest.raises(RuntimeError, match="inside"), ordered_execution():
+                assert options.preserve_order
+                raise RuntimeError("inside")
+            assert options.preserve_order is found
+    finally:
+        options.preserve_order = before
+
+
 def test_collate_pads_right_and_masks_padding():
     batch = {
         "input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),

@@ -50,9 +50,9 @@ class DataConfig(Section):
     """Sequences per worker per forward pass (DeepSpeed ``train_micro_batch_size_per_gpu``)."""
     materialize: bool = False
     """Run the dataset's plan once, before the first step, into Ray's object store (Ray Data's ``materialize()``,
-    spilled to disk past it): the step count and every epoch read those blocks instead of reading, and for a
-    manifest decoding, the clips again while the workers train. For training sets that fit in the cluster's object
-    store; ``False`` streams them through Ray Train's ingest."""
+    spilled to disk past it), in the streamed order: the step count and every epoch read those blocks, so the
+    workers do not train beside an ingest that reads (for a manifest, decodes) the clips again. For training sets
+    that fit in the cluster's object store; ``False`` streams them through Ray Train's ingest."""
     shuffle_buffer: int = Field(0, ge=0)
     """Rows in each worker's local shuffle buffer (0: the dataset's order); seeded by ``seed`` and the epoch."""
     tasks: tuple[Literal["summary", "qa", "mcq"], ...] = TASKS

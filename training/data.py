@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import string
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "labelled_positions",
     "mc_answer",
     "mc_prompt",
+    "ordered_execution",
     "read_memory",
     "tideo_samples",
     "word_samples",
@@ -323,6 +325,22 @@ def word_samples(row: dict[str, Any], model_dir: str) -> list[dict]:
         return []
     words = np.unique(np.asarray(_tokenizer(model_dir)(caption, add_special_tokens=False)["input_ids"], np.int64))
     return [{"input_ids": words, "labels": words, "features": clip.frames, "task": WORDS_TASK}]
+
+
+@contextmanager
+def ordered_execution():
+    """Ray Data executions in this process keep the dataset's order (``DataContext.execution_options
+    .preserve_order``) inside the block, as Ray Train's ingest does (:func:`training.trainer.run_training`): a
+    materialised training set then holds the rows in the order a streamed one gives them. The setting before the
+    block is restored after it, also on an error."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    options.preserve_order, before = True, options.preserve_order
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def build_dataset(config, model_dir: str):

@@ -191,9 +191,7 @@ def prepare_training(config: TrainConfig) -> PreparedRun:
         FileNotFoundError: no model weights, no data or no ``data.memory`` file.
         ValueError: data columns that do not fit the recipe, or a ``data.memory`` that does not fit the model.
     """
-    import ray.data
-
-    from training.data import build_dataset
+    from training.data import build_dataset, ordered_execution
     from vidlm.cluster import init_ray
     from vidlm.models.presets import resolve_model
 
@@ -214,12 +212,8 @@ def prepare_training(config: TrainConfig) -> PreparedRun:
     init_ray()
     dataset = build_dataset(config, model_dir)
     if config.data.materialize:
-        options = ray.data.DataContext.get_current().execution_options
-        options.preserve_order, ordered = True, options.preserve_order  # the ingest's order (run_training)
-        try:
+        with ordered_execution():
             dataset = dataset.materialize()
-        finally:
-            options.preserve_order = ordered
     o = config.optim
     if o.max_steps:
         total = o.max_steps
