@@ -51,7 +51,7 @@ tokens' shared part -- the background -- outweighs the objects, and the LLM read
 ``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position
 embedding per patch after them) lets the LLM learn the sense of a motion from direction questions alone, and
 ``frames`` its axis; the tutorial's mix of captions and questions on one to three objects loses colour with either
-(README "Tutorial")."""
+(docs/tutorial-findings.md)."""
 
 
 COMPRESSORS = {

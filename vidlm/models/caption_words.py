@@ -1,7 +1,7 @@
 """Caption-word pre-training of the vision tower and projector (``vidlm train`` recipe ``words``).
 
 A tower trained from random weights through the LLM's loss learns what a clip's visual tokens share with the
-caption's most frequent words (colour) and not the rest (shape; README "Tutorial"): the LLM's gradient reaches
+caption's most frequent words (colour) and not the rest (shape; docs/tutorial-findings.md): the LLM's gradient reaches
 it diluted by every other token of the answer. As CatLIP (Mehta et al. 2024, "CatLIP: CLIP-level Visual Recognition
 Accuracy with 2.7x Faster Pre-training on Web-scale Image-Text Data") classifies an image into the words of its
 caption, this recipe classifies a clip -- the projector of the maximum of its tower's patch features over its frames and
