@@ -22,12 +22,15 @@ words; ``caption_attribute_accuracy`` per attribute and for all three; the comma
 prints the table. ``--compressors`` runs steps 2-4 once per compressor of :data:`COMPRESSORS` -- the same corpus,
 recipe, steps and seed, the tutorial's model with only its compressor changed -- into ``OUT/KIND/`` and adds
 the comparison (``compressors``: accuracy per task type, visual tokens per clip, train seconds) to the report.
+A rerun into the same ``OUT`` with the same options resumes every step; with other options (another ``--seed``, say)
+it first removes what the earlier run wrote there (:func:`_start`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +68,47 @@ structure pooling to ``(4, 7, 7)`` (:data:`MODEL`'s own, 196 tokens); LLaVA-Vide
 (7 x 7: 49 tokens) and the others fast (pooled 2 x 2: 9 tokens), 116 tokens; TOPA's one token per frame (the pooled
 embedding, its linear projector; no patch grid, so no position embedding), 4 tokens; Video-ChatGPT's spatial and
 temporal means, 49 + 4 tokens."""
+
+
+RUN_RECORD = "tutorial.json"
+"""The options of the run an output folder holds (``OUT/tutorial.json``)."""
+OUTPUTS = (
+    "planted",
+    "model",
+    "words",
+    "train",
+    "captions",
+    *COMPRESSORS,
+    "report.json",
+    *(f"{step}.log" for step in ("planted", "words", "train", "recaption")),
+)
+"""What the tutorial writes in its output folder: its steps' folders and logs, a folder per compressor, the report."""
+
+
+def _start(out: Path, run: dict) -> list[str]:
+    """Makes ``out`` hold the run of options ``run`` (JSON-able); the names it removed from ``out``.
+
+    A folder whose :data:`RUN_RECORD` is ``run`` is kept: an interrupted run resumes (``vidlm train`` from its last
+    checkpoint, ``vidlm recaption`` from the clips it wrote). Otherwise what an earlier run of other options wrote
+    there (:data:`OUTPUTS`; nothing else) is removed first, since ``vidlm train`` and ``vidlm recaption`` would take
+    it for this run's: the same paths, the video ids of another corpus.
+    """
+    record = out / RUN_RECORD
+    try:
+        if json.loads(record.read_text()) == run:
+            return []
+    except (OSError, ValueError):
+        pass
+    removed = [name for name in OUTPUTS if (out / name).is_symlink() or (out / name).exists()]
+    for name in removed:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(run, indent=2) + "\n")
+    return removed
 
 
 def _vidlm(*args: str, log: Path) -> float:
@@ -226,7 +270,9 @@ def main() -> None:
     except ConfigError as e:
         parser.error(str(e))
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    run = {k: v for k, v in vars(args).items() if k != "out"}
+    if removed := _start(out, run):
+        print(f"{out} held a run of other options: removed its {', '.join(removed)}; this run starts afresh")
     planted = out / "planted"
     started = time.perf_counter()
     _vidlm(

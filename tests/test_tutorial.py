@@ -65,3 +65,39 @@ def test_the_tutorial_loop_learns_colour_and_count_and_vllm_captions_name_the_co
     assert report["untrained_mc_accuracy"]["colour"] <= 0.45, report
     assert report["caption_attribute_accuracy"]["colour"] >= 0.8, report
     assert "colour" in run.stdout and str(out / "report.json") in run.stdout  # the printed table
+
+
+def test_a_rerun_with_the_same_options_resumes_and_one_with_others_starts_afresh(tmp_path):
+    """``make tutorial SEED=1`` after ``make tutorial`` writes into the same ``runs/tutorial``: ``vidlm train`` and
+    ``vidlm recaption`` there would resume the seed-0 model and captions on the seed-1 corpus, so the tutorial
+    removes what an earlier run of other options wrote -- its own outputs only -- and keeps a run of the same."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tutorial", REPO / "examples" / "tutorial.py")
+    tutorial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tutorial)
+    out = tmp_path / "tutorial"
+    seed0 = {"seed": 0, "num": 200, "compressors": "", "overrides": ["optim.epochs=1"]}
+    assert tutorial._start(out, seed0) == []  # a new folder
+    written = ["planted", "train", "captions", "slowfast", "report.json", "train.log"]
+    for name in written[:4]:
+        (out / name).mkdir()
+        (out / name / "part").write_text("written")
+    for name in written[4:]:
+        (out / name).write_text("{}")
+    (out / "notes.txt").write_text("the user's")
+    (tmp_path / "elsewhere").mkdir()
+    (out / "words").symlink_to(tmp_path / "elsewhere")
+
+    assert tutorial._start(out, json.loads(json.dumps(seed0))) == []  # the same options: every step resumes
+    assert all((out / name).exists() for name in written)
+
+    removed = tutorial._start(out, {**seed0, "seed": 1})
+    assert sorted(removed) == sorted([*written, "words"])
+    assert not any((out / name).exists() or (out / name).is_symlink() for name in removed)
+    assert (out / "notes.txt").read_text() == "the user's" and (tmp_path / "elsewhere").is_dir()
+    assert json.loads((out / tutorial.RUN_RECORD).read_text())["seed"] == 1
+
+    (out / "train").mkdir()
+    (out / tutorial.RUN_RECORD).write_text("{not json")
+    assert tutorial._start(out, {**seed0, "seed": 1}) == ["train"]  # an unreadable record: afresh
