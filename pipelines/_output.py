@@ -8,9 +8,10 @@
    storage (``OUT`` an ``s3://`` or ``gs://`` URI) has no lock: there the fence below is what holds -- the later
    of two jobs owns ``OUT`` and the earlier one's writes fail (:class:`StaleRunError`) without a duplicate row;
 2. when ``OUT`` holds rows, compares the configuration that decides them (:func:`output_record`: the job, every
-   config field but how the work is spread -- batch sizes, CPUs, engine counts, file sizes, the report -- and a hash
-   of the model's ``config.json``) with the one recorded in ``OUT/run.json``; a different one is refused with
-   the fields that differ (:class:`OutputMismatch`), unless ``output.replace`` starts the output afresh;
+   config field but how the work is spread -- batch sizes, CPUs, engine counts, file sizes, the report -- and the
+   digest of the model's files, :func:`~vidlm.models.presets.model_digest`, so a model retrained in the same folder
+   counts as another) with the one recorded in ``OUT/run.json``; a different one is refused with the fields that
+   differ (:class:`OutputMismatch`), unless ``output.replace`` starts the output afresh;
 3. deletes the rows whose ``error_type`` is transient (:data:`vidlm.clips.TRANSIENT_ERRORS`) from the output
    and their ids from Ray Data's checkpoint, so this run generates them again; permanent errors stay;
 4. records a new run id in ``OUT/run.json``. Output files are written by :class:`FencedParquetDatasink`, which
@@ -23,7 +24,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import socket
@@ -92,18 +92,18 @@ class OutputMismatch(ConfigError):
 
 
 def _model_hash(model: str) -> str | None:
-    """sha256 of the model's ``config.json`` (tower, projector, pooling, sampling...), ``None`` if it has none."""
-    from vidlm.models.presets import resolve_model
+    """:func:`~vidlm.models.presets.model_digest` of the model's directory, ``None`` for a paper preset (no
+    weights) or a path that is not a model."""
+    from vidlm.models.presets import model_digest, resolve_model
 
     try:
-        path = resolve_model(model) / "config.json"
+        return model_digest(resolve_model(model))
     except (ValueError, FileNotFoundError):
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def output_record(job: str, config) -> dict[str, Any]:
-    """What decides how a job writes a row: ``{"job", "model_config_sha256", "<dotted config field>": value...}``.
+    """What decides how a job writes a row: ``{"job", "model_sha256", "<dotted config field>": value...}``.
 
     The input is not part of it: a rerun on a longer manifest adds the new clips' rows to the same output.
 
@@ -113,7 +113,7 @@ def output_record(job: str, config) -> dict[str, Any]:
     """
     record = {"job": job, **flat_fields(config, OPERATIONAL, OPERATIONAL_SECTIONS)}
     if isinstance(getattr(config, "model", None), str):
-        record["model_config_sha256"] = _model_hash(config.model)
+        record["model_sha256"] = _model_hash(config.model)
     return record
 
 

@@ -103,6 +103,21 @@ def test_a_different_configuration_is_refused_naming_the_fields_unless_replaced(
     assert json.loads((out / RUN_FILE).read_text())["config"]["generation.max_tokens"] == 8
 
 
+def test_a_model_retrained_in_the_same_folder_is_another_configuration(tmp_path):
+    """The record holds the digest of the model's files, not only its ``config.json``: the same bytes rewritten
+    (a rebuilt preset) resume, other weights of the same size and config are refused."""
+    model, out = tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(bytes(64))
+    run_demo("src", out, DemoConfig(model=str(model)))
+    (model / "model.safetensors").write_bytes(bytes(64))
+    run_demo("src", out, DemoConfig(model=str(model)))
+    (model / "model.safetensors").write_bytes(bytes(63) + b"\x01")
+    with pytest.raises(OutputMismatch, match="model_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        run_demo("src", out, DemoConfig(model=str(model)))
+
+
 def test_a_run_refused_before_any_row_pins_nothing_and_leaves_no_new_folder(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="refused before any row"):

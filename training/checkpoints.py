@@ -6,11 +6,14 @@ Each Ray Train checkpoint folder (every rank writes its own, Ray Train merges th
   batch, step, attempt);
 - ``rng/rank{R}.pt``: the RNG states of rank ``R`` (torch CPU and CUDA, numpy, python), so dropout (LoRA's
   included) continues after a restart exactly as in an uninterrupted run;
-- ``vidlm_checkpoint.json`` (rank 0): ``{"world_size", "step", "config"}``, the config fields a resume must keep.
+- ``vidlm_checkpoint.json`` (rank 0): ``{"world_size", "step", "config"}``, what a resume must keep
+  (:func:`resume_record`): the config's fields and the digests of the files the run reads -- the model's, and
+  ``data.train``'s and ``data.memory``'s (:func:`~vidlm.storage.files_digest`).
 
 Rank 0 also keeps ``OUT/checkpoint.json`` (the same record), which :func:`check_resume` compares with a new
-run's config before any worker starts: a rerun with another world size or another training config stops with
-the fields that differ. A checkpoint that does not load (a partial folder, a missing rank) stops the worker with
+run's before any worker starts: a rerun with another world size, another training config, or other files at the
+same paths (a corpus regenerated, a base model retrained) stops with what differs, rather than resuming a model
+trained on other data. A checkpoint that does not load (a partial folder, a missing rank) stops the worker with
 a :class:`CheckpointError` naming what is missing.
 
 Each rank stages its shard in ``OUT/.staging`` -- on the checkpoint storage's file system, not the local temporary
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 from vidlm.config import ConfigError, config_differences, flat_fields
+from vidlm.models.presets import model_digest
+from vidlm.storage import files_digest
 from vidlm.writers import write_atomic
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "check_resume",
     "load_checkpoint",
     "resume_fields",
+    "resume_record",
     "save_checkpoint",
     "staging_dir",
 ]
@@ -63,11 +69,35 @@ def resume_fields(config) -> dict[str, Any]:
     return flat_fields(config, skip_sections=RESUME_FREE_SECTIONS)
 
 
-def check_resume(out: Path, config) -> None:
-    """Before the workers start: refuse to resume ``OUT``'s checkpoint with another world size or config.
+def resume_record(config, model_dir: str | Path) -> dict[str, Any]:
+    """What a resumed run must keep: :func:`resume_fields`, and ``"<input>_sha256"`` digests of the files it reads
+    (``model``: the directory ``model_dir``; ``data.train``: :func:`~training.data.train_files`; ``data.memory``).
 
     Raises:
-        CheckpointMismatch: naming the world sizes, or each field that differs.
+        FileNotFoundError: ``data.train`` or ``data.memory`` is missing.
+    """
+    from training.data import train_files
+
+    files = train_files(config)
+    train = Path(config.data.train)
+    record = {
+        **resume_fields(config),
+        "model_sha256": model_digest(Path(model_dir)),
+        "data.train_sha256": files_digest(files, train if train.is_dir() else train.parent),
+    }
+    if config.data.memory:
+        memory = Path(config.data.memory)
+        record["data.memory_sha256"] = files_digest([memory], memory.parent)
+    return record
+
+
+def check_resume(out: Path, world_size: int, record: dict[str, Any]) -> None:
+    """Before the workers start: refuse to resume ``OUT``'s checkpoint with another world size, or another
+    :func:`resume_record` ``record``.
+
+    Raises:
+        CheckpointMismatch: naming the world sizes, each config field that differs, and the inputs whose files
+            changed.
     """
     path = out / OUT_META
     if not path.is_file():
@@ -77,12 +107,20 @@ def check_resume(out: Path, config) -> None:
         world, recorded = int(meta["world_size"]), dict(meta["config"])
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointMismatch(f"{path} is unreadable ({err}); give another --out, or delete {out}") from None
-    if world != config.scaling.num_workers:
+    if world != world_size:
         raise CheckpointMismatch(
             f"{out} holds a checkpoint of {world} workers (ZeRO shards per rank); this run has "
-            f"scaling.num_workers={config.scaling.num_workers}: set it to {world}, or give another --out"
+            f"scaling.num_workers={world_size}: set it to {world}, or give another --out"
         )
-    changed = config_differences(recorded, resume_fields(config))
+    digests = {key for key in set(recorded) | set(record) if key.endswith("_sha256")}
+    changed = config_differences(
+        {k: v for k, v in recorded.items() if k not in digests}, {k: v for k, v in record.items() if k not in digests}
+    )
+    changed += [
+        f"{key.removesuffix('_sha256')}: its files changed since the checkpoint"
+        for key in sorted(digests)
+        if recorded.get(key) != record.get(key)
+    ]
     if changed:
         raise CheckpointMismatch(
             f"{out} holds a checkpoint of another training config; differences (checkpoint -> now): "
@@ -134,14 +172,16 @@ def staging_dir(engine, out: Path) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(dir=root)
 
 
-def save_checkpoint(engine, folder: Path, position: dict, rank: int, world_size: int, config, out: Path) -> None:
+def save_checkpoint(
+    engine, folder: Path, position: dict, rank: int, world_size: int, record: dict[str, Any], out: Path
+) -> None:
     """Write this rank's part of a checkpoint into ``folder``: DeepSpeed's state, its RNG states, and (rank 0)
-    the record :func:`check_resume` and :func:`load_checkpoint` read."""
+    the run's :func:`resume_record` ``record``, which :func:`check_resume` and :func:`load_checkpoint` read."""
     engine.save_checkpoint(str(folder), tag=TAG, client_state={"position": position})
     (folder / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), folder / "rng" / f"rank{rank}.pt")
     if rank == 0:
-        meta = json.dumps({"world_size": world_size, "step": position["step"], "config": resume_fields(config)})
+        meta = json.dumps({"world_size": world_size, "step": position["step"], "config": record})
         (folder / META).write_text(meta)
         write_atomic(out / OUT_META, meta)
 

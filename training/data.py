@@ -31,6 +31,7 @@ import json
 import string
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -343,15 +344,31 @@ def ordered_execution():
         options.preserve_order = before
 
 
+def train_files(config) -> list[Path]:
+    """The files a run's ``data.train`` reads: a manifest file, a ``.parquet`` file, or every ``.parquet`` file under
+    a folder (name order).
+
+    Raises:
+        FileNotFoundError: ``data.train`` is unset, missing, or a folder without a ``.parquet`` file.
+    """
+    folder = Path(config.data.train)
+    if not config.data.train or not folder.exists():
+        raise FileNotFoundError(
+            f"data.train: no parquet folder or manifest file at {folder!s} (give data.train=DIR or a manifest)"
+        )
+    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else [folder]
+    if not files:
+        raise FileNotFoundError(f"data.train: {folder} holds no .parquet file")
+    return files
+
+
 def build_dataset(config, model_dir: str):
     """The training dataset of a :class:`~training.config.TrainConfig` (lazy Ray Data plan).
 
     Raises:
-        FileNotFoundError: ``data.train`` is neither a folder nor a file.
+        FileNotFoundError: ``data.train`` is neither a folder nor a file (:func:`train_files`).
         ValueError: its columns are not those of the recipe's contract.
     """
-    from pathlib import Path
-
     import pyarrow.parquet as pq
     import ray
 
@@ -359,13 +376,10 @@ def build_dataset(config, model_dir: str):
 
     d = config.data
     folder = Path(d.train)
-    if not config.data.train or not folder.exists():
-        raise FileNotFoundError(
-            f"data.train: no parquet folder or manifest file at {folder!s} (give data.train=DIR or a manifest)"
-        )
-    manifest = folder.is_file() and folder.suffix.lower() != ".parquet"
-    if config.recipe == "words" and not manifest:
+    if config.recipe == "words" and (folder.is_dir() or folder.suffix.lower() == ".parquet"):
         raise ValueError(f"data.train: recipe 'words' decodes videos: give a manifest file, not {folder}")
+    files = train_files(config)
+    manifest = folder.is_file() and folder.suffix.lower() != ".parquet"
     if manifest and config.recipe in ("video", "words"):
         from vidlm.clips import clips_table
 
@@ -377,9 +391,6 @@ def build_dataset(config, model_dir: str):
             fn = frame_samples
             kwargs = {"model_dir": model_dir, "caption_prompt": d.caption_prompt, "max_length": d.max_length}
         return ray.data.from_arrow(clips_table(folder, config.data.manifest)).flat_map(fn, fn_kwargs=kwargs)
-    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else [folder]
-    if not files:
-        raise FileNotFoundError(f"data.train: {folder} holds no .parquet file")
     columns = set(pq.read_schema(files[0]).names)
     if config.recipe == "topa":
         needed = {"frame_features", "global_video_caption", "QAs"}

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from training.checkpoints import check_resume, load_checkpoint, save_checkpoint, staging_dir
+from training.checkpoints import check_resume, load_checkpoint, resume_record, save_checkpoint, staging_dir
 from training.config import TrainConfig
 from training.memory import MemoryPlan, memory_plan
 from training.progress import LOSS_CURVE, show_progress, write_loss_curve
@@ -269,7 +269,8 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
     config = prepared.config
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    check_resume(out, config)
+    record = resume_record(config, prepared.model_dir)
+    check_resume(out, config.scaling.num_workers, record)
     ingest = ExecutionOptions(preserve_order=True)  # the same batches in the same order after a restart
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -279,6 +280,7 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
             "ds_config": prepared.ds_config,
             "total_steps": prepared.total_steps,
             "out": str(out),
+            "resume_record": record,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -407,7 +409,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: build the DeepSpeed engine, resume, train on its shard, checkpoint, export.
 
     ``loop_config``: ``config`` (the ``TrainConfig`` as JSON), ``model_dir``, ``ds_config``, ``total_steps``,
-    ``out``.
+    ``out``, ``resume_record`` (:func:`training.checkpoints.resume_record`, taken by the driver, which reads the
+    inputs' files).
     """
     import ray.train
     from transformers import AutoTokenizer
@@ -415,7 +418,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from training.data import collate
 
     config = TrainConfig.model_validate(loop_config["config"])
-    out = Path(loop_config["out"])
+    out, resume = Path(loop_config["out"]), loop_config["resume_record"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     if not config.scaling.use_gpu:
@@ -485,24 +488,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 write_atomic(out / METRICS, metrics)
             every = config.checkpoint.every_steps
             if every and step % every == 0:
-                _checkpoint(engine, record, {**position, "epoch": epoch, "batch": i + 1, "step": step}, config, out)
+                _checkpoint(engine, record, {**position, "epoch": epoch, "batch": i + 1, "step": step}, resume, out)
             if step >= total_steps:
                 break
         else:
             if not config.checkpoint.every_steps:
-                _checkpoint(engine, record, {**position, "epoch": epoch + 1, "batch": 0, "step": step}, config, out)
+                _checkpoint(engine, record, {**position, "epoch": epoch + 1, "batch": 0, "step": step}, resume, out)
     _export(engine, config, loop_config["model_dir"], out, rank)
     ray.train.report({**record, "exported": True} if step else {"exported": True, **stats})
 
 
-def _checkpoint(engine, metrics: dict, position: dict, config: TrainConfig, out: Path) -> None:
+def _checkpoint(engine, metrics: dict, position: dict, resume: dict, out: Path) -> None:
     """Every rank writes its ZeRO shard and RNG states to its own folder; Ray Train merges them into one checkpoint
     (:mod:`training.checkpoints`)."""
     import ray.train
 
     ctx = ray.train.get_context()
     with staging_dir(engine, out) as folder:
-        save_checkpoint(engine, Path(folder), position, ctx.get_world_rank(), ctx.get_world_size(), config, out)
+        save_checkpoint(engine, Path(folder), position, ctx.get_world_rank(), ctx.get_world_size(), resume, out)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

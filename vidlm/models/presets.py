@@ -43,9 +43,9 @@ from vidlm.models._builders import (
 )
 from vidlm.models.lora import LoraSettings
 from vidlm.models.video_llm import VidlmConfig
-from vidlm.storage import is_remote, location
+from vidlm.storage import files_digest, is_remote, location
 
-__all__ = ["PRESETS", "locate_model", "preset_config", "resolve_model"]
+__all__ = ["PRESETS", "locate_model", "model_digest", "preset_config", "resolve_model"]
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -262,6 +262,17 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
             write_clip_text(tmp, AutoTokenizer.from_pretrained(smollm2_dir()), model.config.vision_config, 64)
 
     return write_once(cache_dir() / "models" / MATERIALISED_LAYOUT / name, write)
+
+
+def model_digest(model_dir: Path) -> str:
+    """What identifies the weights a run uses: :func:`~vidlm.storage.files_digest` of every file under the local
+    model directory ``model_dir`` (``config.json``, weights, tokenizer), so a model retrained or replaced in the same
+    folder is another model.
+
+    Raises:
+        FileNotFoundError: a file vanished while it was read.
+    """
+    return files_digest((p for p in model_dir.rglob("*") if p.is_file()), model_dir)
 
 
 def _download_model(uri: str) -> Path:
