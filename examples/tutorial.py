@@ -70,6 +70,8 @@ embedding, its linear projector; no patch grid, so no position embedding), 4 tok
 temporal means, 49 + 4 tokens."""
 
 
+STEPS = ("planted", "words", "train", "recaption")
+"""The ``vidlm`` commands the tutorial runs; step ``S`` writes its output to ``OUT/S.log``."""
 RUN_RECORD = "tutorial.json"
 """The options of the run an output folder holds (``OUT/tutorial.json``)."""
 OUTPUTS = (
@@ -80,7 +82,7 @@ OUTPUTS = (
     "captions",
     *COMPRESSORS,
     "report.json",
-    *(f"{step}.log" for step in ("planted", "words", "train", "recaption")),
+    *(f"{step}.log" for step in STEPS),
 )
 """What the tutorial writes in its output folder: its steps' folders and logs, a folder per compressor, the report."""
 
@@ -90,8 +92,8 @@ def _start(out: Path, run: dict) -> list[str]:
 
     A folder whose :data:`RUN_RECORD` is ``run`` is kept: an interrupted run resumes (``vidlm train`` from its last
     checkpoint, ``vidlm recaption`` from the clips it wrote). Otherwise what an earlier run of other options wrote
-    there (:data:`OUTPUTS`; nothing else) is removed first, since ``vidlm train`` and ``vidlm recaption`` would take
-    it for this run's: the same paths, the video ids of another corpus.
+    there (:data:`OUTPUTS`; nothing else) is removed first, so each step starts afresh where ``vidlm train`` would
+    refuse its checkpoint (another corpus or model at the same paths) and ``vidlm recaption`` its output.
     """
     record = out / RUN_RECORD
     try:
@@ -111,10 +113,15 @@ def _start(out: Path, run: dict) -> list[str]:
     return removed
 
 
-def _vidlm(*args: str, log: Path) -> float:
-    """Runs ``vidlm ARGS`` (output to ``log``); its wall time in seconds. Raises ``CalledProcessError``."""
+def _vidlm(step: str, out: Path, *args: str) -> float:
+    """Runs ``vidlm ARGS``, step ``step`` of :data:`STEPS` (output to ``out/STEP.log``); its wall time in seconds.
+
+    Raises:
+        subprocess.CalledProcessError: the command failed.
+    """
+    assert step in STEPS, step
     started = time.perf_counter()
-    with log.open("w") as f:
+    with (out / f"{step}.log").open("w") as f:
         subprocess.run([sys.executable, "-m", "vidlm", *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - started
 
@@ -157,9 +164,11 @@ def learn(
         words = out / "words"
         seed = [o for o in overrides if o.startswith("seed=")]
         args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *seed)
-        seconds["words"] = _vidlm(*args, "export.dtype=float32", log=out / "words.log")
+        seconds["words"] = _vidlm("words", out, *args, "export.dtype=float32")
         start = str(words / "export")
     seconds["train"] = _vidlm(
+        "train",
+        out,
         "train",
         "--config",
         RECIPE,
@@ -168,9 +177,10 @@ def learn(
         train_data,
         f"model={start}",
         *overrides,
-        log=out / "train.log",
     )
     seconds["recaption"] = _vidlm(
+        "recaption",
+        out,
         "recaption",
         str(planted / "test.csv"),
         "--out",
@@ -179,7 +189,6 @@ def learn(
         str(train / "export"),
         f"prompts={{caption: {caption_prompt}}}",
         "generation.max_tokens=48",
-        log=out / "recaption.log",
     )
     started = time.perf_counter()
     trained = evaluate_mc(train / "export", planted / "test_mc.jsonl", generate=False, option_text=True)
@@ -277,6 +286,8 @@ def main() -> None:
     started = time.perf_counter()
     _vidlm(
         "planted",
+        out,
+        "planted",
         "--out",
         str(planted),
         "--num",
@@ -284,7 +295,6 @@ def main() -> None:
         "--seed",
         str(args.seed),
         *scenes,
-        log=out / "planted.log",
     )
     report = {
         "seed": args.seed,
