@@ -634,6 +634,10 @@ def test_a_checkpoint_is_not_resumed_on_other_files_at_the_same_paths(tmp_path, 
     with pytest.raises(CheckpointMismatch, match=r"model: its files changed") as err:
         check_resume(out, 1, resume_record(config, model))
     assert "data.train" not in str(err.value)
+    del record["model_sha256"]  # a record written before the digests
+    (out / OUT_META).write_text(json.dumps({"world_size": 1, "step": 3, "config": record}))
+    with pytest.raises(CheckpointMismatch, match=r"model: the checkpoint records no digest of its files"):
+        check_resume(out, 1, resume_record(config, model))
 
 
 def test_caption_word_loss_is_each_caption_word_s_likelihood_among_the_batch_s_words():

@@ -117,7 +117,12 @@ def check_resume(out: Path, world_size: int, record: dict[str, Any]) -> None:
         {k: v for k, v in recorded.items() if k not in digests}, {k: v for k, v in record.items() if k not in digests}
     )
     changed += [
-        f"{key.removesuffix('_sha256')}: its files changed since the checkpoint"
+        f"{key.removesuffix('_sha256')}: "
+        + (
+            "its files changed since the checkpoint"
+            if key in recorded
+            else "the checkpoint records no digest of its files"
+        )
         for key in sorted(digests)
         if recorded.get(key) != record.get(key)
     ]
