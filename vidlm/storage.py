@@ -47,8 +47,8 @@ VIDEO_BLOCK_BYTES = 4 * 2**20
 """Bytes one ranged read of a remote video fetches (fsspec's read-ahead block): a few GETs per clip window."""
 
 DIGEST_CONTENT_BYTES = 64 * 2**20
-"""Bytes of its files' content :func:`files_digest` reads at most; past them a file counts by size and modification
-time."""
+"""Bytes of its files' content :func:`files_digest` reads at most by default; past them a file counts by size and
+modification time."""
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -124,17 +124,18 @@ def arrow_files(paths: list[Path]) -> tuple[pafs.FileSystem | None, list[str]]:
     return filesystem, [str(p).split("://", 1)[1] for p in paths]
 
 
-def files_digest(files: Iterable[Path], root: Path) -> str:
+def files_digest(files: Iterable[Path], root: Path, content_bytes: int | None = DIGEST_CONTENT_BYTES) -> str:
     """A sha256 (hex) of local ``files`` that changes when any of them does: over each file's path relative to
-    ``root``, its size and -- in name order, while the bytes read stay within :data:`DIGEST_CONTENT_BYTES` -- its
-    content; a file past that budget counts by its modification time (ns) instead, as ``make`` and ``rsync`` tell a
-    changed file. A small model or training set thus keeps its digest when copied or rebuilt byte for byte, and a
-    checkpoint of tens of GB costs one ``stat`` per file.
+    ``root``, its size and -- in name order, while the bytes read stay within ``content_bytes`` (``None``: all) --
+    its content; a file past that budget counts by its modification time (ns) instead, as ``make`` and ``rsync`` tell
+    a changed file. Files rewritten byte for byte keep the digest within the budget, and a corpus of TBs past it
+    costs one ``stat`` per file.
 
     Raises:
         FileNotFoundError: a file of ``files`` is gone.
     """
-    digest, budget = hashlib.sha256(), DIGEST_CONTENT_BYTES
+    digest = hashlib.sha256()
+    budget = float("inf") if content_bytes is None else content_bytes
     for path in sorted(files):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())

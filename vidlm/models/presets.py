@@ -265,14 +265,16 @@ def resolve_model(spec: str | os.PathLike, llm_only: bool = False) -> Path:
 
 
 def model_digest(model_dir: Path) -> str:
-    """What identifies the weights a run uses: :func:`~vidlm.storage.files_digest` of every file under the local
-    model directory ``model_dir`` (``config.json``, weights, tokenizer), so a model retrained or replaced in the same
-    folder is another model.
+    """What identifies the weights a run uses: :func:`~vidlm.storage.files_digest` of the bytes of every file under
+    the local model directory ``model_dir`` (``config.json``, weights, tokenizer), so a model retrained in the same
+    folder is another model, and one exported again from the same checkpoint (a finished ``vidlm train`` rerun) is the
+    same. Reads the whole model once per call (1.4 GiB/s here from the page cache: 0.4 s for `smol`, about 10 s for
+    a 7B model's 15 GB).
 
     Raises:
         FileNotFoundError: a file vanished while it was read.
     """
-    return files_digest((p for p in model_dir.rglob("*") if p.is_file()), model_dir)
+    return files_digest((p for p in model_dir.rglob("*") if p.is_file()), model_dir, content_bytes=None)
 
 
 def _download_model(uri: str) -> Path:
