@@ -46,6 +46,7 @@ from vidlm.models._builders import (
 from vidlm.models.lora import LoraSettings
 from vidlm.models.video_llm import VidlmConfig
 from vidlm.storage import files_digest, is_remote, location
+from vidlm.writers import write_atomic
 
 __all__ = ["PRESETS", "locate_model", "model_digest", "preset_config", "resolve_model"]
 
@@ -285,15 +286,13 @@ def model_digest(model_dir: Path) -> str:
     except (OSError, ValueError):
         known = {}
     known = known if isinstance(known, dict) else {}
-    before = json.dumps(known, sort_keys=True)
+    before = dict(known)  # files_digest replaces entries, never edits one
     digest = files_digest((p for p in folder.rglob("*") if p.is_file()), folder, content_bytes=None, known=known)
-    if json.dumps(known, sort_keys=True) != before:
+    if known != before:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps(known))
-            os.replace(partial, cache)  # a concurrent job reads the old entries or these, never half of them
-        except OSError:
+            write_atomic(cache, json.dumps(known))  # a concurrent job reads the old entries or these
+        except OSError:  # a read-only cache: the next call reads every byte again
             pass
     return digest
 
