@@ -119,6 +119,50 @@ def test_visual_position_embedding_must_be_a_bool(value):
         )
 
 
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_visual_summary_token_must_be_a_bool_of_a_patch_model(value):
+    with pytest.raises(ValueError, match="visual_summary_token must be true or false"):
+        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, visual_summary_token=value)
+    with pytest.raises(ValueError, match="visual_summary_token needs a patch grid"):
+        VidlmConfig(
+            vision_config={"model_type": "clip_vision_model"},
+            compressor={"kind": "global"},
+            projector="topa_linear",
+            visual_summary_token=True,
+        )
+
+
+def test_the_summary_token_is_the_projector_of_the_clip_s_largest_patch_features(tmp_path):
+    """One token more per clip, last, after the centring: the vector the ``words`` recipe trains
+    (the projector of the maximum of the tower's patch features over the clip), counted by the config and the
+    processor alike."""
+    from vidlm.models.processing import VidlmProcessor
+
+    model, tokenizer = build_preset("tiny", {"center_visual_tokens": "clip", "visual_summary_token": True})
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    config = loaded.config
+    assert config.visual_summary_token is True
+    plain = VidlmConfig.from_pretrained(tmp_path)
+    plain.visual_summary_token = False
+    count = config.num_visual_tokens(4)
+    assert count == plain.num_visual_tokens(4) + 1
+    assert VidlmProcessor.from_pretrained(tmp_path).num_visual_tokens(4) == count
+    frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    clip = loaded.preprocess(frames)
+    with torch.no_grad():
+        tokens = loaded.get_video_features([clip])[0]
+        _, patches = loaded.vision_tower(clip)  # (T, h, w, Dv)
+        summary = loaded.projector(patches.flatten(0, -2).max(dim=0).values)
+        config.visual_summary_token = False
+        rest = loaded.get_video_features([clip])[0]
+    assert tokens.shape == (count, config.text_config.hidden_size)
+    assert torch.allclose(tokens[-1], summary, atol=1e-5)  # not centred
+    assert torch.allclose(tokens[:-1], rest, atol=1e-6)  # the clip's other tokens as without it
+    assert rest.mean(0).abs().max() < 1e-5 and summary.abs().max() > 1e-3
+
+
 def test_preprocess_resizes_crops_and_normalises():
     frames = np.full((2, 40, 80, 3), 255, np.uint8)
     x = preprocess_frames(frames, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -299,8 +299,9 @@ def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Mod
     return {"nframe": NFrame, "mean": SpatialTemporalMean, "global": GlobalFrames}[config.kind]()
 
 
-def num_visual_tokens(config: CompressorConfig, num_frames: int) -> int:
-    """How many LLM tokens a video of ``num_frames`` frames becomes under ``config``.
+def num_visual_tokens(config: CompressorConfig, num_frames: int, summary_tokens: int = 0) -> int:
+    """How many LLM tokens a video of ``num_frames`` frames becomes under ``config``, plus ``summary_tokens`` the
+    model appends per clip (``VidlmConfig.visual_summary_token``).
 
     Raises:
         ValueError: ``num_frames < 1``.
@@ -308,4 +309,4 @@ def num_visual_tokens(config: CompressorConfig, num_frames: int) -> int:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     h, w = (1, 1) if config.kind == "global" else config.grid
-    return build_compressor(config, dim=1).num_tokens(num_frames, h, w)  # counts never read the newline's width
+    return build_compressor(config, dim=1).num_tokens(num_frames, h, w) + summary_tokens  # never reads the width

@@ -127,6 +127,7 @@ class VidlmProcessor(ProcessorMixin):
         image_size, image_mean, image_std: the tower's input side ``S`` (pixels) and statistics.
         compressor: the compressor fields with the tower's ``grid`` (``VidlmConfig.compressor_config``), which
             give ``num_visual_tokens(T)``.
+        visual_summary_token: the model appends one token per clip (``VidlmConfig.visual_summary_token``).
     """
 
     attributes = ["tokenizer"]
@@ -141,6 +142,7 @@ class VidlmProcessor(ProcessorMixin):
         image_mean: Sequence[float] = (0.0, 0.0, 0.0),
         image_std: Sequence[float] = (1.0, 1.0, 1.0),
         compressor: dict | None = None,
+        visual_summary_token: bool = False,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -150,6 +152,7 @@ class VidlmProcessor(ProcessorMixin):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.compressor = dict(compressor or {})
+        self.visual_summary_token = visual_summary_token
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
@@ -163,6 +166,7 @@ class VidlmProcessor(ProcessorMixin):
             image_mean=config.image_mean,
             image_std=config.image_std,
             compressor=config.compressor_config.model_dump(),
+            visual_summary_token=config.visual_summary_token,
         )
 
     @classmethod
@@ -183,7 +187,7 @@ class VidlmProcessor(ProcessorMixin):
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
         from vidlm.models.compressors import CompressorConfig, num_visual_tokens
 
-        return num_visual_tokens(CompressorConfig(**self.compressor), num_frames)
+        return num_visual_tokens(CompressorConfig(**self.compressor), num_frames, int(self.visual_summary_token))
 
     def __call__(self, text: str | list[str], videos=None, **kwargs) -> BatchFeature:
         """Tokenise ``text`` (one prompt or a batch) and preprocess one video per prompt.

@@ -108,6 +108,11 @@ class VidlmConfig(PreTrainedConfig):
             the centring. Centring removes the tower's own position embeddings (the same in every frame) from the
             tokens; this puts where a patch is back into them, so the LLM's attention, whose values carry no
             position under RoPE, reads where an object is and where it went. Not for the ``global`` compressor.
+        visual_summary_token: append one token to each clip's visual tokens, after the centring: the projector
+            of the maximum of the tower's patch features over the clip's frames and patches, ``(Dv,) -> (Dl,)`` --
+            the vector the ``words`` recipe classifies into the caption's words
+            (:mod:`vidlm.models.caption_words`). An LLM reads from it what the patch tokens hold in a few patches
+            of many (a planted object's shape: docs/tutorial-findings.md). Not for the ``global`` compressor.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -134,6 +139,7 @@ class VidlmConfig(PreTrainedConfig):
         modality_temperature: float = 0.01,
         center_visual_tokens: str | None = None,
         visual_position_embedding: bool = False,
+        visual_summary_token: bool = False,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -154,6 +160,7 @@ class VidlmConfig(PreTrainedConfig):
         self.modality_temperature = modality_temperature
         self.center_visual_tokens = center_visual_tokens
         self.visual_position_embedding = visual_position_embedding
+        self.visual_summary_token = visual_summary_token
         self.system_prompt = system_prompt
         self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
@@ -168,17 +175,20 @@ class VidlmConfig(PreTrainedConfig):
         Raises:
             ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or
                 the other way round), a modality memory without pooled embeddings, a ``center_visual_tokens``
-                other than ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding`` that is not a bool
-                or is asked of the ``global`` compressor.
+                other than ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding`` or
+                ``visual_summary_token`` that is not a bool or is asked of the ``global`` compressor.
         """
         if self.center_visual_tokens not in (None, *CENTERINGS):
             known = ", ".join(repr(c) for c in CENTERINGS)
             raise ValueError(f"center_visual_tokens must be null, {known}, got {self.center_visual_tokens!r}")
-        if not isinstance(self.visual_position_embedding, bool):
-            raise ValueError(f"visual_position_embedding must be true or false, got {self.visual_position_embedding!r}")
+        patch_options = ("visual_position_embedding", "visual_summary_token")
+        for name in patch_options:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         kind = self.compressor_config.kind
-        if self.visual_position_embedding and kind == "global":
-            raise ValueError("visual_position_embedding needs a patch grid: not for compressor.kind='global'")
+        for name in patch_options:
+            if getattr(self, name) and kind == "global":
+                raise ValueError(f"{name} needs a patch grid: not for compressor.kind='global'")
         if (kind == "global") != (self.projector == "topa_linear"):
             raise ValueError(
                 f"compressor.kind={kind!r} needs projector='topa_linear' and vice versa (got {self.projector!r})"
@@ -218,7 +228,7 @@ class VidlmConfig(PreTrainedConfig):
 
     def num_visual_tokens(self, num_frames: int) -> int:
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
-        return num_visual_tokens(self.compressor_config, num_frames)
+        return num_visual_tokens(self.compressor_config, num_frames, int(self.visual_summary_token))
 
     def context_overflow(
         self, num_frames: int, text_tokens: int, max_model_len: int, text: str = "text tokens"
@@ -327,7 +337,8 @@ def tokens_from_features(
     mean over the clip's frames; ``"differences"`` there turns the frames into frame differences (the first frame
     less the mean); ``"clip"`` subtracts from each video's tokens their mean over the video, last. Then
     ``config.visual_position_embedding`` adds the learned ``(h, w, D)`` embedding to every frame's patch features
-    at the compressor's input.
+    at the compressor's input. ``config.visual_summary_token`` appends, after all of that, the projector of the
+    maximum of the video's patch features over its frames and patches.
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -373,6 +384,9 @@ def tokens_from_features(
                 tokens = parts.projector(tokens)  # -> (1, N, Dl)
         if centring == "clip":
             tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
+        if config.visual_summary_token:
+            summary = parts.projector(x.flatten(0, -2).max(dim=0).values[None, None])  # (1, 1, Dv) -> (1, 1, Dl)
+            tokens = torch.cat([tokens, summary.to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
         out.append(tokens[0])
     return out
 
