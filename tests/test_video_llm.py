@@ -106,29 +106,17 @@ def test_center_visual_tokens_must_be_a_known_centering(value):
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, center_visual_tokens=value)
 
 
+@pytest.mark.parametrize("name", ["visual_position_embedding", "visual_summary_token"])
 @pytest.mark.parametrize("value", ["true", 1, None, [True]])
-def test_visual_position_embedding_must_be_a_bool(value):
-    with pytest.raises(ValueError, match="visual_position_embedding must be true or false"):
-        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, visual_position_embedding=value)
-    with pytest.raises(ValueError, match="needs a patch grid"):
+def test_patch_options_must_be_a_bool_of_a_patch_model(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be true or false"):
+        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, **{name: value})
+    with pytest.raises(ValueError, match=f"{name} needs a patch grid"):
         VidlmConfig(
             vision_config={"model_type": "clip_vision_model"},
             compressor={"kind": "global"},
             projector="topa_linear",
-            visual_position_embedding=True,
-        )
-
-
-@pytest.mark.parametrize("value", ["true", 1, None])
-def test_visual_summary_token_must_be_a_bool_of_a_patch_model(value):
-    with pytest.raises(ValueError, match="visual_summary_token must be true or false"):
-        VidlmConfig(vision_config={"model_type": "clip_vision_model"}, visual_summary_token=value)
-    with pytest.raises(ValueError, match="visual_summary_token needs a patch grid"):
-        VidlmConfig(
-            vision_config={"model_type": "clip_vision_model"},
-            compressor={"kind": "global"},
-            projector="topa_linear",
-            visual_summary_token=True,
+            **{name: True},
         )
 
 

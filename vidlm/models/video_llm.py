@@ -51,6 +51,7 @@ __all__ = [
     "VidlmForConditionalGeneration",
     "attach_modality_memory",
     "build_video_parts",
+    "clip_summaries",
     "encode_videos",
     "feature_column",
     "subsample_frames",
@@ -281,6 +282,22 @@ def encode_videos(
     return tokens_from_features(parts, config, list(features.split(lengths)))
 
 
+def clip_summaries(projector: nn.Module, patches: list[torch.Tensor]) -> torch.Tensor:
+    """Each clip's summary vector: the projector of the maximum of its patch features over its frames and patches.
+
+    The ``words`` recipe classifies it into the clip's caption words (:mod:`vidlm.models.caption_words`) and
+    ``VidlmConfig.visual_summary_token`` appends it to the clip's visual tokens: one computation for both.
+
+    Args:
+        projector: the model's projector, ``Dv -> Dl``.
+        patches: one ``(T_i, h, w, Dv)`` float tensor of tower patch features per clip.
+
+    Returns:
+        ``(B, Dl)``, in the projector's output dtype.
+    """
+    return projector(torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches]))  # (B, Dv) -> (B, Dl)
+
+
 def feature_column(config: VidlmConfig) -> str:
     """Which output column of ``vidlm features`` a model trains on: ``embeddings`` (TOPA) or ``patch_features``."""
     return "embeddings" if config.compressor_config.kind == "global" else "patch_features"
@@ -385,8 +402,8 @@ def tokens_from_features(
         if centring == "clip":
             tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
         if config.visual_summary_token:
-            summary = parts.projector(x.flatten(0, -2).max(dim=0).values[None, None])  # (1, 1, Dv) -> (1, 1, Dl)
-            tokens = torch.cat([tokens, summary.to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
+            summary = clip_summaries(parts.projector, [x])  # (1, Dl)
+            tokens = torch.cat([tokens, summary[None].to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
         out.append(tokens[0])
     return out
 
@@ -561,8 +578,7 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 raise ValueError("caption_words: a patch model's frames (pixel_values_videos) are needed")
             videos = list(pixel_values_videos)
             _, patches = self.vision_tower(torch.cat(videos))  # (sum T, h, w, Dv)
-            peaks = torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches.split([len(v) for v in videos])])
-            clips = self.projector(peaks)  # (B, Dv) -> (B, Dl)
+            clips = clip_summaries(self.projector, list(patches.split([len(v) for v in videos])))  # (B, Dl)
             return CausalLMOutputWithPast(loss=caption_word_loss(clips, caption_words, self.get_input_embeddings()))
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
