@@ -56,13 +56,14 @@ cluster-local: install
 bench-cluster: install
 	$(BIN)/python bench/node_loss.py
 
-# The learning loop on planted videos (README "Tutorial"): planted -> train -> eval mc and recaption -> report.json.
+# The learning loop on planted videos (README "Tutorial"; ~15 minutes here): planted -> words stage -> train ->
+# eval mc and recaption -> report.json.
 SEED ?= 0
-NUM  ?= 200
+NUM  ?= 1400
 tutorial: install
 	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM)
 
-# The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; ~42 minutes here).
+# The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; four tutorial loops).
 tutorial-compressors: install
 	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM) --compressors pllava,slowfast,topa,mean
 
