@@ -60,9 +60,9 @@ MODEL = {
 with 32 px patches the ``words`` stage teaches it less shape, 0.875 against 1.000), its LLM untied with 4 / 4 heads
 and initialised as transformers does (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity
 tests), adaptive structure pooling to ``(4, 7, 7)`` (pooling to 4 x 4 blurs a planted object's few pixels of motion
-between frames), its visual tokens centred per clip
-(``center_visual_tokens: clip``: with a tower of random weights, the tokens' shared part -- the background --
-outweighs the objects, and the LLM reads the same input for every clip) and one summary token per clip
+between frames), its visual tokens centred per clip (``center_visual_tokens: clip``: with a tower of random weights,
+the tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip)
+and one summary token per clip
 (``visual_summary_token``: the projector of the maximum of the clip's patch features, the vector the ``words``
 stage aligns with the caption's words, from which the LLM reads shape; 197 visual tokens).
 ``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position
@@ -73,7 +73,7 @@ embedding per patch after them) lets the LLM learn the sense of a motion from di
 
 COMPRESSORS = {
     "pllava": {},  # MODEL's own
-    "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 1, "pool_mode": "average"}},
+    "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2, "pool_mode": "average"}},
     "topa": {
         "compressor": {"kind": "global"},
         "projector": "topa_linear",
@@ -82,11 +82,12 @@ COMPRESSORS = {
     },
     "mean": {"compressor": {"kind": "mean"}},
 }
-"""The papers' compressors as overrides of :data:`MODEL` (4 frames of a 7 x 7 patch grid), each with the summary
+"""The papers' compressors as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid), each with the summary
 token but TOPA's: PLLaVA adaptive structure pooling to ``(4, 7, 7)`` (:data:`MODEL`'s own, 196 + 1 tokens);
-LLaVA-Video SlowFast with every 2nd frame slow (7 x 7: 49 tokens) and the others fast (pooled 2 x 2: 9 tokens),
-116 + 1 tokens; TOPA's one token per frame (the pooled embedding, its linear projector; no patch grid, so neither a
-position embedding nor a summary token), 4 tokens; Video-ChatGPT's spatial and temporal means, 49 + 4 + 1 tokens."""
+LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to 7 x 7: 49 tokens) and the others fast (pooled
+4 x 4: 9 tokens), 116 + 1 tokens; TOPA's one token per frame (the pooled embedding, its linear projector; no patch
+grid, so neither a position embedding nor a summary token), 4 tokens; Video-ChatGPT's spatial and temporal means,
+196 + 4 + 1 tokens."""
 
 
 STEPS = ("planted", "words", "train", "recaption")
