@@ -57,15 +57,14 @@ bench-cluster: install
 	$(BIN)/python bench/node_loss.py
 
 # The learning loop on planted videos (README "Tutorial"; ~15 minutes here): planted -> words stage -> train ->
-# eval mc and recaption -> report.json.
-SEED ?= 0
-NUM  ?= 1400
+# eval mc and recaption -> report.json. SEED= and NUM= change the corpus (examples/tutorial.py's defaults otherwise).
+CORPUS = $(if $(SEED),--seed $(SEED)) $(if $(NUM),--num $(NUM))
 tutorial: install
-	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM)
+	$(BIN)/python examples/tutorial.py --out runs/tutorial $(CORPUS)
 
 # The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; four tutorial loops).
 tutorial-compressors: install
-	$(BIN)/python examples/tutorial.py --out runs/tutorial --seed $(SEED) --num $(NUM) --compressors pllava,slowfast,topa,mean
+	$(BIN)/python examples/tutorial.py --out runs/tutorial $(CORPUS) --compressors pllava,slowfast,topa,mean
 
 soak: install
 	$(BIN)/python bench/soak_serve.py

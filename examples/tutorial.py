@@ -62,9 +62,8 @@ and initialised as transformers does (``tiny``'s wide 0.2 makes greedy tokens of
 tests), adaptive structure pooling to ``(4, 7, 7)`` (pooling to 4 x 4 blurs a planted object's few pixels of motion
 between frames), its visual tokens centred per clip (``center_visual_tokens: clip``: with a tower of random weights,
 the tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip)
-and one summary token per clip
-(``visual_summary_token``: the projector of the maximum of the clip's patch features, the vector the ``words``
-stage aligns with the caption's words, from which the LLM reads shape; 197 visual tokens).
+and one summary token per clip (``visual_summary_token``: the projector of the maximum of the clip's patch features,
+the vector the ``words`` stage aligns with the caption's words, from which the LLM reads shape; 197 visual tokens).
 ``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position
 embedding per patch after them) lets the LLM learn the sense of a motion from direction questions alone, and
 ``frames`` its axis; the tutorial's mix of captions and questions on one to three objects loses colour with either
@@ -257,7 +256,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=1400, help="planted videos (--test-fraction of them held out)")
     parser.add_argument("--test-fraction", type=float, default=0.03, help="share of the videos held out")
-    parser.add_argument("--max-objects", type=int, default=1, help="objects per video: 1 to this (at most 3)")
+    parser.add_argument("--max-objects", type=int, default=1, help="objects per video: 1 to this (planted's max_objects)")
     parser.add_argument(
         "--center-visual-tokens",
         choices=CENTERINGS,
