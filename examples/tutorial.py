@@ -256,7 +256,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=1400, help="planted videos (--test-fraction of them held out)")
     parser.add_argument("--test-fraction", type=float, default=0.03, help="share of the videos held out")
-    parser.add_argument("--max-objects", type=int, default=1, help="objects per video: 1 to this (planted's max_objects)")
+    parser.add_argument(
+        "--max-objects", type=int, default=1, help="objects per video: 1 to this (planted's max_objects)"
+    )
     parser.add_argument(
         "--center-visual-tokens",
         choices=CENTERINGS,
