@@ -183,6 +183,43 @@ def test_save_load_round_trip_and_generate(tmp_path):
         loaded(input_ids=ids[:, :-3], pixel_values_videos=pixels)
 
 
+@pytest.mark.parametrize("variant", ["pllava", "topa"])
+def test_the_words_loss_is_each_clip_s_summary_and_trains_the_tower_and_the_projector(tiny_models, variant):
+    """``caption_words``: no LLM run; the loss is ``caption_word_loss`` of each clip's vector -- a patch model's
+    projector of the maximum of the tower's patch features over frames and patches; for TOPA's ``global`` compressor
+    the maximum over frames of their unit-norm pooled embeddings through its linear projector and temporal embedding
+    (not projected onto the memory: TOPA eq. 2 is applied at inference, and passes no gradient) -- and it trains the
+    tower and the projector."""
+    from vidlm.models.caption_words import caption_word_loss
+
+    model = VidlmForConditionalGeneration.from_pretrained(tiny_models[variant]).train()
+    rng = np.random.default_rng(0)
+    clips = [model.preprocess(rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)) for n in (3, 2)]
+    words = [torch.tensor([5, 9, 11]), torch.tensor([9, 20])]
+    loss = model(pixel_values_videos=clips, caption_words=words).loss
+    with torch.no_grad():
+        inputs = []
+        for clip in clips:
+            pooled, patches = model.vision_tower(clip)
+            if variant == "pllava":
+                inputs.append(patches.flatten(0, -2).max(dim=0).values)
+                continue
+            unit = pooled / pooled.norm(dim=-1, keepdim=True)  # (T, D)
+            tokens = unit @ model.projector.proj.weight.T + model.projector.proj.bias  # (T, Dl)
+            tokens = tokens + model.projector.temporal_embedding.weight[: len(clip)]  # TOPA's temporal embedding
+            inputs.append(tokens.max(dim=0).values)
+        vectors = torch.stack(inputs)
+        if variant == "pllava":
+            vectors = model.projector(vectors)
+        expected = caption_word_loss(vectors, words, model.get_input_embeddings())
+    assert torch.isclose(loss, expected, rtol=1e-4), (loss, expected)
+    loss.backward()
+    for part in (model.vision_tower, model.projector):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
+    with pytest.raises(ValueError, match="pixel_values_videos"):
+        model(video_features=[torch.zeros(3, 8)], caption_words=words)
+
+
 def test_topa_modality_projection_is_applied_at_inference(tiny_models):
     model = VidlmForConditionalGeneration.from_pretrained(tiny_models["topa"]).eval()
     pixels = model.preprocess(np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))

@@ -384,8 +384,6 @@ def build_dataset(config, model_dir: str):
         from vidlm.clips import clips_table
 
         if config.recipe == "words":
-            if feature_column(_model_config(model_dir)) != "patch_features":
-                raise ValueError("recipe 'words' trains a patch model's tower: this model pools each frame (global)")
             fn, kwargs = word_samples, {"model_dir": model_dir}
         else:
             fn = frame_samples

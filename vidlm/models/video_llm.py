@@ -564,9 +564,12 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
             text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
             caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; each
-                video's vector is the projector of the maximum of its tower's patch features over frames and patches,
-                and the loss :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; a patch
-                model's frames only, else ``ValueError``).
+                video's vector is :func:`clip_summaries` of its tower's patch features (for the ``global``
+                compressor, the maximum over its frames of their tokens: the unit-norm pooled embeddings through
+                TOPA's projector and its temporal embedding, without the memory's projection, which passes no
+                gradient and which TOPA applies at inference only), and the loss
+                :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; frames only, else
+                ``ValueError``).
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
 
         Returns:
@@ -574,11 +577,16 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             ``caption_words``, a ``CausalLMOutputWithPast`` holding ``loss`` alone.
         """
         if caption_words is not None:
-            if self.config.compressor_config.kind == "global" or pixel_values_videos is None:
-                raise ValueError("caption_words: a patch model's frames (pixel_values_videos) are needed")
+            if pixel_values_videos is None:
+                raise ValueError("caption_words: the videos' frames (pixel_values_videos) are needed")
             videos = list(pixel_values_videos)
-            _, patches = self.vision_tower(torch.cat(videos))  # (sum T, h, w, Dv)
-            clips = clip_summaries(self.projector, list(patches.split([len(v) for v in videos])))  # (B, Dl)
+            pooled, patches = self.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
+            lengths = [len(v) for v in videos]
+            if self.config.compressor_config.kind == "global":  # (1, T, D) -> (1, T, Dl) -> (Dl,) per clip
+                frames = [self.projector(F.normalize(x, dim=-1)[None])[0] for x in pooled.split(lengths)]
+                clips = torch.stack([f.max(dim=0).values for f in frames])  # (B, Dl)
+            else:
+                clips = clip_summaries(self.projector, list(patches.split(lengths)))  # (B, Dl)
             return CausalLMOutputWithPast(loss=caption_word_loss(clips, caption_words, self.get_input_embeddings()))
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
