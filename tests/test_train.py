@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from training.checkpoints import OUT_META
 from training.config import TrainConfig
 from training.trainer import prepare_training, read_metrics, run_training
 from vidlm.config import load_config
@@ -397,6 +398,8 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     summary = run_training(prepared, tmp_path / "out")
     records = read_metrics(tmp_path / "out")
     assert len(records) == prepared.total_steps == 10 * 40 // 8
+    # a checkpoint per epoch, and the last step's (the last epoch ends there): a rerun resumes there and exports
+    assert json.loads((tmp_path / "out" / OUT_META).read_text())["step"] == prepared.total_steps
     assert records[-1]["param_fraction_held"] == pytest.approx(0.5, abs=0.01)  # ZeRO-3 on 2 ranks
     assert np.mean([r["loss"] for r in records[-5:]]) < 0.8 * np.mean([r["loss"] for r in records[:3]])
 

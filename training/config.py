@@ -112,7 +112,7 @@ class CheckpointSection(Section):
     """Checkpoints through ``ray.train.report`` and restarts after failures."""
 
     every_steps: int | None = Field(None, gt=0)
-    """Optimizer steps between checkpoints (``None``: at the end of each epoch)."""
+    """Optimizer steps between checkpoints (``None``: at the end of each epoch); the last step is always one."""
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts from the latest checkpoint (Ray Train ``FailureConfig``; -1: no limit)."""

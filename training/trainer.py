@@ -11,7 +11,8 @@ Worker (:func:`train_loop_per_worker`), everything it needs in ``train_loop_conf
     holding its partition) -> apply_trainable (peft LoRA, parts frozen / full) -> deepspeed.initialize
       -> resume from ray.train.get_checkpoint() (engine state, RNG states, data position: training.checkpoints)
       -> for each micro-batch of get_dataset_shard("train"): forward on features, backward, step
-      -> every checkpoint.every_steps: engine.save_checkpoint (each rank its shard) + ray.train.report
+      -> every checkpoint.every_steps (or epoch), and the last step: engine.save_checkpoint (each rank its
+         shard) + ray.train.report
       -> end: save_16bit_model (consolidated on rank 0) -> OUT/export (from_pretrained / vLLM) + OUT/adapter
 
 Ray Train restarts the worker group from the latest checkpoint after a failure (``FailureConfig``); the
@@ -487,7 +488,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics += json.dumps(record) + "\n"
                 write_atomic(out / METRICS, metrics)
             every = config.checkpoint.every_steps
-            if every and step % every == 0:
+            if (every and step % every == 0) or step >= total_steps:  # the last step's too: a rerun only exports
                 _checkpoint(engine, record, {**position, "epoch": epoch, "batch": i + 1, "step": step}, resume, out)
             if step >= total_steps:
                 break
