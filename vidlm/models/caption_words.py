@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WORD_TEMPERATURE", "caption_word_loss"]
+__all__ = ["WORD_TEMPERATURE", "caption_word_loss", "clip_summaries", "frame_token_maxima"]
 
 WORD_TEMPERATURE = 0.07
 """Softmax temperature of the cosine logits: CLIP's initial one (CLIP §2.5), fixed."""
@@ -55,3 +55,35 @@ def caption_word_loss(clips: torch.Tensor, words: list[torch.Tensor], embeddings
     logits = F.normalize(clips.float(), dim=-1) @ F.normalize(classes, dim=-1).T / WORD_TEMPERATURE  # (B, V)
     log_probs = torch.log_softmax(logits, dim=-1)
     return -((log_probs * targets).sum(-1) / targets.sum(-1)).mean()
+
+
+def clip_summaries(projector: nn.Module, patches: list[torch.Tensor]) -> torch.Tensor:
+    """Each clip's summary vector: the projector of the maximum of its patch features over its frames and patches.
+
+    The ``words`` recipe classifies it into the clip's caption words (:mod:`vidlm.models.caption_words`) and
+    ``VidlmConfig.visual_summary_token`` appends it to the clip's visual tokens: one computation for both.
+
+    Args:
+        projector: the model's projector, ``Dv -> Dl``.
+        patches: one ``(T_i, h, w, Dv)`` float tensor of tower patch features per clip.
+
+    Returns:
+        ``(B, Dl)``, in the projector's output dtype.
+    """
+    return projector(torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches]))  # (B, Dv) -> (B, Dl)
+
+
+def frame_token_maxima(projector: nn.Module, pooled: list[torch.Tensor]) -> torch.Tensor:
+    """Each clip's vector for a ``global`` (TOPA) model: the maximum over its frames of their tokens -- the unit-norm
+    pooled embeddings through TOPA's projector and its temporal embedding. The memory's projection (TOPA eq. 2) is
+    left out: it passes no gradient (:func:`~vidlm.models.modality_projection.modality_projection`), and TOPA applies
+    it at inference only.
+
+    Args:
+        projector: the model's ``topa_linear`` projector, ``(1, T, D) -> (1, T, Dl)``.
+        pooled: one ``(T_i, D)`` float tensor of the tower's pooled embeddings per clip.
+
+    Returns:
+        ``(B, Dl)``, in the projector's output dtype.
+    """
+    return torch.stack([projector(F.normalize(x, dim=-1)[None])[0].max(dim=0).values for x in pooled])

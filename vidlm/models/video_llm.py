@@ -36,7 +36,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
-from vidlm.models.caption_words import caption_word_loss
+from vidlm.models.caption_words import caption_word_loss, clip_summaries, frame_token_maxima
 from vidlm.models.compressors import CompressorConfig, VisualPositionEmbedding, build_compressor, num_visual_tokens
 from vidlm.models.modality_projection import modality_projection
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
@@ -51,7 +51,6 @@ __all__ = [
     "VidlmForConditionalGeneration",
     "attach_modality_memory",
     "build_video_parts",
-    "clip_summaries",
     "encode_videos",
     "feature_column",
     "subsample_frames",
@@ -280,22 +279,6 @@ def encode_videos(
     pooled, patches = parts.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
     features = pooled if config.compressor_config.kind == "global" else patches
     return tokens_from_features(parts, config, list(features.split(lengths)))
-
-
-def clip_summaries(projector: nn.Module, patches: list[torch.Tensor]) -> torch.Tensor:
-    """Each clip's summary vector: the projector of the maximum of its patch features over its frames and patches.
-
-    The ``words`` recipe classifies it into the clip's caption words (:mod:`vidlm.models.caption_words`) and
-    ``VidlmConfig.visual_summary_token`` appends it to the clip's visual tokens: one computation for both.
-
-    Args:
-        projector: the model's projector, ``Dv -> Dl``.
-        patches: one ``(T_i, h, w, Dv)`` float tensor of tower patch features per clip.
-
-    Returns:
-        ``(B, Dl)``, in the projector's output dtype.
-    """
-    return projector(torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches]))  # (B, Dv) -> (B, Dl)
 
 
 def feature_column(config: VidlmConfig) -> str:
@@ -564,12 +547,10 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
             text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
             caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; each
-                video's vector is :func:`clip_summaries` of its tower's patch features (for the ``global``
-                compressor, the maximum over its frames of their tokens: the unit-norm pooled embeddings through
-                TOPA's projector and its temporal embedding, without the memory's projection, which passes no
-                gradient and which TOPA applies at inference only), and the loss
-                :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; frames only, else
-                ``ValueError``).
+                video's vector is :func:`~vidlm.models.caption_words.clip_summaries` of its tower's patch features
+                (``global``: :func:`~vidlm.models.caption_words.frame_token_maxima` of its pooled embeddings), and
+                the loss :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; frames only,
+                else ``ValueError``).
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
 
         Returns:
@@ -582,9 +563,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             videos = list(pixel_values_videos)
             pooled, patches = self.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
             lengths = [len(v) for v in videos]
-            if self.config.compressor_config.kind == "global":  # (1, T, D) -> (1, T, Dl) -> (Dl,) per clip
-                frames = [self.projector(F.normalize(x, dim=-1)[None])[0] for x in pooled.split(lengths)]
-                clips = torch.stack([f.max(dim=0).values for f in frames])  # (B, Dl)
+            if self.config.compressor_config.kind == "global":
+                clips = frame_token_maxima(self.projector, list(pooled.split(lengths)))  # (B, Dl)
             else:
                 clips = clip_summaries(self.projector, list(patches.split(lengths)))  # (B, Dl)
             return CausalLMOutputWithPast(loss=caption_word_loss(clips, caption_words, self.get_input_embeddings()))
