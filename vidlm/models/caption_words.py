@@ -60,7 +60,7 @@ def caption_word_loss(clips: torch.Tensor, words: list[torch.Tensor], embeddings
 def clip_summaries(projector: nn.Module, patches: list[torch.Tensor]) -> torch.Tensor:
     """Each clip's summary vector: the projector of the maximum of its patch features over its frames and patches.
 
-    The ``words`` recipe classifies it into the clip's caption words (:mod:`vidlm.models.caption_words`) and
+    The ``words`` recipe classifies it into the clip's caption words (:func:`caption_word_loss`) and
     ``VidlmConfig.visual_summary_token`` appends it to the clip's visual tokens: one computation for both.
 
     Args:
@@ -86,4 +86,5 @@ def frame_token_maxima(projector: nn.Module, pooled: list[torch.Tensor]) -> torc
     Returns:
         ``(B, Dl)``, in the projector's output dtype.
     """
-    return torch.stack([projector(F.normalize(x, dim=-1)[None])[0].max(dim=0).values for x in pooled])
+    unit = [F.normalize(x.float(), dim=-1).to(x.dtype) for x in pooled]  # as tokens_from_features normalises
+    return torch.stack([projector(u[None])[0].max(dim=0).values for u in unit])  # (B, Dl)
