@@ -9,9 +9,9 @@
    the tower and projector pre-trained on the training videos' frames and their captions' words (recipe ``words``),
    900 steps of 16 clips, whose export the next step starts from;
    ``vidlm train --config training/configs/video_planted.yaml model=OUT/words/export``: the tutorial's model
-   (:data:`MODEL`) trained on the training videos' frames (projector and LLM, the tower frozen; with
-   ``--no-pretrain-tower``, from ``OUT/model`` with the tower trained too: ``trainable.vision_tower=full``) on their
-   captions and questions, each video once;
+   (:data:`MODEL`) trained on the training videos' frames (the LLM, the tower and projector frozen; with
+   ``--no-pretrain-tower``, from ``OUT/model`` with them trained too: ``trainable.vision_tower=full``,
+   ``trainable.projector=full``) on their captions and questions, each video once;
 3. ``vidlm eval mc --option-text`` scoring (:func:`training.eval.evaluate_mc`) of the export and of the untrained
    model on the held-out videos' questions: each question asked open-ended, as the model was trained, the option
    whose words are likeliest its choice;
@@ -55,6 +55,7 @@ MODEL = {
     "center_visual_tokens": "clip",
     "visual_position_embedding": False,
     "visual_summary_token": True,
+    "visual_motion": True,
 }
 """The tutorial's model: ``tiny-video`` with a finer, wider tower (16 px patches: a 14 x 14 grid; width 128, 4 heads:
 with 32 px patches the ``words`` stage teaches it less shape, 0.875 against 1.000), its LLM untied with 4 / 4 heads
@@ -63,11 +64,12 @@ tests), adaptive structure pooling to ``(4, 7, 7)`` (pooling to 4 x 4 blurs a pl
 between frames), its visual tokens centred per clip (``center_visual_tokens: clip``: with a tower of random weights,
 the tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip)
 and one summary token per clip (``visual_summary_token``: the projector of the maximum of the clip's patch features,
-the vector the ``words`` stage aligns with the caption's words, from which the LLM reads shape; 197 visual tokens).
-``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position
-embedding per patch after them) lets the LLM learn the sense of a motion from direction questions alone, and
-``frames`` its axis; the tutorial's mix of captions and questions on one to three objects loses colour with either
-(docs/tutorial-findings.md)."""
+plus their motion -- ``visual_motion``: each feature channel's spatial soft-argmax, from the first frame to the last,
+through a linear layer -- the vector the ``words`` stage aligns with the caption's words, from which the LLM reads
+shape and the sense of a motion; 197 visual tokens). ``--center-visual-tokens differences
+--visual-position-embedding`` (frame differences, and a learned position embedding per patch after them) lets the
+LLM learn the sense of a motion from direction questions alone, and ``frames`` its axis; the tutorial's mix of
+captions and questions on one to three objects loses colour with either (docs/tutorial-findings.md)."""
 
 
 COMPRESSORS = {
@@ -78,15 +80,16 @@ COMPRESSORS = {
         "projector": "topa_linear",
         "visual_position_embedding": False,
         "visual_summary_token": False,
+        "visual_motion": False,
     },
     "mean": {"compressor": {"kind": "mean"}},
 }
-"""The papers' compressors as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid), each with the summary
-token but TOPA's: PLLaVA adaptive structure pooling to ``(4, 7, 7)`` (:data:`MODEL`'s own, 196 + 1 tokens);
-LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to 7 x 7: 49 tokens) and the others fast (pooled
-4 x 4: 9 tokens), 116 + 1 tokens; TOPA's one token per frame (the pooled embedding, its linear projector; no patch
-grid, so neither a position embedding nor a summary token), 4 tokens; Video-ChatGPT's spatial and temporal means,
-196 + 4 + 1 tokens."""
+"""The papers' compressors as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid), each with the summary token
+and its motion but TOPA's (so a patch compressor's direction is also the summary's): PLLaVA adaptive structure pooling
+to ``(4, 7, 7)`` (:data:`MODEL`'s own, 196 + 1 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to
+7 x 7: 49 tokens) and the others fast (pooled 4 x 4: 9 tokens), 116 + 1 tokens; TOPA's one token per frame (the pooled
+embedding, its linear projector; no patch grid, so neither a position embedding nor a summary token), 4 tokens;
+Video-ChatGPT's spatial and temporal means, 196 + 4 + 1 tokens."""
 
 
 STEPS = ("planted", "words", "train", "recaption")
@@ -161,7 +164,7 @@ def learn(
     out: Path, planted: Path, model: str, overrides: list[str], caption_prompt: str, pretrain: bool = False
 ) -> dict:
     """Steps 2-4 of the module for ``model``: train on ``planted`` (``pretrain``: its tower and projector on the
-    captions' words first, then the rest with the tower frozen, as the recipe has it; otherwise the tower is trained
+    captions' words first, then the LLM with those frozen, as the recipe has it; otherwise the tower is trained
     with the rest), then score the export and ``model`` itself.
 
     Returns:
@@ -179,7 +182,7 @@ def learn(
     train = out / "train"
     train_data = f"data.train={planted / 'train.csv'}"
     seconds = {}
-    start, tower = model, ["trainable.vision_tower=full"]  # a random tower is trained with the rest
+    start, tower = model, ["trainable.vision_tower=full", "trainable.projector=full"]  # random: trained with the rest
     if pretrain:
         words = out / "words"
         seed = [o for o in overrides if o.startswith("seed=")]

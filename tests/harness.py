@@ -99,12 +99,17 @@ TINY_VARIANTS = {
         "modality_memory_size": 32,
         "modality_temperature": 0.05,
     },
-    "mean": {"compressor": {"kind": "mean"}, "center_visual_tokens": "clip", "visual_summary_token": True},
+    "mean": {
+        "compressor": {"kind": "mean"},
+        "center_visual_tokens": "clip",
+        "visual_summary_token": True,
+        "visual_motion": True,
+    },
 }
 """Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` turns its frames
 into frame differences with a visual position embedding and ``mean`` centres its tokens per clip
-(``center_visual_tokens`` ``"differences"`` and ``"clip"``) and appends a summary token, so the vLLM parity tests
-cover each."""
+(``center_visual_tokens`` ``"differences"`` and ``"clip"``) and appends a summary token with the clip's motion
+(``visual_motion``), so the vLLM parity tests cover each."""
 
 
 RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}

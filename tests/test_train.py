@@ -366,9 +366,10 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
 
 def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves_the_llm(ray_cluster, tmp_path):
     """Recipe ``words`` on planted videos under ZeRO-3: each clip's decoded frames classified into its caption's
-    words; the loss falls, the export's tower and projector moved and its LLM is the starting one, bit for bit. The
-    recipe's clips are decoded once (``data.materialize``), in the order the streamed plan gives them, which a
-    rerun's skipped batches count on."""
+    words (a model with a summary token and ``visual_motion``: the clip's vector adds its motion); the loss falls,
+    the export's tower, projector and motion layer moved and its LLM is the starting one, bit for bit. The recipe's
+    clips are decoded once (``data.materialize``), in the order the streamed plan gives them, which a rerun's
+    skipped batches count on."""
     import torch
     from ray.data import DataContext
     from ray.data.dataset import MaterializedDataset
@@ -376,11 +377,15 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
 
     from pipelines.planted import PlantedConfig, write_planted
     from training.data import build_dataset, ordered_execution
-    from vidlm.models.presets import resolve_model
+    from vidlm.models.presets import build_preset
 
     paths = write_planted(tmp_path / "planted", num=40, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
+    model, tokenizer = build_preset("tiny-video", {"visual_summary_token": True, "visual_motion": True})
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
     overrides = [
         f"data.train={paths['train']}",
+        f"model={tmp_path / 'model'}",
         "optim.epochs=10",
         "optim.max_steps=null",  # the step count from the materialized corpus, not the recipe's cap
         "data.micro_batch_size=4",
@@ -403,7 +408,7 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     assert records[-1]["param_fraction_held"] == pytest.approx(0.5, abs=0.01)  # ZeRO-3 on 2 ranks
     assert np.mean([r["loss"] for r in records[-5:]]) < 0.8 * np.mean([r["loss"] for r in records[:3]])
 
-    before = load_file(str(resolve_model("tiny-video") / "model.safetensors"))
+    before = load_file(str(tmp_path / "model" / "model.safetensors"))
     after = load_file(str(summary.export / "model.safetensors"))
     assert before.keys() == after.keys()
     moved = {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}  # export.dtype's rounding
@@ -411,5 +416,7 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     assert llm and not moved & llm
     # the patch embedding and the first layer feed the features whatever vision_feature_layer the model reads
     tower = {k for k in before if k.startswith("vision_tower.") and ("embeddings" in k or ".layers.0." in k)}
-    trained = {k for k in before if (k.startswith("projector.") or k in tower) and before[k].ndim >= 2}
+    connector = ("projector.", "visual_motion.")
+    trained = {k for k in before if (k.startswith(connector) or k in tower) and before[k].ndim >= 2}
     assert len(trained) > 5 and trained <= moved, sorted(trained - moved)
+    assert "visual_motion.linear.weight" in trained and "visual_motion.log_scale" in moved

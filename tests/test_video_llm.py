@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from vidlm.models.compressors import VisualMotion
 from vidlm.models.presets import PRESETS, build_preset, preset_config
 from vidlm.models.processing import expand_video_tokens, preprocess_frames
 from vidlm.models.video_llm import VidlmConfig, VidlmForConditionalGeneration
@@ -106,7 +107,7 @@ def test_center_visual_tokens_must_be_a_known_centering(value):
         VidlmConfig(vision_config={"model_type": "clip_vision_model"}, center_visual_tokens=value)
 
 
-@pytest.mark.parametrize("name", ["visual_position_embedding", "visual_summary_token"])
+@pytest.mark.parametrize("name", ["visual_position_embedding", "visual_summary_token", "visual_motion"])
 @pytest.mark.parametrize("value", ["true", 1, None, [True]])
 def test_patch_options_must_be_a_bool_of_a_patch_model(name, value):
     with pytest.raises(ValueError, match=f"{name} must be true or false"):
@@ -151,6 +152,56 @@ def test_the_summary_token_is_the_projector_of_the_clip_s_largest_patch_features
     assert rest.mean(0).abs().max() < 1e-5 and summary.abs().max() > 1e-3
 
 
+def test_the_motion_is_where_each_channel_s_peak_went():
+    """A channel whose features peak on the left edge in the first frame and on the right edge in the last moves by
+    +2 in x (the grid spans -1 to 1); one that stays put moves by 0; the frames between do not count; reversed
+    frames reverse the motion."""
+    motion = VisualMotion((3, 5), dim=2, out_dim=4)
+    with torch.no_grad():
+        motion.linear.weight.copy_(torch.eye(4))  # reads the displacement (x of each channel, then y)
+        motion.linear.bias.zero_()
+    x = torch.zeros(3, 3, 5, 2)  # (T, h, w, Dv)
+    x[0, 1, 0, 0] = x[-1, 1, 4, 0] = 50.0  # channel 0: row 1, from column 0 to column 4
+    x[1, 2, 2, 0] = 50.0  # ... and elsewhere in between
+    x[:, 0, 2, 1] = 50.0  # channel 1: row 0, column 2 throughout
+    with torch.no_grad():
+        moved = motion(x)
+        back = motion(x.flip(0))
+    assert torch.allclose(moved, torch.tensor([2.0, 0.0, 0.0, 0.0]), atol=1e-4), moved
+    assert torch.allclose(back, -moved, atol=1e-4)
+    with pytest.raises(ValueError, match=r"expected patch features \(T, 3, 5, 2\)"):
+        motion(torch.zeros(3, 5, 3, 2))
+
+
+def test_the_summary_token_adds_the_motion_of_the_clip_s_patch_features(tmp_path):
+    """With ``visual_motion`` the summary token is the projector of the clip's largest patch features plus their
+    motion (saved and loaded with the model); the clip's token count and its other tokens are as without it."""
+    from vidlm.models.processing import VidlmProcessor
+
+    overrides = {"center_visual_tokens": "clip", "visual_summary_token": True, "visual_motion": True}
+    model, tokenizer = build_preset("tiny", overrides)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    config = loaded.config
+    assert torch.equal(loaded.visual_motion.linear.weight, model.visual_motion.linear.weight)
+    plain = VidlmConfig.from_pretrained(tmp_path)
+    plain.visual_motion = False
+    count = config.num_visual_tokens(4)
+    assert count == plain.num_visual_tokens(4) == VidlmProcessor.from_pretrained(tmp_path).num_visual_tokens(4)
+    clip = loaded.preprocess(np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        tokens = loaded.get_video_features([clip])[0]
+        _, patches = loaded.vision_tower(clip)  # (T, h, w, Dv)
+        summary = loaded.projector(patches.flatten(0, -2).max(dim=0).values)
+        motion = loaded.visual_motion(patches)
+        config.visual_motion = False
+        rest = loaded.get_video_features([clip])[0]
+    assert tokens.shape == (count, config.text_config.hidden_size)
+    assert torch.allclose(tokens[-1], summary + motion, atol=1e-5) and motion.abs().max() > 1e-3
+    assert torch.allclose(tokens[:-1], rest[:-1], atol=1e-6) and torch.allclose(rest[-1], summary, atol=1e-5)
+
+
 def test_preprocess_resizes_crops_and_normalises():
     frames = np.full((2, 40, 80, 3), 255, np.uint8)
     x = preprocess_frames(frames, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -183,10 +234,11 @@ def test_save_load_round_trip_and_generate(tmp_path):
         loaded(input_ids=ids[:, :-3], pixel_values_videos=pixels)
 
 
-@pytest.mark.parametrize("variant", ["pllava", "topa"])
+@pytest.mark.parametrize("variant", ["pllava", "topa", "mean"])
 def test_the_words_loss_is_each_clip_s_summary_and_trains_the_tower_and_the_projector(tiny_models, variant):
     """``caption_words``: no LLM run; the loss is ``caption_word_loss`` of each clip's vector -- a patch model's
-    projector of the maximum of the tower's patch features over frames and patches; for TOPA's ``global`` compressor
+    projector of the maximum of the tower's patch features over frames and patches, plus their motion where the model
+    has it (``mean``); for TOPA's ``global`` compressor
     the maximum over frames of their unit-norm pooled embeddings through its linear projector and temporal embedding
     (not projected onto the memory: TOPA eq. 2 is applied at inference, and passes no gradient) -- and it trains the
     tower and the projector."""
@@ -201,7 +253,7 @@ def test_the_words_loss_is_each_clip_s_summary_and_trains_the_tower_and_the_proj
         inputs = []
         for clip in clips:
             pooled, patches = model.vision_tower(clip)
-            if variant == "pllava":
+            if variant != "topa":
                 inputs.append(patches.flatten(0, -2).max(dim=0).values)
                 continue
             unit = pooled / pooled.norm(dim=-1, keepdim=True)  # (T, D)
@@ -209,12 +261,14 @@ def test_the_words_loss_is_each_clip_s_summary_and_trains_the_tower_and_the_proj
             tokens = tokens + model.projector.temporal_embedding.weight[: len(clip)]  # TOPA's temporal embedding
             inputs.append(tokens.max(dim=0).values)
         vectors = torch.stack(inputs)
-        if variant == "pllava":
+        if variant != "topa":
             vectors = model.projector(vectors)
+        if variant == "mean":
+            vectors = vectors + torch.stack([model.visual_motion(model.vision_tower(c)[1]) for c in clips])
         expected = caption_word_loss(vectors, words, model.get_input_embeddings())
     assert torch.isclose(loss, expected, rtol=1e-4), (loss, expected)
     loss.backward()
-    for part in (model.vision_tower, model.projector):
+    for part in (model.vision_tower, model.projector, model.visual_motion or model.projector):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
     with pytest.raises(ValueError, match="pixel_values_videos"):
         model(video_features=[torch.zeros(3, 8)], caption_words=words)

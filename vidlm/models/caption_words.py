@@ -5,11 +5,12 @@ caption's most frequent words (colour) and not the rest (shape; docs/tutorial-fi
 it diluted by every other token of the answer. As CatLIP (Mehta et al. 2024, "CatLIP: CLIP-level Visual Recognition
 Accuracy with 2.7x Faster Pre-training on Web-scale Image-Text Data") classifies an image into the words of its
 caption, this recipe classifies a clip -- the projector of the maximum of its tower's patch features over its frames and
-patches -- into the words of its caption, with the LLM's own (frozen) input embeddings of those words as the
-classes' weights and CLIP's cosine logits at its initial temperature (CLIP, Radford et al.
-2021, §2.5: "initialized to the equivalent of 0.07"); the classes of a micro-batch are the words of its captions
-(in-batch negatives, as CLIP's). The projector learns to put a clip's visual tokens near its caption's words in
-the LLM's embedding space, and the tower to tell the clips apart by every word, before the ``video`` recipe.
+patches, plus where they went where the model has ``visual_motion`` -- into the words of its caption, with the LLM's
+own (frozen) input embeddings of those words as the classes' weights and CLIP's cosine logits at its initial
+temperature (CLIP, Radford et al. 2021, §2.5: "initialized to the equivalent of 0.07"); the classes of a micro-batch
+are the words of its captions (in-batch negatives, as CLIP's). The projector learns to put a clip's visual tokens near
+its caption's words in the LLM's embedding space, and the tower to tell the clips apart by every word, before the
+``video`` recipe.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def caption_word_loss(clips: torch.Tensor, words: list[torch.Tensor], embeddings
     return -((log_probs * targets).sum(-1) / targets.sum(-1)).mean()
 
 
-def clip_summaries(projector: nn.Module, patches: list[torch.Tensor]) -> torch.Tensor:
-    """Each clip's summary vector: the projector of the maximum of its patch features over its frames and patches.
+def clip_summaries(projector: nn.Module, patches: list[torch.Tensor], motion: nn.Module | None = None) -> torch.Tensor:
+    """Each clip's summary vector: the projector of the maximum of its patch features over its frames and patches,
+    plus, given the model's ``motion`` (:class:`~vidlm.models.compressors.VisualMotion`), where they went.
 
     The ``words`` recipe classifies it into the clip's caption words (:func:`caption_word_loss`) and
     ``VidlmConfig.visual_summary_token`` appends it to the clip's visual tokens: one computation for both.
@@ -66,11 +68,15 @@ def clip_summaries(projector: nn.Module, patches: list[torch.Tensor]) -> torch.T
     Args:
         projector: the model's projector, ``Dv -> Dl``.
         patches: one ``(T_i, h, w, Dv)`` float tensor of tower patch features per clip.
+        motion: the model's ``visual_motion`` (``(T, h, w, Dv) -> (Dl,)``), or ``None``.
 
     Returns:
         ``(B, Dl)``, in the projector's output dtype.
     """
-    return projector(torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches]))  # (B, Dv) -> (B, Dl)
+    summaries = projector(torch.stack([p.flatten(0, -2).max(dim=0).values for p in patches]))  # (B, Dv) -> (B, Dl)
+    if motion is None:
+        return summaries
+    return summaries + torch.stack([motion(p) for p in patches]).to(summaries.dtype)  # (B, Dl)
 
 
 def frame_token_maxima(projector: nn.Module, pooled: list[torch.Tensor]) -> torch.Tensor:

@@ -46,6 +46,7 @@ __all__ = [
     "NFrame",
     "SlowFast",
     "SpatialTemporalMean",
+    "VisualMotion",
     "VisualPositionEmbedding",
     "pool_2d",
     "pooled_grid",
@@ -288,6 +289,49 @@ class VisualPositionEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check(x)
         return x + self.weight.to(x.dtype)
+
+
+class VisualMotion(nn.Module):
+    """A clip's motion: where its patch features went between its first and last frames, one ``Dl`` vector that the
+    clip's summary adds (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_motion`).
+
+    Each feature channel's spatial soft-argmax per frame -- its softmax over the patch grid, at a learned scale, and
+    the expected patch position under it (the spatial softmax of Levine et al. 2016, "End-to-End Training of Deep
+    Visuomotor Policies": each feature map's expected 2-D position, at a learned temperature) -- gives where that
+    channel fires; the displacement from the first frame to the last, ``(2, Dv)`` in grid units (x and y from -1 to
+    1), goes through a linear layer. A channel that fires on a moving object moves with it, one that fires
+    everywhere stays in the middle: the vector says which way an object went, which no maximum or mean over the
+    frames can.
+
+    Args:
+        grid: ``(h, w)``, the tower's patch grid.
+        dim: Dv, the patch features' width.
+        out_dim: Dl, the LLM's width.
+
+    Shapes:
+        ``(T, h, w, Dv) -> (Dl,)``, in the linear layer's dtype; ``log_scale (1,)`` (the softmax's scale is
+        ``exp(log_scale)``, 1 at first), ``linear (2 Dv -> Dl)``.
+
+    Raises:
+        ValueError: features of another shape.
+    """
+
+    def __init__(self, grid: tuple[int, int], dim: int, out_dim: int):
+        super().__init__()
+        self.grid, self.dim = tuple(grid), dim
+        self.log_scale = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-dim parameter
+        self.linear = nn.Linear(2 * dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        if x.ndim != 4 or tuple(x.shape[1:]) != (h, w, self.dim):
+            raise ValueError(f"expected patch features (T, {h}, {w}, {self.dim}), got {tuple(x.shape)}")
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        where = torch.stack([xs.flatten(), ys.flatten()], dim=-1).to(x.device)  # (h*w, 2): x, y of each patch
+        weights = torch.softmax(x.float().flatten(1, 2) * self.log_scale.float().exp(), dim=1)  # (T, h*w, Dv)
+        positions = torch.einsum("tnd,nk->tkd", weights, where)  # (T, 2, Dv): each channel's expected x, y
+        moved = (positions[-1] - positions[0]).flatten()  # (2 Dv,)
+        return self.linear(moved.to(self.linear.weight.dtype))  # (Dl,)
 
 
 def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Module:

@@ -68,13 +68,15 @@ def lora_config(settings: LoraSettings, modules_to_save: tuple[str, ...] = ()):
 
 def connector_parts(model) -> list[str]:
     """The attributes of a :class:`VidlmForConditionalGeneration` between its tower and its LLM that
-    ``trainable.projector`` sets: ``projector``, and ``visual_position_embedding`` where the model has one."""
-    return ["projector"] + ["visual_position_embedding"] * (model.visual_position_embedding is not None)
+    ``trainable.projector`` sets: ``projector``, and ``visual_position_embedding`` and ``visual_motion`` where
+    the model has them."""
+    optional = ("visual_position_embedding", "visual_motion")
+    return ["projector"] + [name for name in optional if getattr(model, name) is not None]
 
 
 def apply_trainable(model, config: TrainableConfig):
     """Set what trains on a :class:`VidlmForConditionalGeneration`: the projector's setting holds for the
-    ``visual_position_embedding`` too (the connector between the tower and the LLM).
+    ``visual_position_embedding`` and ``visual_motion`` too (the connector between the tower and the LLM).
 
     Returns:
         the model itself, or a peft ``PeftModel`` wrapping it when ``config.llm == "lora"``.

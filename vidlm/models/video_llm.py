@@ -37,7 +37,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
 from vidlm.models.caption_words import caption_word_loss, clip_summaries, frame_token_maxima
-from vidlm.models.compressors import CompressorConfig, VisualPositionEmbedding, build_compressor, num_visual_tokens
+from vidlm.models.compressors import (
+    CompressorConfig,
+    VisualMotion,
+    VisualPositionEmbedding,
+    build_compressor,
+    num_visual_tokens,
+)
 from vidlm.models.modality_projection import modality_projection
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
 from vidlm.models.projector import ProjectorConfig, build_projector
@@ -113,6 +119,9 @@ class VidlmConfig(PreTrainedConfig):
             the vector the ``words`` recipe classifies into the caption's words
             (:mod:`vidlm.models.caption_words`). An LLM reads from it what the patch tokens hold in a few patches
             of many (a planted object's shape: docs/tutorial-findings.md). Not for the ``global`` compressor.
+        visual_motion: the clip's summary vector (summary token, ``words`` recipe) adds where its patch features went
+            from its first frame to its last (:class:`~vidlm.models.compressors.VisualMotion`): the sense of a motion,
+            which a maximum over the frames cannot hold. Not for the ``global`` compressor.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -140,6 +149,7 @@ class VidlmConfig(PreTrainedConfig):
         center_visual_tokens: str | None = None,
         visual_position_embedding: bool = False,
         visual_summary_token: bool = False,
+        visual_motion: bool = False,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -161,6 +171,7 @@ class VidlmConfig(PreTrainedConfig):
         self.center_visual_tokens = center_visual_tokens
         self.visual_position_embedding = visual_position_embedding
         self.visual_summary_token = visual_summary_token
+        self.visual_motion = visual_motion
         self.system_prompt = system_prompt
         self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
@@ -173,15 +184,15 @@ class VidlmConfig(PreTrainedConfig):
         """Check that the parts fit together.
 
         Raises:
-            ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or
-                the other way round), a modality memory without pooled embeddings, a ``center_visual_tokens``
-                other than ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding`` or
-                ``visual_summary_token`` that is not a bool or is asked of the ``global`` compressor.
+            ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or the
+                other way round), a modality memory without pooled embeddings, a ``center_visual_tokens`` other than
+                ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding``, ``visual_summary_token`` or
+                ``visual_motion`` that is not a bool or is asked of the ``global`` compressor.
         """
         if self.center_visual_tokens not in (None, *CENTERINGS):
             known = ", ".join(repr(c) for c in CENTERINGS)
             raise ValueError(f"center_visual_tokens must be null, {known}, got {self.center_visual_tokens!r}")
-        patch_options = ("visual_position_embedding", "visual_summary_token")
+        patch_options = ("visual_position_embedding", "visual_summary_token", "visual_motion")
         for name in patch_options:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -338,7 +349,8 @@ def tokens_from_features(
     less the mean); ``"clip"`` subtracts from each video's tokens their mean over the video, last. Then
     ``config.visual_position_embedding`` adds the learned ``(h, w, D)`` embedding to every frame's patch features
     at the compressor's input. ``config.visual_summary_token`` appends, after all of that, the projector of the
-    maximum of the video's patch features over its frames and patches.
+    maximum of the video's patch features over its frames and patches, plus their motion with
+    ``config.visual_motion`` (:func:`~vidlm.models.caption_words.clip_summaries`).
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -385,7 +397,7 @@ def tokens_from_features(
         if centring == "clip":
             tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
         if config.visual_summary_token:
-            summary = clip_summaries(parts.projector, [x])  # (1, Dl)
+            summary = clip_summaries(parts.projector, [x], parts.visual_motion if config.visual_motion else None)
             tokens = torch.cat([tokens, summary[None].to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
         out.append(tokens[0])
     return out
@@ -423,14 +435,15 @@ def attach_modality_memory(model: nn.Module, memory) -> None:
 
 
 def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
-    """Create ``vision_tower``, ``projector``, ``compressor``, ``visual_position_embedding`` and ``modality_memory``
-    on ``parts``."""
+    """Create the parts on ``parts``: tower, projector, compressor, position embedding, motion, memory."""
     parts.vision_tower = HFVisionTower(config.vision_config, config.vision_feature_layer, config.projection_dim)
     parts.projector = build_projector(config.projector_config)
     width = config.vision_config.hidden_size if config.pool_before_projector else config.text_config.hidden_size
     parts.compressor = build_compressor(config.compressor_config, dim=width)
     grid = config.compressor_config.grid
     parts.visual_position_embedding = VisualPositionEmbedding(grid, width) if config.visual_position_embedding else None
+    dims = (grid, config.vision_config.hidden_size, config.text_config.hidden_size)
+    parts.visual_motion = VisualMotion(*dims) if config.visual_motion else None
     if config.modality_memory_size:
         parts.register_buffer("modality_memory", torch.zeros(config.modality_memory_size, parts.vision_tower.embed_dim))
     else:
@@ -441,8 +454,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """Vision tower -> projector -> compressor -> causal LM, with ``generate()`` from transformers.
 
     Parameters are named ``vision_tower.*``, ``projector.*``, ``language_model.*`` (the LLM's own names,
-    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``), ``visual_position_embedding`` when the config
-    asks for it and, for TOPA, ``modality_memory``.
+    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``), ``visual_position_embedding.*`` and
+    ``visual_motion.*`` when the config asks for them and, for TOPA, ``modality_memory``.
     """
 
     config_class = VidlmConfig
@@ -548,7 +561,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
             caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; each
                 video's vector is :func:`~vidlm.models.caption_words.clip_summaries` of its tower's patch features
-                (``global``: :func:`~vidlm.models.caption_words.frame_token_maxima` of its pooled embeddings), and
+                (``global``:
+                :func:`~vidlm.models.caption_words.frame_token_maxima` of its pooled embeddings), and
                 the loss :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; frames only,
                 else ``ValueError``).
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
@@ -566,7 +580,7 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if self.config.compressor_config.kind == "global":
                 clips = frame_token_maxima(self.projector, list(pooled.split(lengths)))  # (B, Dl)
             else:
-                clips = clip_summaries(self.projector, list(patches.split(lengths)))  # (B, Dl)
+                clips = clip_summaries(self.projector, list(patches.split(lengths)), self.visual_motion)  # (B, Dl)
             return CausalLMOutputWithPast(loss=caption_word_loss(clips, caption_words, self.get_input_embeddings()))
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
