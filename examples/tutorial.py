@@ -182,13 +182,13 @@ def learn(
     train = out / "train"
     train_data = f"data.train={planted / 'train.csv'}"
     seconds = {}
-    start, tower = model, ["trainable.vision_tower=full", "trainable.projector=full"]  # random: trained with the rest
+    start, random_parts = model, ["trainable.vision_tower=full", "trainable.projector=full"]  # trained with the LLM
     if pretrain:
         words = out / "words"
         seed = [o for o in overrides if o.startswith("seed=")]
         args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *seed)
         seconds["words"] = _vidlm("words", out, *args, "export.dtype=float32")
-        start, tower = str(words / "export"), []
+        start, random_parts = str(words / "export"), []
     seconds["train"] = _vidlm(
         "train",
         out,
@@ -199,7 +199,7 @@ def learn(
         str(train),
         train_data,
         f"model={start}",
-        *tower,
+        *random_parts,
         *overrides,
     )
     seconds["recaption"] = _vidlm(

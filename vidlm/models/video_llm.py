@@ -349,8 +349,8 @@ def tokens_from_features(
     less the mean); ``"clip"`` subtracts from each video's tokens their mean over the video, last. Then
     ``config.visual_position_embedding`` adds the learned ``(h, w, D)`` embedding to every frame's patch features
     at the compressor's input. ``config.visual_summary_token`` appends, after all of that, the projector of the
-    maximum of the video's patch features over its frames and patches, plus their motion with
-    ``config.visual_motion`` (:func:`~vidlm.models.caption_words.clip_summaries`).
+    maximum of the video's patch features over its frames and patches, plus their motion where the model has
+    ``visual_motion`` (:func:`~vidlm.models.caption_words.clip_summaries`).
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -397,7 +397,7 @@ def tokens_from_features(
         if centring == "clip":
             tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
         if config.visual_summary_token:
-            summary = clip_summaries(parts.projector, [x], parts.visual_motion if config.visual_motion else None)
+            summary = clip_summaries(parts.projector, [x], parts.visual_motion)  # (1, Dl)
             tokens = torch.cat([tokens, summary[None].to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
         out.append(tokens[0])
     return out
@@ -435,7 +435,7 @@ def attach_modality_memory(model: nn.Module, memory) -> None:
 
 
 def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
-    """Create the parts on ``parts``: tower, projector, compressor, position embedding, motion, memory."""
+    """Create ``vision_tower``, ``projector``, ``compressor``, ``visual_*`` and ``modality_memory`` on ``parts``."""
     parts.vision_tower = HFVisionTower(config.vision_config, config.vision_feature_layer, config.projection_dim)
     parts.projector = build_projector(config.projector_config)
     width = config.vision_config.hidden_size if config.pool_before_projector else config.text_config.hidden_size
