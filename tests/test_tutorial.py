@@ -4,16 +4,14 @@ mc --option-text`` and captioning the held-out videos through vLLM (``vidlm reca
 
 The tutorial's model and recipe without its ``words`` stage (``--no-pretrain-tower``: the tower and projector trained
 from random weights with the LLM), 800 videos of one object (40 held out: ``--test-fraction 0.05``) seen once in
-micro-batches of 8 (``data.micro_batch_size=8``: about 475 steps; in micro-batches of 16 a random tower loses colour,
-0.85) instead of 1,400 videos after 900 steps of the ``words`` stage. Asserted: colour and count, what this budget
-teaches, at the issue's goals for them (0.9 for the questions, 0.8 for the captions; chance 0.2): held-out colour and
-count questions >= 0.9 and vLLM captions naming the true colour >= 0.8, against <= 0.45 for the untrained model's
-colour. Shape and direction need the ``words`` stage (README "Tutorial"), about 7 minutes here, so they are not
-asserted. The captions come from the vLLM engine and the answers from transformers, both reading the same export: a
-mismatch of frames, pooling, centring, summary token, its motion or merge scale between training and serving loses the
-captions' colour while the answers keep it. A scene option ``vidlm planted`` refuses is refused before anything is
-planted.
-"""
+micro-batches of 8 (the recipe's: about 475 steps; in micro-batches of 16 a random tower loses colour, 0.85) instead of
+1,400 videos after 900 steps of the ``words`` stage. Asserted: colour and count, what this budget teaches, at the
+issue's goals for them (0.9 for the questions, 0.8 for the captions; chance 0.2): held-out colour and count questions >=
+0.9 and vLLM captions naming the true colour >= 0.8, against <= 0.45 for the untrained model's colour. Shape and
+direction need the ``words`` stage (README "Tutorial"), about 7 minutes here, so they are not asserted. The captions
+come from the vLLM engine and the answers from transformers, both reading the same export: a mismatch of frames,
+pooling, centring, summary token, its motion or merge scale between training and serving loses the captions' colour
+while the answers keep it. A scene option ``vidlm planted`` refuses is refused before anything is planted."""
 
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ def test_the_tutorial_loop_learns_colour_and_count_and_vllm_captions_name_the_co
     out = tmp_path / "tutorial"
     argv = [
         *("--out", str(out), "--seed", "0", "--num", "800"),
-        *("--test-fraction", "0.05", "--max-objects", "1", "--no-pretrain-tower", "data.micro_batch_size=8"),
+        *("--test-fraction", "0.05", "--max-objects", "1", "--no-pretrain-tower"),
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # vLLM's default, as a user runs it (conftest.py)
     run = subprocess.run(
