@@ -1,7 +1,7 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
 ``python examples/tutorial.py --out runs/tutorial --seed 0 --num 1400 [--test-fraction 0.03] [--max-objects 1]
-[--center-visual-tokens clip|frames|differences] [--visual-position-embedding] [--no-pretrain-tower]
+[--center-visual-tokens clip|frames|differences] [--visual-position-embedding] [--region-tokens R] [--no-pretrain-tower]
 [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
 1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
@@ -56,6 +56,7 @@ MODEL = {
     "visual_position_embedding": False,
     "visual_summary_token": True,
     "visual_motion": True,
+    "visual_region_tokens": 0,
 }
 """The tutorial's model: ``tiny-video`` with a finer, wider tower (16 px patches: a 14 x 14 grid; width 128, 4 heads:
 with 32 px patches the ``words`` stage teaches it less shape, 0.875 against 1.000), its LLM untied with 4 / 4 heads
@@ -69,7 +70,9 @@ through a linear layer -- the vector the ``words`` stage aligns with the caption
 shape and the sense of a motion; 197 visual tokens). ``--center-visual-tokens differences
 --visual-position-embedding`` (frame differences, and a learned position embedding per patch after them) lets the
 LLM learn the sense of a motion from direction questions alone, and ``frames`` its axis; the tutorial's mix of
-captions and questions on one to three objects loses colour with either (docs/tutorial-findings.md)."""
+captions and questions on one to three objects loses colour with either (docs/tutorial-findings.md). No region
+summaries (``visual_region_tokens: 0``): ``--region-tokens 3`` appends 3 x 3 of them, each region's colour, shape and
+motion in one token, for one to three objects (``--max-objects 3``; docs/tutorial-findings.md, "Several objects")."""
 
 
 COMPRESSORS = {
@@ -81,6 +84,7 @@ COMPRESSORS = {
         "visual_position_embedding": False,
         "visual_summary_token": False,
         "visual_motion": False,
+        "visual_region_tokens": 0,
     },
     "mean": {"compressor": {"kind": "mean"}},
 }
@@ -148,16 +152,28 @@ def _vidlm(step: str, out: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
-def _model(out: Path, kind: str, center: str, position: bool) -> str:
-    """:data:`MODEL` with ``center_visual_tokens=center``, ``visual_position_embedding=position`` and the compressor
-    ``kind`` of :data:`COMPRESSORS` (which may turn the embedding off), saved in ``out / "model"``; its path."""
+def _model(out: Path, kind: str, center: str, position: bool, regions: int) -> str:
+    """:data:`MODEL` with ``center_visual_tokens=center``, ``visual_position_embedding=position``,
+    ``visual_region_tokens=regions`` and the compressor ``kind`` of :data:`COMPRESSORS` (which may turn the embedding
+    and the regions off), saved in ``out / "model"``; its path."""
     from vidlm.models.presets import build_preset
 
-    mine = {"center_visual_tokens": center, "visual_position_embedding": position}
+    mine = {"center_visual_tokens": center, "visual_position_embedding": position, "visual_region_tokens": regions}
     model, tokenizer = build_preset("tiny-video", overrides=MODEL | mine | COMPRESSORS[kind])
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return str(out / "model")
+
+
+def _check_regions(regions: int) -> None:
+    """Raises ValueError: ``regions`` a side that :data:`MODEL`'s patch grid does not hold (``VidlmConfig``'s
+    check), before anything is planted."""
+    from vidlm.models.presets import preset_config
+    from vidlm.models.video_llm import VidlmConfig
+
+    fields = preset_config("tiny-video").to_dict()
+    fields["vision_config"]["patch_size"] = MODEL["vision_config.patch_size"]
+    VidlmConfig(**{**fields, "compressor": MODEL["compressor"], "visual_region_tokens": regions})
 
 
 def learn(
@@ -275,6 +291,12 @@ def main() -> None:
         help="a learned position embedding per patch after the centring (VidlmConfig.visual_position_embedding)",
     )
     parser.add_argument(
+        "--region-tokens",
+        type=int,
+        default=MODEL["visual_region_tokens"],
+        help="R: R x R region summaries per clip, for several objects (VidlmConfig.visual_region_tokens)",
+    )
+    parser.add_argument(
         "--pretrain-tower",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -297,8 +319,9 @@ def main() -> None:
     scenes = [f"max_objects={args.max_objects}", f"test_fraction={args.test_fraction}"]
     try:
         load_config(PlantedConfig, None, scenes)
+        _check_regions(args.region_tokens)
         config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the caption prompt is the recipe's
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         parser.error(str(e))
     out = args.out.resolve()
     run = {k: v for k, v in vars(args).items() if k != "out"}
@@ -326,12 +349,13 @@ def main() -> None:
     }
     report["center_visual_tokens"] = args.center_visual_tokens
     report["visual_position_embedding"] = args.visual_position_embedding
+    report["region_tokens"] = args.region_tokens
     report["pretrain_tower"] = args.pretrain_tower
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
-    center, position = args.center_visual_tokens, args.visual_position_embedding
+    center, position, regions = args.center_visual_tokens, args.visual_position_embedding, args.region_tokens
     pretrain = args.pretrain_tower
-    report |= learn(out, planted, _model(out, "pllava", center, position), overrides, prompt, pretrain)
+    report |= learn(out, planted, _model(out, "pllava", center, position, regions), overrides, prompt, pretrain)
     _print(report)
     if kinds:
         report["compressors"] = {}
@@ -339,7 +363,14 @@ def main() -> None:
             result = (
                 report
                 if kind == "pllava"
-                else learn(out / kind, planted, _model(out / kind, kind, center, position), overrides, prompt, pretrain)
+                else learn(
+                    out / kind,
+                    planted,
+                    _model(out / kind, kind, center, position, regions),
+                    overrides,
+                    prompt,
+                    pretrain,
+                )
             )
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]

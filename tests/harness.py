@@ -104,12 +104,13 @@ TINY_VARIANTS = {
         "center_visual_tokens": "clip",
         "visual_summary_token": True,
         "visual_motion": True,
+        "visual_region_tokens": 2,
     },
 }
 """Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` turns its frames
 into frame differences with a visual position embedding and ``mean`` centres its tokens per clip
 (``center_visual_tokens`` ``"differences"`` and ``"clip"``) and appends a summary token with the clip's motion
-(``visual_motion``), so the vLLM parity tests cover each."""
+(``visual_motion``) and 2 x 2 region summaries (``visual_region_tokens``), so the vLLM parity tests cover each."""
 
 
 RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}

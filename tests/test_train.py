@@ -380,7 +380,8 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     from vidlm.models.presets import build_preset
 
     paths = write_planted(tmp_path / "planted", num=40, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
-    model, tokenizer = build_preset("tiny-video", {"visual_summary_token": True, "visual_motion": True})
+    regions = {"visual_region_tokens": 2}  # and region summaries, each caption's sentence matched to one
+    model, tokenizer = build_preset("tiny-video", {"visual_summary_token": True, "visual_motion": True, **regions})
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     overrides = [
@@ -416,7 +417,8 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     assert llm and not moved & llm
     # the patch embedding and the first layer feed the features whatever vision_feature_layer the model reads
     tower = {k for k in before if k.startswith("vision_tower.") and ("embeddings" in k or ".layers.0." in k)}
-    connector = ("projector.", "visual_motion.")
+    connector = ("projector.", "visual_motion.", "visual_regions.")
     trained = {k for k in before if (k.startswith(connector) or k in tower) and before[k].ndim >= 2}
     assert len(trained) > 5 and trained <= moved, sorted(trained - moved)
     assert "visual_motion.linear.weight" in trained and "visual_motion.log_scale" in moved
+    assert "visual_regions.linear.weight" in trained and "visual_regions.presence_bias" in moved

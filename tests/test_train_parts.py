@@ -231,7 +231,8 @@ def test_the_loss_on_the_kept_logits_is_the_full_sequence_loss(video_dir):
 def test_inference_on_frames_is_tower_then_topa_projection_then_projector():
     """encode_videos on frames, checked against each step written out here: the tower's pooled CLIP embedding,
     unit norm (TOPA's ``video / video.norm``), eq. 2 as a direct softmax over the memory, the linear projector."""
-    from vidlm.models.video_llm import attach_modality_memory, encode_videos
+    from vidlm.models.modality_projection import attach_modality_memory
+    from vidlm.models.video_llm import encode_videos
 
     model, _ = build_preset("tiny-topa")
     memory = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
@@ -267,7 +268,8 @@ def test_training_on_features_equals_inference_on_frames_for_patch_features():
 
 
 def test_topa_features_are_unit_norm_and_tideo_text_features_are_not_projected():
-    from vidlm.models.video_llm import attach_modality_memory, tokens_from_features
+    from vidlm.models.modality_projection import attach_modality_memory
+    from vidlm.models.video_llm import tokens_from_features
 
     model, _ = build_preset("tiny-topa")
     x = torch.randn(6, 64)
@@ -283,7 +285,8 @@ def test_topa_features_are_unit_norm_and_tideo_text_features_are_not_projected()
 
 
 def test_modality_memory_travels_with_the_checkpoint_and_bad_memories_are_refused(tmp_path):
-    from vidlm.models.video_llm import VidlmForConditionalGeneration, attach_modality_memory
+    from vidlm.models.modality_projection import attach_modality_memory
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
 
     model, _ = build_preset("tiny-topa")
     memory = 5 * torch.randn(12, 64)
@@ -666,15 +669,16 @@ def test_caption_word_loss_is_each_caption_word_s_likelihood_among_the_batch_s_w
 
 
 def test_words_samples_are_a_clip_s_frames_and_its_caption_s_distinct_words(video_dir, tmp_path):
-    """Recipe ``words``: a planted clip's frames as inference decodes them and its caption's token ids, once each;
-    no sample for a missing video or an empty caption; collate hands on words and frames alone; a LoRA or full LLM
-    and a parquet folder are refused."""
+    """Recipe ``words``: a planted clip's frames as inference decodes them and its caption's token ids, once each,
+    and each sentence's; no sample for a missing video or an empty caption; collate hands on words, sentences and
+    frames alone; a LoRA or full LLM and a parquet folder are refused."""
     from transformers import AutoTokenizer
 
     from pipelines.planted import PlantedConfig, write_planted
-    from training.data import word_samples
+    from training.data import SENTENCE_END, word_samples
     from vidlm.clips import clips_table
     from vidlm.decode import decode_clip
+    from vidlm.models.caption_words import EMPTY_REGION_WORD
     from vidlm.models.video_llm import VidlmConfig
 
     paths = write_planted(tmp_path / "p", num=2, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
@@ -683,13 +687,20 @@ def test_words_samples_are_a_clip_s_frames_and_its_caption_s_distinct_words(vide
     config = VidlmConfig.from_pretrained(video_dir)
     frames = decode_clip(row["path"], config.sampling_config, config.image_size, row["start_s"], row["end_s"])
     assert np.array_equal(sample["features"], frames.frames)
-    ids = AutoTokenizer.from_pretrained(video_dir)(row["caption"], add_special_tokens=False)["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(video_dir)
+    ids = tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
     assert sample["input_ids"].dtype == np.int64 and sample["input_ids"].tolist() == sorted(set(ids))
+    empty = tokenizer(EMPTY_REGION_WORD, add_special_tokens=False)["input_ids"]
+    assert sample["labels"].tolist() == sorted(set(ids)) + [SENTENCE_END] + empty  # one object: one sentence
     assert word_samples({**row, "path": str(tmp_path / "gone.mp4")}, video_dir) == []
     assert word_samples({**row, "caption": " "}, video_dir) == []
     batch = {k: np.array([sample[k], sample[k]], dtype=object) for k in ("input_ids", "labels", "features", "task")}
     out = collate(batch, pad_id=0)
-    assert set(out) == {"caption_words", "frames"} and out["caption_words"][1].tolist() == sample["input_ids"].tolist()
+    assert set(out) == {"caption_words", "caption_sentences", "empty_words", "frames"}
+    assert out["caption_words"][1].tolist() == sample["input_ids"].tolist()
+    assert [s.tolist() for s in out["caption_sentences"][1]] == [sorted(set(ids))] and out[
+        "empty_words"
+    ].tolist() == empty
     with pytest.raises(ValueError, match="trainable.llm must be frozen"):
         load_config(TrainConfig, "training/configs/words_planted.yaml", ["trainable.llm=lora"])
     from training.data import build_dataset

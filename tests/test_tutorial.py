@@ -11,7 +11,8 @@ issue's goals for them (0.9 for the questions, 0.8 for the captions; chance 0.2)
 direction need the ``words`` stage (README "Tutorial"), about 7 minutes here, so they are not asserted. The captions
 come from the vLLM engine and the answers from transformers, both reading the same export: a mismatch of frames,
 pooling, centring, summary token, its motion or merge scale between training and serving loses the captions' colour
-while the answers keep it. A scene option ``vidlm planted`` refuses is refused before anything is planted."""
+while the answers keep it. A scene option ``vidlm planted`` refuses, or a region count the model's patch grid
+does not hold, is refused before anything is planted."""
 
 from __future__ import annotations
 
@@ -28,9 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     ("option", "value", "message"),
-    [("--test-fraction", "nan", "test_fraction"), ("--max-objects", "4", "max_objects")],
+    [
+        ("--test-fraction", "nan", "test_fraction"),
+        ("--max-objects", "4", "max_objects"),
+        ("--region-tokens", "15", "visual_region_tokens must be an int from 0 to 14"),  # a 14 x 14 patch grid
+    ],
 )  # the other values vidlm planted refuses: tests/test_planted.py
-def test_the_tutorial_refuses_scene_options_planted_refuses_before_it_plants(tmp_path, option, value, message):
+def test_the_tutorial_refuses_bad_scene_and_model_options_before_it_plants(tmp_path, option, value, message):
     out = tmp_path / "tutorial"
     argv = [sys.executable, "examples/tutorial.py", "--out", str(out), option, value]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -238,17 +238,19 @@ def test_save_load_round_trip_and_generate(tmp_path):
 def test_the_words_loss_is_each_clip_s_summary_and_trains_the_tower_and_the_projector(tiny_models, variant):
     """``caption_words``: no LLM run; the loss is ``caption_word_loss`` of each clip's vector -- a patch model's
     projector of the maximum of the tower's patch features over frames and patches, plus their motion where the model
-    has it (``mean``); for TOPA's ``global`` compressor
+    has it, and for a model with region summaries (``mean``) their loss, each caption sentence matched to a region;
+    for TOPA's ``global`` compressor
     the maximum over frames of their unit-norm pooled embeddings through its linear projector and temporal embedding
     (not projected onto the memory: TOPA eq. 2 is applied at inference, and passes no gradient) -- and it trains the
     tower and the projector."""
-    from vidlm.models.caption_words import caption_word_loss
+    from vidlm.models.caption_words import caption_word_loss, region_word_loss
 
     model = VidlmForConditionalGeneration.from_pretrained(tiny_models[variant]).train()
     rng = np.random.default_rng(0)
     clips = [model.preprocess(rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)) for n in (3, 2)]
     words = [torch.tensor([5, 9, 11]), torch.tensor([9, 20])]
-    loss = model(pixel_values_videos=clips, caption_words=words).loss
+    sentences, empty = [[torch.tensor([5, 9]), torch.tensor([9, 11])], [torch.tensor([9, 20])]], torch.tensor([30])
+    loss = model(pixel_values_videos=clips, caption_words=words, caption_sentences=sentences, empty_words=empty).loss
     with torch.no_grad():
         inputs = []
         for clip in clips:
@@ -266,12 +268,20 @@ def test_the_words_loss_is_each_clip_s_summary_and_trains_the_tower_and_the_proj
         if variant == "mean":
             vectors = vectors + torch.stack([model.visual_motion(model.vision_tower(c)[1]) for c in clips])
         expected = caption_word_loss(vectors, words, model.get_input_embeddings())
+        if variant == "mean":
+            regions = torch.stack([model.visual_regions(model.vision_tower(c)[1], model.projector) for c in clips])
+            expected = expected + region_word_loss(regions, sentences, empty, model.get_input_embeddings())
     assert torch.isclose(loss, expected, rtol=1e-4), (loss, expected)
     loss.backward()
-    for part in [model.vision_tower, model.projector] + [model.visual_motion] * (variant == "mean"):
+    for part in [model.vision_tower, model.projector] + [model.visual_motion, model.visual_regions] * (
+        variant == "mean"
+    ):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
     with pytest.raises(ValueError, match="pixel_values_videos"):
         model(video_features=[torch.zeros(3, 8)], caption_words=words)
+    if variant == "mean":
+        with pytest.raises(ValueError, match="region summaries need the captions' sentences"):
+            model(pixel_values_videos=clips, caption_words=words)
 
 
 def test_topa_modality_projection_is_applied_at_inference(tiny_models):

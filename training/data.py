@@ -14,7 +14,7 @@ Input contracts (parquet, read with Ray Data):
   decoded in the training's Ray Data ingest with the model's frame sampling (:func:`frame_samples`), so the vision
   tower can train too (``trainable.vision_tower: full``); the conversation as for feature rows.
 - Captioned videos (``words``: a manifest file, as for ``video``): each clip's frames and the distinct token ids
-  of its ``caption`` (:func:`word_samples`), ``task`` :data:`WORDS_TASK`.
+  of its ``caption`` and of each of its sentences (:func:`word_samples`), ``task`` :data:`WORDS_TASK`.
 
 Output rows (:data:`SAMPLE_COLUMNS`): ``input_ids (L,) int64`` with the video placeholder already repeated
 ``num_visual_tokens(T)`` times, ``labels (L,) int64`` (``-100`` everywhere but the assistant's answers and
@@ -56,7 +56,10 @@ SAMPLE_COLUMNS = ("input_ids", "labels", "features", "task")
 SUMMARY_PROMPT = "Generate a summary for the video."  # TOPA's summary task
 LETTERS = string.ascii_uppercase
 WORDS_TASK = "caption_words"
-"""``task`` of :func:`word_samples`' rows: ``input_ids`` holds the caption's words, not a sequence."""
+"""``task`` of :func:`word_samples`' rows: ``input_ids`` holds the caption's words, not a sequence, and ``labels``
+each sentence's words, each sentence's followed by :data:`SENTENCE_END`, then the empty region's word's."""
+SENTENCE_END = -1
+"""Ends a sentence's words in the ``labels`` of a :data:`WORDS_TASK` row."""
 
 
 def mc_prompt(question: str, options: list[str]) -> str:
@@ -315,17 +318,29 @@ def _decoded(row: dict[str, Any], model_dir: str):
 
 def word_samples(row: dict[str, Any], model_dir: str) -> list[dict]:
     """One ``words`` sample of a manifest clip: its frames decoded as the model samples them (``features``, ``(T, S,
-    S, 3) uint8``) and the distinct token ids of its ``caption`` (``input_ids`` and ``labels``, ``(W,) int64``,
-    sorted), ``task`` :data:`WORDS_TASK`. A row without a caption, an error row or a clip that does not decode
-    gives no sample."""
+    S, 3) uint8``), the distinct token ids of its ``caption`` (``input_ids``, ``(W,) int64``, sorted), those of each
+    of the caption's sentences (:func:`~vidlm.models.caption_words.caption_sentences`; the caption itself where it has
+    none, as ``"..."``), each sentence's sorted and
+    followed by :data:`SENTENCE_END`, then the ids of
+    :data:`~vidlm.models.caption_words.EMPTY_REGION_WORD` (``labels``, int64), ``task`` :data:`WORDS_TASK`. A row
+    without a caption, an error row or a clip that does not decode gives no sample."""
+    from vidlm.models.caption_words import EMPTY_REGION_WORD, caption_sentences
+
     caption = row.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         return []
     clip = _decoded(row, model_dir)
     if clip is None:
         return []
-    words = np.unique(np.asarray(_tokenizer(model_dir)(caption, add_special_tokens=False)["input_ids"], np.int64))
-    return [{"input_ids": words, "labels": words, "features": clip.frames, "task": WORDS_TASK}]
+    tokenizer = _tokenizer(model_dir)
+
+    def distinct(text: str) -> list[int]:
+        return sorted(set(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    sentences = [[*distinct(s), SENTENCE_END] for s in caption_sentences(caption) or [caption]]
+    labels = np.asarray([i for s in sentences for i in s] + distinct(EMPTY_REGION_WORD), np.int64)
+    words = np.asarray(distinct(caption), np.int64)
+    return [{"input_ids": words, "labels": labels, "features": clip.frames, "task": WORDS_TASK}]
 
 
 @contextmanager
@@ -437,14 +452,22 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
         padding), ``logits_to_keep (K,) int64``, ``shift_labels (B, K) int64``, and ``video_features``, a list of
         ``B`` float32 tensors, or for rows of decoded frames (:func:`frame_samples`) ``frames``, a list of ``B``
         ``(T, S, S, 3) uint8`` arrays. A micro-batch of :func:`word_samples` gives ``caption_words`` (``B``
-        ``(W_i,) int64`` tensors) and ``frames`` alone.
+        ``(W_i,) int64`` tensors), ``caption_sentences`` (``B`` lists of ``(W_s,) int64`` tensors), ``empty_words``
+        (``(W_e,) int64``) and ``frames``.
     """
     import torch
 
     tasks = batch.get("task")
     if tasks is not None and len(tasks) and tasks[0] == WORDS_TASK:
         words = [torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in batch["input_ids"]]
-        return {"caption_words": words, "frames": [np.asarray(f) for f in batch["features"]]}
+        sentences, empty = [], torch.zeros(0, dtype=torch.int64)
+        for labels in batch["labels"]:
+            labels = np.asarray(labels, dtype=np.int64)
+            *parts, last = np.split(labels, np.flatnonzero(labels == SENTENCE_END) + 1)  # each part ends its sentence
+            sentences.append([torch.from_numpy(p[:-1]) for p in parts])
+            empty = torch.from_numpy(last)
+        frames = [np.asarray(f) for f in batch["features"]]
+        return {"caption_words": words, "caption_sentences": sentences, "empty_words": empty, "frames": frames}
     rows = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)

@@ -317,7 +317,7 @@ def _attach_memory(model, config: TrainConfig) -> None:
     """``data.memory`` into the model (TOPA eq. 2's memory, saved with the checkpoint and the export)."""
     if config.data.memory:
         from training.data import read_memory
-        from vidlm.models.video_llm import attach_modality_memory
+        from vidlm.models.modality_projection import attach_modality_memory
 
         attach_modality_memory(model, read_memory(config.data.memory))
 
@@ -462,6 +462,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 inputs["video_features"] = [f.to(device) for f in inputs["video_features"]]
             if "caption_words" in inputs:  # the words recipe: the vision side alone
                 inputs["caption_words"] = [w.to(device) for w in inputs["caption_words"]]
+                inputs["caption_sentences"] = [[w.to(device) for w in s] for s in inputs["caption_sentences"]]
             loss = engine(**inputs, text_features=config.recipe == "topa").loss  # Tideos: CLIP text features
             engine.backward(loss)
             engine.step()

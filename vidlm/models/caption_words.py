@@ -11,6 +11,13 @@ temperature (CLIP, Radford et al. 2021, §2.5: "initialized to the equivalent of
 are the words of its captions (in-batch negatives, as CLIP's). The projector learns to put a clip's visual tokens near
 its caption's words in the LLM's embedding space, and the tower to tell the clips apart by every word, before the
 ``video`` recipe.
+
+A model with region summaries (``VidlmConfig.visual_region_tokens``) also classifies each region's token: the
+caption's sentences are matched one to one to the clip's regions by the Hungarian algorithm (DETR, Carion et al.
+2020, "End-to-End Object Detection with Transformers", §3.1: the matching of least total loss, scipy's
+``linear_sum_assignment``), each matched region into its sentence's words, every other region into
+:data:`EMPTY_REGION_WORD` -- so each object a sentence describes is learnt where it is, its colour, shape and motion in
+one token.
 """
 
 from __future__ import annotations
@@ -19,10 +26,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WORD_TEMPERATURE", "caption_word_loss", "clip_summaries", "frame_token_maxima"]
+__all__ = [
+    "EMPTY_REGION_WORD",
+    "WORD_TEMPERATURE",
+    "caption_sentences",
+    "caption_word_loss",
+    "clip_summaries",
+    "frame_token_maxima",
+    "region_word_loss",
+    "vision_word_loss",
+]
 
 WORD_TEMPERATURE = 0.07
 """Softmax temperature of the cosine logits: CLIP's initial one (CLIP §2.5), fixed."""
+EMPTY_REGION_WORD = " nothing"
+"""The class of a region that no sentence of the caption is matched to (DETR's "no object", §3.1)."""
+
+
+def caption_sentences(caption: str) -> list[str]:
+    """A caption's sentences, split at full stops, each with its full stop; a sentence after the first keeps the
+    space before it, so each tokenises as it does inside the caption."""
+    parts = [p for p in caption.split(".") if p.strip()]
+    return [p.rstrip() + "." if i == 0 else " " + p.strip() + "." for i, p in enumerate(parts)]
 
 
 def caption_word_loss(clips: torch.Tensor, words: list[torch.Tensor], embeddings: nn.Module) -> torch.Tensor:
@@ -94,3 +119,91 @@ def frame_token_maxima(projector: nn.Module, pooled: list[torch.Tensor]) -> torc
     """
     unit = [F.normalize(x.float(), dim=-1).to(x.dtype) for x in pooled]  # as tokens_from_features normalises
     return torch.stack([projector(u[None])[0].max(dim=0).values for u in unit])  # (B, Dl)
+
+
+def region_word_loss(
+    regions: torch.Tensor, sentences: list[list[torch.Tensor]], empty: torch.Tensor, embeddings: nn.Module
+) -> torch.Tensor:
+    """Mean over clips of the region summaries' loss: each sentence's region found by the Hungarian matching, the
+    mean over those of the mean negative log-likelihood of the sentence's words, plus half the mean over the other
+    regions of that of :data:`EMPTY_REGION_WORD`'s; the softmax of each region runs over the distinct words of the
+    micro-batch's sentences and the empty word (cosine logits at :data:`WORD_TEMPERATURE`, as
+    :func:`caption_word_loss`). The matching minimises the sum of the matched regions' sentence losses less their
+    empty losses (scipy's ``linear_sum_assignment``).
+
+    Args:
+        regions: ``(B, K, Dl)`` float, the region summaries of each clip
+            (:class:`~vidlm.models.compressors.RegionSummaries`).
+        sentences: ``B`` lists of ``(W_s,) int64`` tensors, ``W_s >= 1``: the token ids of each sentence of a clip's
+            caption (repeats count once), at least one; of more than ``K``, the ``K`` the matching picks count.
+        empty: ``(W_e,) int64``, the token ids of :data:`EMPTY_REGION_WORD`.
+        embeddings: the LLM's input embeddings (``Dl`` wide).
+
+    Returns:
+        the loss, a ``()`` float32 tensor.
+
+    Raises:
+        ValueError: not one sentence list per clip, a clip without sentences, or an empty sentence.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if regions.ndim != 3 or len(sentences) != regions.shape[0]:
+        raise ValueError(f"region words: {len(sentences)} sentence lists for regions of shape {tuple(regions.shape)}")
+    if any(not s for s in sentences) or any(w.numel() == 0 for s in sentences for w in s):
+        raise ValueError("region words: each clip needs a sentence, and each sentence a word")
+    vocab, index = torch.unique(torch.cat([empty, *(w for s in sentences for w in s)]), return_inverse=True)
+    groups = index[len(empty) :].split([w.numel() for s in sentences for w in s])  # each sentence's classes
+    empty_classes = index[: len(empty)]
+    classes = F.normalize(embeddings(vocab).float(), dim=-1)  # (V, Dl)
+    log_probs = torch.log_softmax(F.normalize(regions.float(), dim=-1) @ classes.T / WORD_TEMPERATURE, dim=-1)
+    losses, n = [], 0
+    for b, clip in enumerate(sentences):
+        cost = torch.stack([-log_probs[b][:, groups[n + j]].mean(-1) for j in range(len(clip))], dim=1)  # (K, S)
+        n += len(clip)
+        empty_cost = -log_probs[b][:, empty_classes].mean(-1)  # (K,)
+        rows, cols = linear_sum_assignment((cost - empty_cost[:, None]).detach().cpu().numpy())
+        others = torch.ones(regions.shape[1], dtype=torch.bool, device=regions.device)
+        others[torch.as_tensor(rows, device=regions.device)] = False
+        loss = cost[rows, cols].mean()
+        losses.append(loss + 0.5 * empty_cost[others].mean() if bool(others.any()) else loss)
+    return torch.stack(losses).mean()
+
+
+def vision_word_loss(
+    model: nn.Module,
+    videos: list[torch.Tensor],
+    words: list[torch.Tensor],
+    sentences: list[list[torch.Tensor]] | None = None,
+    empty: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``words`` recipe's loss of a :class:`~vidlm.models.video_llm.VidlmForConditionalGeneration`: its tower on
+    the clips' frames, each clip's vector (:func:`clip_summaries`; ``global``: :func:`frame_token_maxima`) classified
+    into its caption's words (:func:`caption_word_loss`), plus, for a model with region summaries,
+    :func:`region_word_loss`.
+
+    Args:
+        model: the model (``vision_tower``, ``projector``, ``visual_motion``, ``visual_regions``, its config).
+        videos: ``B`` tensors ``(T_i, 3, S, S)`` float, the clips' pixel values.
+        words: ``B`` tensors ``(W_i,) int64``, each caption's token ids.
+        sentences, empty: each caption's sentences' token ids and :data:`EMPTY_REGION_WORD`'s
+            (:func:`region_word_loss`); needed by a model with region summaries.
+
+    Returns:
+        the loss, a ``()`` float32 tensor.
+
+    Raises:
+        ValueError: a model with region summaries without ``sentences`` and ``empty``.
+    """
+    pooled, patches = model.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
+    lengths = [len(v) for v in videos]
+    embeddings = model.get_input_embeddings()
+    if model.config.compressor_config.kind == "global":
+        return caption_word_loss(frame_token_maxima(model.projector, list(pooled.split(lengths))), words, embeddings)
+    clips = list(patches.split(lengths))
+    loss = caption_word_loss(clip_summaries(model.projector, clips, model.visual_motion), words, embeddings)
+    if model.visual_regions is None:
+        return loss
+    if sentences is None or empty is None:
+        raise ValueError("region summaries need the captions' sentences (caption_sentences) and the empty word")
+    regions = torch.stack([model.visual_regions(x, model.projector) for x in clips])  # (B, R*R, Dl)
+    return loss + region_word_loss(regions, sentences, empty, embeddings)

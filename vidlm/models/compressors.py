@@ -44,12 +44,14 @@ __all__ = [
     "CompressorConfig",
     "GlobalFrames",
     "NFrame",
+    "RegionSummaries",
     "SlowFast",
     "SpatialTemporalMean",
     "VisualMotion",
     "VisualPositionEmbedding",
     "pool_2d",
     "pooled_grid",
+    "appended_tokens",
     "build_compressor",
     "num_visual_tokens",
 ]
@@ -334,6 +336,89 @@ class VisualMotion(nn.Module):
         return self.linear(moved.to(self.linear.weight.dtype))  # (Dl,)
 
 
+class RegionSummaries(nn.Module):
+    """A clip's region summaries: one ``Dl`` token per region of an ``R x R`` split of the patch grid
+    (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_region_tokens`), each the clip's summary
+    (:func:`~vidlm.models.caption_words.clip_summaries`) of that region alone -- the projector of the maximum of its
+    patch features over the clip's frames and patches -- plus the region's motion through a linear layer. Where
+    several objects share a clip, each is alone in its region more often than not, so a region's token holds one
+    object's colour, shape and motion together, which one maximum over the whole grid mixes.
+
+    The regions are adaptive pooling's bins (rows ``floor(i h / R)`` to ``ceil((i + 1) h / R)``; neighbours share a
+    row or column when ``R`` does not divide ``h``), in row-major order. A region's motion: each feature channel's
+    spatial soft-argmax in the region per frame (:class:`VisualMotion`'s, at a learned scale), and its velocity -- the
+    least-squares slope of that position against time (the frames spread from 0 to 1), each frame weighted by how
+    strongly the channel fires in the region (the sigmoid of its maximum there, at a learned scale and bias per
+    channel), so an object that appears late is timed from the frames it is in -- with the channel's weighted mean
+    time (when it is there): ``(3, Dv)``, through the linear layer.
+
+    Args:
+        grid: ``(h, w)``, the tower's patch grid, ``h, w >= regions``.
+        regions: ``R``, regions per side.
+        dim: Dv, the patch features' width.
+        out_dim: Dl, the LLM's width.
+
+    Shapes:
+        ``(T, h, w, Dv)`` float and the projector ``Dv -> Dl`` -> ``(R * R, Dl)``, in the projector's dtype;
+        ``log_scale (1,)``, ``presence_scale (Dv,)`` (ones at first), ``presence_bias (Dv,)`` (zeros),
+        ``linear (3 Dv -> Dl)``.
+
+    Raises:
+        ValueError: features of another shape (``forward``); a grid smaller than ``R`` (``__init__``).
+    """
+
+    def __init__(self, grid: tuple[int, int], regions: int, dim: int, out_dim: int):
+        super().__init__()
+        h, w = grid
+        if not 1 <= regions <= min(h, w):
+            raise ValueError(f"visual_region_tokens: {regions} regions a side do not fit a {h} x {w} patch grid")
+        self.grid, self.regions, self.dim = (h, w), regions, dim
+        self.log_scale = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-dim parameter
+        self.presence_scale = nn.Parameter(torch.ones(dim))
+        self.presence_bias = nn.Parameter(torch.zeros(dim))
+        self.linear = nn.Linear(3 * dim, out_dim)
+
+    def bins(self, size: int) -> list[tuple[int, int]]:
+        """Adaptive pooling's ``R`` bins ``(start, end)`` of ``size`` rows or columns."""
+        return [(i * size // self.regions, -(-(i + 1) * size // self.regions)) for i in range(self.regions)]
+
+    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each region's maximum and motion, ``(T, h, w, Dv) -> (R * R, Dv), (R * R, 3 Dv)`` float32: the motion is
+        each channel's velocity in x (``[:Dv]``), in y (``[Dv:2 Dv]``; grid units, -1 to 1 across the region, per
+        clip) and its mean time (``[2 Dv:]``, 0 the first frame, 1 the last)."""
+        h, w = self.grid
+        if x.ndim != 4 or tuple(x.shape[1:]) != (h, w, self.dim):
+            raise ValueError(f"expected patch features (T, {h}, {w}, {self.dim}), got {tuple(x.shape)}")
+        x = x.float()
+        time = torch.linspace(0, 1, x.shape[0], device=x.device)[:, None]  # (T, 1)
+        maxima, motions = [], []
+        for top, bottom in self.bins(h):
+            for left, right in self.bins(w):
+                region = x[:, top:bottom, left:right].flatten(1, 2)  # (T, n, Dv)
+                ys, xs = torch.meshgrid(
+                    torch.linspace(-1, 1, bottom - top), torch.linspace(-1, 1, right - left), indexing="ij"
+                )
+                where = torch.stack([xs.flatten(), ys.flatten()], dim=-1).to(x.device)  # (n, 2)
+                weights = torch.softmax(region * self.log_scale.float().exp(), dim=1)  # (T, n, Dv)
+                positions = torch.einsum("tnd,nk->tkd", weights, where)  # (T, 2, Dv)
+                peak = region.max(dim=1).values  # (T, Dv)
+                presence = torch.sigmoid(peak * self.presence_scale.float() + self.presence_bias.float())
+                presence = presence / (presence.sum(0, keepdim=True) + 1e-6)  # (T, Dv), sums to 1 over time
+                when = (presence * time).sum(0)  # (Dv,)
+                spread = time - when  # (T, Dv)
+                centre = (presence[:, None] * positions).sum(0)  # (2, Dv)
+                slope = (presence * spread)[:, None] * (positions - centre)  # (T, 2, Dv)
+                velocity = slope.sum(0) / ((presence * spread * spread).sum(0) + 1e-3)  # (2, Dv)
+                maxima.append(peak.max(dim=0).values)
+                motions.append(torch.cat([velocity.flatten(), when]))  # (3 Dv,)
+        return torch.stack(maxima), torch.stack(motions)
+
+    def forward(self, x: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+        maxima, motions = self.measure(x)
+        summaries = projector(maxima.to(next(projector.parameters()).dtype))  # (R*R, Dl)
+        return summaries + self.linear(motions.to(self.linear.weight.dtype)).to(summaries.dtype)
+
+
 def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Module:
     """The compressor module a config names; ``dim``: the token width D (for SlowFast's newline parameter)."""
     if config.kind == "pllava":
@@ -343,9 +428,15 @@ def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Mod
     return {"nframe": NFrame, "mean": SpatialTemporalMean, "global": GlobalFrames}[config.kind]()
 
 
+def appended_tokens(summary_token: bool, region_tokens: int) -> int:
+    """Tokens a model appends per clip after its compressor's: one summary token (``VidlmConfig.visual_summary_token``)
+    and ``R * R`` region summaries (``VidlmConfig.visual_region_tokens``, ``R``)."""
+    return int(summary_token) + region_tokens**2
+
+
 def num_visual_tokens(config: CompressorConfig, num_frames: int, summary_tokens: int = 0) -> int:
     """How many LLM tokens a video of ``num_frames`` frames becomes under ``config``, plus ``summary_tokens`` the
-    model appends per clip (``VidlmConfig.visual_summary_token``).
+    model appends per clip (:func:`appended_tokens`).
 
     Raises:
         ValueError: ``num_frames < 1``.

@@ -68,15 +68,16 @@ def lora_config(settings: LoraSettings, modules_to_save: tuple[str, ...] = ()):
 
 def connector_parts(model) -> list[str]:
     """The attributes of a :class:`VidlmForConditionalGeneration` between its tower and its LLM that
-    ``trainable.projector`` sets: ``projector``, and ``visual_position_embedding`` and ``visual_motion`` where
-    the model has them."""
-    optional = ("visual_position_embedding", "visual_motion")
+    ``trainable.projector`` sets: ``projector``, and ``visual_position_embedding``, ``visual_motion`` and
+    ``visual_regions`` where the model has them."""
+    optional = ("visual_position_embedding", "visual_motion", "visual_regions")
     return ["projector"] + [name for name in optional if getattr(model, name) is not None]
 
 
 def apply_trainable(model, config: TrainableConfig):
     """Set what trains on a :class:`VidlmForConditionalGeneration`: the projector's setting holds for the
-    ``visual_position_embedding`` and ``visual_motion`` too (the connector between the tower and the LLM).
+    ``visual_position_embedding``, ``visual_motion`` and ``visual_regions`` too (the connector between the tower and
+    the LLM).
 
     Returns:
         the model itself, or a peft ``PeftModel`` wrapping it when ``config.llm == "lora"``.

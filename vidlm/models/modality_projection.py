@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["modality_projection"]
+__all__ = ["attach_modality_memory", "modality_projection"]
 
 
 @torch.no_grad()
@@ -62,3 +63,34 @@ def modality_projection(
         running_max = new_max
     out = F.normalize(acc / denom, dim=-1)  # TOPA eq. 2: norm(softmax(.) M)
     return out.reshape(*lead, d).to(features.dtype)
+
+
+def attach_modality_memory(model: nn.Module, memory) -> None:
+    """Give a TOPA model its memory of CLIP text features (TOPA eq. 2), saved with its weights from then on.
+
+    Sets ``config.modality_memory_size`` and the ``modality_memory (K, D)`` buffer (rows L2-normalised, in the
+    model's dtype), replacing any memory the model had. ``vidlm train recipe: topa data.memory=...`` calls it, so
+    the checkpoint and the export carry the memory into every inference path.
+
+    Args:
+        model: a :class:`~vidlm.models.video_llm.VidlmForConditionalGeneration` with the ``global`` compressor.
+        memory: ``(K, D)`` float array or tensor (``vidlm textvid``'s ``memory.npy``), ``D`` the pooled
+            embedding width.
+
+    Raises:
+        ValueError: not a TOPA model, or a memory that is not ``(K>0, D)`` finite floats.
+    """
+    config = model.config
+    if config.compressor_config.kind != "global":
+        raise ValueError("a modality memory needs a TOPA model (compressor.kind='global')")
+    memory = torch.as_tensor(memory)
+    width = config.projector_config.vision_dim
+    if memory.ndim != 2 or memory.shape[0] < 1 or memory.shape[1] != width or not memory.is_floating_point():
+        raise ValueError(f"a modality memory is (K>0, {width}) floats, got {tuple(memory.shape)} {memory.dtype}")
+    if not torch.isfinite(memory).all():
+        raise ValueError("the modality memory holds non-finite values")
+    memory = F.normalize(memory.float(), dim=-1).to(next(model.parameters()).dtype)
+    config.modality_memory_size = int(memory.shape[0])
+    if "modality_memory" not in model._buffers:
+        delattr(model, "modality_memory")  # the plain ``None`` of a model without a memory
+    model.register_buffer("modality_memory", memory)

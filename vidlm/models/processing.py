@@ -128,6 +128,7 @@ class VidlmProcessor(ProcessorMixin):
         compressor: the compressor fields with the tower's ``grid`` (``VidlmConfig.compressor_config``), which
             give ``num_visual_tokens(T)``.
         visual_summary_token: the model appends one token per clip (``VidlmConfig.visual_summary_token``).
+        visual_region_tokens: ``R``: and ``R * R`` region summaries after it (``VidlmConfig.visual_region_tokens``).
     """
 
     attributes = ["tokenizer"]
@@ -143,6 +144,7 @@ class VidlmProcessor(ProcessorMixin):
         image_std: Sequence[float] = (1.0, 1.0, 1.0),
         compressor: dict | None = None,
         visual_summary_token: bool = False,
+        visual_region_tokens: int = 0,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -153,6 +155,7 @@ class VidlmProcessor(ProcessorMixin):
         self.image_std = list(image_std)
         self.compressor = dict(compressor or {})
         self.visual_summary_token = visual_summary_token
+        self.visual_region_tokens = visual_region_tokens
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
@@ -167,6 +170,7 @@ class VidlmProcessor(ProcessorMixin):
             image_std=config.image_std,
             compressor=config.compressor_config.model_dump(),
             visual_summary_token=config.visual_summary_token,
+            visual_region_tokens=config.visual_region_tokens,
         )
 
     @classmethod
@@ -185,9 +189,10 @@ class VidlmProcessor(ProcessorMixin):
 
     def num_visual_tokens(self, num_frames: int) -> int:
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
-        from vidlm.models.compressors import CompressorConfig, num_visual_tokens
+        from vidlm.models.compressors import CompressorConfig, appended_tokens, num_visual_tokens
 
-        return num_visual_tokens(CompressorConfig(**self.compressor), num_frames, int(self.visual_summary_token))
+        appended = appended_tokens(self.visual_summary_token, self.visual_region_tokens)
+        return num_visual_tokens(CompressorConfig(**self.compressor), num_frames, appended)
 
     def __call__(self, text: str | list[str], videos=None, **kwargs) -> BatchFeature:
         """Tokenise ``text`` (one prompt or a batch) and preprocess one video per prompt.

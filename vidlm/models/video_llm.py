@@ -36,11 +36,13 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
-from vidlm.models.caption_words import caption_word_loss, clip_summaries, frame_token_maxima
+from vidlm.models.caption_words import clip_summaries, vision_word_loss
 from vidlm.models.compressors import (
     CompressorConfig,
+    RegionSummaries,
     VisualMotion,
     VisualPositionEmbedding,
+    appended_tokens,
     build_compressor,
     num_visual_tokens,
 )
@@ -55,7 +57,6 @@ __all__ = [
     "CLIP_STD",
     "VidlmConfig",
     "VidlmForConditionalGeneration",
-    "attach_modality_memory",
     "build_video_parts",
     "encode_videos",
     "feature_column",
@@ -122,6 +123,10 @@ class VidlmConfig(PreTrainedConfig):
         visual_motion: the clip's summary vector (summary token, ``words`` recipe) adds where its patch features went
             from its first frame to its last (:class:`~vidlm.models.compressors.VisualMotion`): the sense of a motion,
             which a maximum over the frames cannot hold. Not for the ``global`` compressor.
+        visual_region_tokens: ``R``: append, after the summary token, one token per region of an ``R x R`` split
+            of the patch grid, each the summary of that region with its motion
+            (:class:`~vidlm.models.compressors.RegionSummaries`): where a clip holds several objects, each one's
+            colour, shape and motion in one token (``0``: none). Not for the ``global`` compressor.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -150,6 +155,7 @@ class VidlmConfig(PreTrainedConfig):
         visual_position_embedding: bool = False,
         visual_summary_token: bool = False,
         visual_motion: bool = False,
+        visual_region_tokens: int = 0,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -172,6 +178,7 @@ class VidlmConfig(PreTrainedConfig):
         self.visual_position_embedding = visual_position_embedding
         self.visual_summary_token = visual_summary_token
         self.visual_motion = visual_motion
+        self.visual_region_tokens = visual_region_tokens
         self.system_prompt = system_prompt
         self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
@@ -187,7 +194,8 @@ class VidlmConfig(PreTrainedConfig):
             ValueError: naming the field: a ``global`` compressor without the ``topa_linear`` projector (or the
                 other way round), a modality memory without pooled embeddings, a ``center_visual_tokens`` other than
                 ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding``, ``visual_summary_token`` or
-                ``visual_motion`` that is not a bool or is asked of the ``global`` compressor.
+                ``visual_motion`` that is not a bool or is asked of the ``global`` compressor, or a
+                ``visual_region_tokens`` that is not an int from 0 to the patch grid's side (0 for ``global``).
         """
         if self.center_visual_tokens not in (None, *CENTERINGS):
             known = ", ".join(repr(c) for c in CENTERINGS)
@@ -200,6 +208,9 @@ class VidlmConfig(PreTrainedConfig):
         for name in patch_options:
             if getattr(self, name) and kind == "global":
                 raise ValueError(f"{name} needs a patch grid: not for compressor.kind='global'")
+        regions, side = self.visual_region_tokens, 0 if kind == "global" else min(self.compressor_config.grid)
+        if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= side:
+            raise ValueError(f"visual_region_tokens must be an int from 0 to {side} (the grid's side), got {regions!r}")
         if (kind == "global") != (self.projector == "topa_linear"):
             raise ValueError(
                 f"compressor.kind={kind!r} needs projector='topa_linear' and vice versa (got {self.projector!r})"
@@ -239,7 +250,8 @@ class VidlmConfig(PreTrainedConfig):
 
     def num_visual_tokens(self, num_frames: int) -> int:
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
-        return num_visual_tokens(self.compressor_config, num_frames, int(self.visual_summary_token))
+        appended = appended_tokens(self.visual_summary_token, self.visual_region_tokens)
+        return num_visual_tokens(self.compressor_config, num_frames, appended)
 
     def context_overflow(
         self, num_frames: int, text_tokens: int, max_model_len: int, text: str = "text tokens"
@@ -350,7 +362,8 @@ def tokens_from_features(
     ``config.visual_position_embedding`` adds the learned ``(h, w, D)`` embedding to every frame's patch features
     at the compressor's input. ``config.visual_summary_token`` appends, after all of that, the projector of the
     maximum of the video's patch features over its frames and patches, plus their motion where the model has
-    ``visual_motion`` (:func:`~vidlm.models.caption_words.clip_summaries`).
+    ``visual_motion`` (:func:`~vidlm.models.caption_words.clip_summaries`), and then ``config.visual_region_tokens``
+    the region summaries (:class:`~vidlm.models.compressors.RegionSummaries`).
 
     Args:
         features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
@@ -399,39 +412,11 @@ def tokens_from_features(
         if config.visual_summary_token:
             summary = clip_summaries(parts.projector, [x], parts.visual_motion)  # (1, Dl)
             tokens = torch.cat([tokens, summary[None].to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
+        if parts.visual_regions is not None:
+            regions = parts.visual_regions(x, parts.projector)  # (R*R, Dl)
+            tokens = torch.cat([tokens, regions[None].to(tokens.dtype)], dim=1)  # (1, N + 1 + R*R, Dl)
         out.append(tokens[0])
     return out
-
-
-def attach_modality_memory(model: nn.Module, memory) -> None:
-    """Give a TOPA model its memory of CLIP text features (TOPA eq. 2), saved with its weights from then on.
-
-    Sets ``config.modality_memory_size`` and the ``modality_memory (K, D)`` buffer (rows L2-normalised, in the
-    model's dtype), replacing any memory the model had. ``vidlm train recipe: topa data.memory=...`` calls it, so
-    the checkpoint and the export carry the memory into every inference path.
-
-    Args:
-        model: a :class:`VidlmForConditionalGeneration` with the ``global`` compressor.
-        memory: ``(K, D)`` float array or tensor (``vidlm textvid``'s ``memory.npy``), ``D`` the pooled
-            embedding width.
-
-    Raises:
-        ValueError: not a TOPA model, or a memory that is not ``(K>0, D)`` finite floats.
-    """
-    config = model.config
-    if config.compressor_config.kind != "global":
-        raise ValueError("a modality memory needs a TOPA model (compressor.kind='global')")
-    memory = torch.as_tensor(memory)
-    width = config.projector_config.vision_dim
-    if memory.ndim != 2 or memory.shape[0] < 1 or memory.shape[1] != width or not memory.is_floating_point():
-        raise ValueError(f"a modality memory is (K>0, {width}) floats, got {tuple(memory.shape)} {memory.dtype}")
-    if not torch.isfinite(memory).all():
-        raise ValueError("the modality memory holds non-finite values")
-    memory = F.normalize(memory.float(), dim=-1).to(next(model.parameters()).dtype)
-    config.modality_memory_size = int(memory.shape[0])
-    if "modality_memory" not in model._buffers:
-        delattr(model, "modality_memory")  # the plain ``None`` of a model without a memory
-    model.register_buffer("modality_memory", memory)
 
 
 def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
@@ -444,6 +429,8 @@ def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
     parts.visual_position_embedding = VisualPositionEmbedding(grid, width) if config.visual_position_embedding else None
     dims = (grid, config.vision_config.hidden_size, config.text_config.hidden_size)
     parts.visual_motion = VisualMotion(*dims) if config.visual_motion else None
+    regions = config.visual_region_tokens
+    parts.visual_regions = RegionSummaries(grid, regions, *dims[1:]) if regions else None
     if config.modality_memory_size:
         parts.register_buffer("modality_memory", torch.zeros(config.modality_memory_size, parts.vision_tower.embed_dim))
     else:
@@ -454,8 +441,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """Vision tower -> projector -> compressor -> causal LM, with ``generate()`` from transformers.
 
     Parameters are named ``vision_tower.*``, ``projector.*``, ``language_model.*`` (the LLM's own names,
-    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``), ``visual_position_embedding.*`` and
-    ``visual_motion.*`` when the config asks for them and, for TOPA, ``modality_memory``.
+    e.g. ``language_model.model.layers.0.self_attn.q_proj.weight``), ``visual_position_embedding.*``,
+    ``visual_motion.*`` and ``visual_regions.*`` when the config asks for them and, for TOPA, ``modality_memory``.
     """
 
     config_class = VidlmConfig
@@ -549,6 +536,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         text_features: bool = False,
         caption_words: list[torch.Tensor] | None = None,
+        caption_sentences: list[list[torch.Tensor]] | None = None,
+        empty_words: torch.Tensor | None = None,
         **kwargs,
     ):
         """Run the LLM on text with videos; or, given ``caption_words``, only the vision side, for its pre-training.
@@ -559,12 +548,11 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             video_features: instead of frames, one tensor of tower features per sequence (training on the
                 parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
             text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
-            caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; each
-                video's vector is :func:`~vidlm.models.caption_words.clip_summaries` of its tower's patch features
-                (``global``:
-                :func:`~vidlm.models.caption_words.frame_token_maxima` of its pooled embeddings), and
-                the loss :func:`~vidlm.models.caption_words.caption_word_loss` (the ``words`` recipe; frames only,
-                else ``ValueError``).
+            caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; the loss
+                is :func:`~vidlm.models.caption_words.vision_word_loss` of the videos' frames (the ``words``
+                recipe; frames only, else ``ValueError``).
+            caption_sentences, empty_words: with ``caption_words``, for a model with region summaries: each
+                caption's sentences' token ids and the empty region's word's.
             attention_mask, position_ids, past_key_values, labels, logits_to_keep: as the causal LM's.
 
         Returns:
@@ -574,14 +562,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if caption_words is not None:
             if pixel_values_videos is None:
                 raise ValueError("caption_words: the videos' frames (pixel_values_videos) are needed")
-            videos = list(pixel_values_videos)
-            pooled, patches = self.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
-            lengths = [len(v) for v in videos]
-            if self.config.compressor_config.kind == "global":
-                clips = frame_token_maxima(self.projector, list(pooled.split(lengths)))  # (B, Dl)
-            else:
-                clips = clip_summaries(self.projector, list(patches.split(lengths)), self.visual_motion)  # (B, Dl)
-            return CausalLMOutputWithPast(loss=caption_word_loss(clips, caption_words, self.get_input_embeddings()))
+            loss = vision_word_loss(self, list(pixel_values_videos), caption_words, caption_sentences, empty_words)
+            return CausalLMOutputWithPast(loss=loss)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
         return self.language_model(
