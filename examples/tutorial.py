@@ -169,11 +169,8 @@ def _check_regions(regions: int) -> None:
     """Raises ValueError: ``regions`` a side that :data:`MODEL`'s patch grid does not hold (``VidlmConfig``'s
     check), before anything is planted."""
     from vidlm.models.presets import preset_config
-    from vidlm.models.video_llm import VidlmConfig
 
-    fields = preset_config("tiny-video").to_dict()
-    fields["vision_config"]["patch_size"] = MODEL["vision_config.patch_size"]
-    VidlmConfig(**{**fields, "compressor": MODEL["compressor"], "visual_region_tokens": regions})
+    preset_config("tiny-video", MODEL | {"visual_region_tokens": regions}).validate_parts()
 
 
 def learn(

@@ -51,6 +51,7 @@ __all__ = [
     "VisualPositionEmbedding",
     "pool_2d",
     "pooled_grid",
+    "spatial_soft_argmax",
     "appended_tokens",
     "build_compressor",
     "num_visual_tokens",
@@ -293,6 +294,24 @@ class VisualPositionEmbedding(nn.Module):
         return x + self.weight.to(x.dtype)
 
 
+def spatial_soft_argmax(x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Each feature channel's expected patch position under its softmax over the patch grid at scale
+    ``exp(log_scale)`` (the spatial softmax of Levine et al. 2016, "End-to-End Training of Deep Visuomotor Policies").
+
+    Args:
+        x: ``(T, h, w, D)`` float, patch features.
+        log_scale: ``(1,)``, the softmax's log scale.
+
+    Returns:
+        ``(T, 2, D)`` float32: each channel's expected x and y per frame, in grid units (-1 to 1 across the grid).
+    """
+    _, h, w, _ = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    where = torch.stack([xs.flatten(), ys.flatten()], dim=-1).to(x.device)  # (h*w, 2): x, y of each patch
+    weights = torch.softmax(x.float().flatten(1, 2) * log_scale.float().exp(), dim=1)  # (T, h*w, D)
+    return torch.einsum("tnd,nk->tkd", weights, where)  # (T, 2, D)
+
+
 class VisualMotion(nn.Module):
     """A clip's motion: where its patch features went between its first and last frames, one ``Dl`` vector that the
     clip's summary adds (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_motion`).
@@ -328,10 +347,7 @@ class VisualMotion(nn.Module):
         h, w = self.grid
         if x.ndim != 4 or tuple(x.shape[1:]) != (h, w, self.dim):
             raise ValueError(f"expected patch features (T, {h}, {w}, {self.dim}), got {tuple(x.shape)}")
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-        where = torch.stack([xs.flatten(), ys.flatten()], dim=-1).to(x.device)  # (h*w, 2): x, y of each patch
-        weights = torch.softmax(x.float().flatten(1, 2) * self.log_scale.float().exp(), dim=1)  # (T, h*w, Dv)
-        positions = torch.einsum("tnd,nk->tkd", weights, where)  # (T, 2, Dv): each channel's expected x, y
+        positions = spatial_soft_argmax(x, self.log_scale)  # (T, 2, Dv): each channel's expected x, y
         moved = (positions[-1] - positions[0]).flatten()  # (2 Dv,)
         return self.linear(moved.to(self.linear.weight.dtype))  # (Dl,)
 
@@ -394,14 +410,9 @@ class RegionSummaries(nn.Module):
         maxima, motions = [], []
         for top, bottom in self.bins(h):
             for left, right in self.bins(w):
-                region = x[:, top:bottom, left:right].flatten(1, 2)  # (T, n, Dv)
-                ys, xs = torch.meshgrid(
-                    torch.linspace(-1, 1, bottom - top), torch.linspace(-1, 1, right - left), indexing="ij"
-                )
-                where = torch.stack([xs.flatten(), ys.flatten()], dim=-1).to(x.device)  # (n, 2)
-                weights = torch.softmax(region * self.log_scale.float().exp(), dim=1)  # (T, n, Dv)
-                positions = torch.einsum("tnd,nk->tkd", weights, where)  # (T, 2, Dv)
-                peak = region.max(dim=1).values  # (T, Dv)
+                region = x[:, top:bottom, left:right]  # (T, hr, wr, Dv)
+                positions = spatial_soft_argmax(region, self.log_scale)  # (T, 2, Dv), in the region's own units
+                peak = region.flatten(1, 2).max(dim=1).values  # (T, Dv)
                 presence = torch.sigmoid(peak * self.presence_scale.float() + self.presence_bias.float())
                 presence = presence / (presence.sum(0, keepdim=True) + 1e-6)  # (T, Dv), sums to 1 over time
                 when = (presence * time).sum(0)  # (Dv,)

@@ -191,36 +191,39 @@ LLM_PRESETS = ("smol",)
 """Presets whose LLM is a released model on disk (SmolLM2-135M-Instruct), usable alone by the text-only jobs."""
 
 
-def preset_config(name: str) -> VidlmConfig:
-    """The config of a named preset.
+def preset_config(name: str, overrides: dict | None = None) -> VidlmConfig:
+    """The config of a named preset, with ``overrides`` (``VidlmConfig`` fields to change; a dotted key changes a
+    field of a part's config, ``{"text_config.initializer_range": 0.02}``) set as they are, unchecked
+    (:meth:`~vidlm.models.video_llm.VidlmConfig.validate_parts` checks them).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-def build_preset(name: str, overrides: dict | None = None, seed: int = 0):
-    """Build ``tiny`` or ``smol`` (with weights) as ``(model, tokenizer)``.
-
-    Args:
-        overrides: ``VidlmConfig`` fields to change (e.g. ``{"compressor": {"kind": "slowfast"}}``); a dotted key
-            changes a field of a part's config (``{"text_config.initializer_range": 0.02}``).
-
-    Raises:
-        ValueError: a paper preset, which has no weights here (convert a released checkpoint).
-    """
-    if name not in MATERIALISED:
-        raise ValueError(f"preset {name!r} has no local weights: bring a checkpoint with `vidlm convert`")
-    config = preset_config(name)
+    config = PRESETS[name]()
     for key, value in (overrides or {}).items():
         *parts, field = key.split(".")
         target = config
         for part in parts:
             target = getattr(target, part)
         setattr(target, field, value)
+    return config
+
+
+def build_preset(name: str, overrides: dict | None = None, seed: int = 0):
+    """Build ``tiny`` or ``smol`` (with weights) as ``(model, tokenizer)``.
+
+    Args:
+        overrides: ``VidlmConfig`` fields to change, as :func:`preset_config` takes them (e.g. ``{"compressor":
+            {"kind": "slowfast"}}``).
+
+    Raises:
+        ValueError: a paper preset, which has no weights here (convert a released checkpoint).
+    """
+    if name not in MATERIALISED:
+        raise ValueError(f"preset {name!r} has no local weights: bring a checkpoint with `vidlm convert`")
+    config = preset_config(name, overrides)
     llm = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(llm)
     return build_video_llm(config, tokenizer, llm_dir=llm if name == "smol" else None, seed=seed)
