@@ -71,7 +71,8 @@ def _baseline(config: TrainConfig, steps: int) -> tuple[float, float]:
     from training.data import clip_samples, collate, tideo_samples
     from vidlm.models.lora import apply_trainable
     from vidlm.models.presets import resolve_model
-    from vidlm.models.video_llm import VidlmForConditionalGeneration, feature_column
+    from vidlm.models.video_llm import VidlmForConditionalGeneration
+    from vidlm.models.visual_tokens import feature_column
 
     model_dir = str(resolve_model(config.model))
     model = apply_trainable(VidlmForConditionalGeneration.from_pretrained(model_dir), config.trainable)

@@ -57,6 +57,7 @@ MODEL = {
     "visual_summary_token": True,
     "visual_motion": True,
     "visual_region_tokens": 0,
+    "visual_focus_token": False,
 }
 """The tutorial's model: ``tiny-video`` with a finer, wider tower (16 px patches: a 14 x 14 grid; width 128, 4 heads:
 with 32 px patches the ``words`` stage teaches it less shape, 0.875 against 1.000), its LLM untied with 4 / 4 heads
@@ -72,7 +73,9 @@ shape and the sense of a motion; 197 visual tokens). ``--center-visual-tokens di
 LLM learn the sense of a motion from direction questions alone, and ``frames`` its axis; the tutorial's mix of
 captions and questions on one to three objects loses colour with either (docs/tutorial-findings.md). No region
 summaries (``visual_region_tokens: 0``): ``--region-tokens 3`` appends 3 x 3 of them, each region's colour, shape and
-motion in one token, for one to three objects (``--max-objects 3``; docs/tutorial-findings.md, "Several objects")."""
+motion in one token, for one to three objects (``--max-objects 3``; docs/tutorial-findings.md, "Several objects"), and
+``--focus-token`` one more, the regions weighed by the question's words (docs/tutorial-findings.md, "The lookup in the
+connector")."""
 
 
 COMPRESSORS = {
@@ -85,6 +88,7 @@ COMPRESSORS = {
         "visual_summary_token": False,
         "visual_motion": False,
         "visual_region_tokens": 0,
+        "visual_focus_token": False,
     },
     "mean": {"compressor": {"kind": "mean"}},
 }
@@ -152,25 +156,27 @@ def _vidlm(step: str, out: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
-def _model(out: Path, kind: str, center: str, position: bool, regions: int) -> str:
+def _model(out: Path, kind: str, center: str, position: bool, regions: int, focus: bool) -> str:
     """:data:`MODEL` with ``center_visual_tokens=center``, ``visual_position_embedding=position``,
-    ``visual_region_tokens=regions`` and the compressor ``kind`` of :data:`COMPRESSORS` (which may turn the embedding
-    and the regions off), saved in ``out / "model"``; its path."""
+    ``visual_region_tokens=regions``, ``visual_focus_token=focus`` and the compressor ``kind`` of :data:`COMPRESSORS`
+    (which may turn the embedding, the regions and the focus token off), saved in ``out / "model"``; its path."""
     from vidlm.models.presets import build_preset
 
     mine = {"center_visual_tokens": center, "visual_position_embedding": position, "visual_region_tokens": regions}
+    mine["visual_focus_token"] = focus
     model, tokenizer = build_preset("tiny-video", overrides=MODEL | mine | COMPRESSORS[kind])
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return str(out / "model")
 
 
-def _check_regions(regions: int) -> None:
-    """Raises ValueError: ``regions`` a side that :data:`MODEL`'s patch grid does not hold (``VidlmConfig``'s
-    check), before anything is planted."""
+def _check_regions(regions: int, focus: bool) -> None:
+    """Raises ValueError: ``regions`` a side that :data:`MODEL`'s patch grid does not hold, or a focus token without
+    regions (``VidlmConfig``'s checks), before anything is planted."""
     from vidlm.models.presets import preset_config
 
-    preset_config("tiny-video", MODEL | {"visual_region_tokens": regions}).validate_parts()
+    mine = {"visual_region_tokens": regions, "visual_focus_token": focus}
+    preset_config("tiny-video", MODEL | mine).validate_parts()
 
 
 def learn(
@@ -294,6 +300,12 @@ def main() -> None:
         help="R: R x R region summaries per clip, for several objects (VidlmConfig.visual_region_tokens)",
     )
     parser.add_argument(
+        "--focus-token",
+        action=argparse.BooleanOptionalAction,
+        default=MODEL["visual_focus_token"],
+        help="one more token: the regions weighed by the question's words (VidlmConfig.visual_focus_token)",
+    )
+    parser.add_argument(
         "--pretrain-tower",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -316,7 +328,7 @@ def main() -> None:
     scenes = [f"max_objects={args.max_objects}", f"test_fraction={args.test_fraction}"]
     try:
         load_config(PlantedConfig, None, scenes)
-        _check_regions(args.region_tokens)
+        _check_regions(args.region_tokens, args.focus_token)
         config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the caption prompt is the recipe's
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
@@ -347,12 +359,14 @@ def main() -> None:
     report["center_visual_tokens"] = args.center_visual_tokens
     report["visual_position_embedding"] = args.visual_position_embedding
     report["region_tokens"] = args.region_tokens
+    report["focus_token"] = args.focus_token
     report["pretrain_tower"] = args.pretrain_tower
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
     center, position, regions = args.center_visual_tokens, args.visual_position_embedding, args.region_tokens
+    focus = args.focus_token
     pretrain = args.pretrain_tower
-    report |= learn(out, planted, _model(out, "pllava", center, position, regions), overrides, prompt, pretrain)
+    report |= learn(out, planted, _model(out, "pllava", center, position, regions, focus), overrides, prompt, pretrain)
     _print(report)
     if kinds:
         report["compressors"] = {}
@@ -363,7 +377,7 @@ def main() -> None:
                 else learn(
                     out / kind,
                     planted,
-                    _model(out / kind, kind, center, position, regions),
+                    _model(out / kind, kind, center, position, regions, focus),
                     overrides,
                     prompt,
                     pretrain,

@@ -134,6 +134,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         if model.modality_memory is not None:  # a memory of unit-norm "text features"
             memory = torch.randn(model.modality_memory.shape, generator=torch.Generator().manual_seed(0))
             model.modality_memory.copy_(memory / memory.norm(dim=-1, keepdim=True))
+        if model.visual_focus is not None:  # every word weighed, so that the question picks the regions
+            weights = torch.rand(model.visual_focus.word_weights.shape, generator=torch.Generator().manual_seed(0))
+            model.visual_focus.word_weights.copy_(4 * weights)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         out[name] = root / name

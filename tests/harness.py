@@ -105,6 +105,7 @@ TINY_VARIANTS = {
         "visual_summary_token": True,
         "visual_motion": True,
         "visual_region_tokens": 2,
+        "visual_focus_token": True,
     },
 }
 """Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` turns its frames

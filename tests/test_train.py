@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -367,7 +369,8 @@ def test_video_recipe_trains_the_tower_on_frames_decoded_in_the_ingest(ray_clust
 def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves_the_llm(ray_cluster, tmp_path):
     """Recipe ``words`` on planted videos under ZeRO-3: each clip's decoded frames classified into its caption's
     words (a model with a summary token and ``visual_motion``: the clip's vector adds its motion); the loss falls,
-    the export's tower, projector and motion layer moved and its LLM is the starting one, bit for bit. The recipe's
+    the export's tower, projector and motion layer moved and its LLM is the starting one, bit for bit; its focus token's
+    word weights are the inverse document frequencies of the tokens of the captions' sentences. The recipe's
     clips are decoded once (``data.materialize``), in the order the streamed plan gives them, which a rerun's
     skipped batches count on."""
     import torch
@@ -380,7 +383,7 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     from vidlm.models.presets import build_preset
 
     paths = write_planted(tmp_path / "planted", num=40, seed=0, config=PlantedConfig(max_objects=1, test_fraction=0))
-    regions = {"visual_region_tokens": 2}  # and region summaries, each caption's sentence matched to one
+    regions = {"visual_region_tokens": 2, "visual_focus_token": True}  # each caption's sentence matched to a region
     model, tokenizer = build_preset("tiny-video", {"visual_summary_token": True, "visual_motion": True, **regions})
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -422,3 +425,11 @@ def test_words_recipe_trains_the_tower_and_projector_on_caption_words_and_leaves
     assert len(trained) > 5 and trained <= moved, sorted(trained - moved)
     assert "visual_motion.linear.weight" in trained and "visual_motion.log_scale" in moved
     assert "visual_regions.linear.weight" in trained and "visual_regions.presence_bias" in moved
+    captions = [json.loads(line)["caption"] for line in paths["scenes"].read_text().splitlines()]  # every video trains
+    assert all(c.count(".") == 1 for c in captions)  # one object: a sentence a caption
+    held = Counter(t for c in captions for t in set(tokenizer(c, add_special_tokens=False)["input_ids"]))
+    weights = after["visual_focus.word_weights"].float()
+    assert min(held.values()) < len(captions) == max(held.values())  # words of every caption, and of some
+    expected = torch.zeros_like(weights)
+    expected[list(held)] = torch.tensor([math.log(len(captions) / n) for n in held.values()])
+    assert torch.allclose(weights, expected, rtol=1e-2, atol=1e-6)  # at most export.dtype's rounding

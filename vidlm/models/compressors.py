@@ -430,6 +430,46 @@ class RegionSummaries(nn.Module):
         return summaries + self.linear(motions.to(self.linear.weight.dtype)).to(summaries.dtype)
 
 
+class QuestionFocus(nn.Module):
+    """A clip's focus token: its region summaries weighed by their match to the question's words, so that the LLM
+    reads the object a question names from one token instead of finding it among the regions
+    (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_focus_token`; docs/tutorial-findings.md, "The lookup in the
+    connector").
+
+    For question token ids ``q`` (``Q``) with input embeddings ``e`` and region tokens ``r`` (``R * R``): the cosines
+    ``c = norm(e) norm(r)^T`` ``(Q, R * R)``, less each word's mean over the regions (a word as like every region
+    weighs nothing); each word's row times its weight ``word_weights[q]``; summed over the words and divided by the
+    temperature ``tau``; the softmax over the regions weighs the region tokens: ``softmax(sum_j w_j c_j / tau) r``.
+    The weights are the words' inverse document frequencies over the training captions' sentences
+    (:func:`~vidlm.models.caption_words.word_weights`, set by the ``words`` recipe): a word no caption holds, as the
+    chat template's and most of a question's, weighs 0. No question word weighed (or all weights 0): the regions'
+    mean. Nothing is learnt.
+
+    Args:
+        vocab_size: V, the LLM's vocabulary (ids from ``V`` on weigh 0).
+        temperature: ``tau`` of the softmax over the regions.
+
+    Shapes:
+        ``word_weights (V,) float32`` (a buffer, saved with the weights; zeros at first); ``forward``: regions
+        ``(R * R, Dl)``, question ids ``(Q,) int64`` and their embeddings ``(Q, Dl)`` -> ``(Dl,)`` in the regions'
+        dtype.
+    """
+
+    def __init__(self, vocab_size: int, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+        self.register_buffer("word_weights", torch.zeros(vocab_size))
+
+    def forward(self, regions: torch.Tensor, ids: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        known = ids < self.word_weights.shape[0]
+        weights = torch.zeros(ids.shape, device=regions.device)
+        weights[known] = self.word_weights[ids[known]].float()  # (Q,)
+        cosines = F.normalize(words.float(), dim=-1) @ F.normalize(regions.float(), dim=-1).T  # (Q, R*R)
+        cosines = cosines - cosines.mean(dim=1, keepdim=True)
+        scores = (weights[:, None] * cosines).sum(dim=0) / self.temperature  # (R*R,)
+        return torch.softmax(scores, dim=0).to(regions.dtype) @ regions  # (Dl,)
+
+
 def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Module:
     """The compressor module a config names; ``dim``: the token width D (for SlowFast's newline parameter)."""
     if config.kind == "pllava":
@@ -439,10 +479,11 @@ def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Mod
     return {"nframe": NFrame, "mean": SpatialTemporalMean, "global": GlobalFrames}[config.kind]()
 
 
-def appended_tokens(summary_token: bool, region_tokens: int) -> int:
-    """Tokens a model appends per clip after its compressor's: one summary token (``VidlmConfig.visual_summary_token``)
-    and ``R * R`` region summaries (``VidlmConfig.visual_region_tokens``, ``R``)."""
-    return int(summary_token) + region_tokens**2
+def appended_tokens(summary_token: bool, region_tokens: int, focus_token: bool = False) -> int:
+    """Tokens a model appends per clip after its compressor's: one summary token (``VidlmConfig.visual_summary_token``),
+    ``R * R`` region summaries (``VidlmConfig.visual_region_tokens``, ``R``) and one focus token
+    (``VidlmConfig.visual_focus_token``)."""
+    return int(summary_token) + region_tokens**2 + int(focus_token)
 
 
 def num_visual_tokens(config: CompressorConfig, num_frames: int, summary_tokens: int = 0) -> int:

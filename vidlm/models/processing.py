@@ -129,6 +129,7 @@ class VidlmProcessor(ProcessorMixin):
             give ``num_visual_tokens(T)``.
         visual_summary_token: the model appends one token per clip (``VidlmConfig.visual_summary_token``).
         visual_region_tokens: ``R``: and ``R * R`` region summaries after it (``VidlmConfig.visual_region_tokens``).
+        visual_focus_token: and one focus token after those (``VidlmConfig.visual_focus_token``).
     """
 
     attributes = ["tokenizer"]
@@ -145,6 +146,7 @@ class VidlmProcessor(ProcessorMixin):
         compressor: dict | None = None,
         visual_summary_token: bool = False,
         visual_region_tokens: int = 0,
+        visual_focus_token: bool = False,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -156,6 +158,7 @@ class VidlmProcessor(ProcessorMixin):
         self.compressor = dict(compressor or {})
         self.visual_summary_token = visual_summary_token
         self.visual_region_tokens = visual_region_tokens
+        self.visual_focus_token = visual_focus_token
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
@@ -171,6 +174,7 @@ class VidlmProcessor(ProcessorMixin):
             compressor=config.compressor_config.model_dump(),
             visual_summary_token=config.visual_summary_token,
             visual_region_tokens=config.visual_region_tokens,
+            visual_focus_token=config.visual_focus_token,
         )
 
     @classmethod
@@ -191,7 +195,7 @@ class VidlmProcessor(ProcessorMixin):
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
         from vidlm.models.compressors import CompressorConfig, appended_tokens, num_visual_tokens
 
-        appended = appended_tokens(self.visual_summary_token, self.visual_region_tokens)
+        appended = appended_tokens(self.visual_summary_token, self.visual_region_tokens, self.visual_focus_token)
         return num_visual_tokens(CompressorConfig(**self.compressor), num_frames, appended)
 
     def __call__(self, text: str | list[str], videos=None, **kwargs) -> BatchFeature:

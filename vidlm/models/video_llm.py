@@ -22,7 +22,6 @@ safetensors, and the tokenizer with the placeholder added.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -36,20 +35,11 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
-from vidlm.models.caption_words import clip_summaries, vision_word_loss
-from vidlm.models.compressors import (
-    CompressorConfig,
-    RegionSummaries,
-    VisualMotion,
-    VisualPositionEmbedding,
-    appended_tokens,
-    build_compressor,
-    num_visual_tokens,
-)
-from vidlm.models.modality_projection import modality_projection
+from vidlm.models.caption_words import vision_word_loss
+from vidlm.models.compressors import CompressorConfig, appended_tokens, num_visual_tokens
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
-from vidlm.models.projector import ProjectorConfig, build_projector
-from vidlm.models.vision_tower import HFVisionTower
+from vidlm.models.projector import ProjectorConfig
+from vidlm.models.visual_tokens import build_video_parts, encode_videos, question_ids, tokens_from_features
 from vidlm.sampling import SamplingConfig
 
 __all__ = [
@@ -57,11 +47,6 @@ __all__ = [
     "CLIP_STD",
     "VidlmConfig",
     "VidlmForConditionalGeneration",
-    "build_video_parts",
-    "encode_videos",
-    "feature_column",
-    "subsample_frames",
-    "tokens_from_features",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -127,6 +112,12 @@ class VidlmConfig(PreTrainedConfig):
             of the patch grid, each the summary of that region with its motion
             (:class:`~vidlm.models.compressors.RegionSummaries`): where a clip holds several objects, each one's
             colour, shape and motion in one token (``0``: none). Not for the ``global`` compressor.
+        visual_focus_token: append, after the region summaries, one token: the regions weighed by their match to the
+            question's words (:class:`~vidlm.models.compressors.QuestionFocus`), so that the LLM reads the object a
+            question names from one token. The question is the prompt's tokens after the video's placeholders (up to the
+            first labelled token in training: :func:`~vidlm.models.visual_tokens.question_ids`). Needs
+            ``visual_region_tokens``.
+        visual_focus_temperature: the temperature of the focus token's softmax over the regions.
         system_prompt: the system message of the chat template (``None``: the template's own).
         origin: where the configuration comes from when it is not a preset's (``vidlm convert`` names the release
             layout and the ``config.json`` fields it followed); shown by ``vidlm model``.
@@ -156,6 +147,8 @@ class VidlmConfig(PreTrainedConfig):
         visual_summary_token: bool = False,
         visual_motion: bool = False,
         visual_region_tokens: int = 0,
+        visual_focus_token: bool = False,
+        visual_focus_temperature: float = 0.02,
         system_prompt: str | None = None,
         origin: str | None = None,
         **kwargs,
@@ -179,6 +172,8 @@ class VidlmConfig(PreTrainedConfig):
         self.visual_summary_token = visual_summary_token
         self.visual_motion = visual_motion
         self.visual_region_tokens = visual_region_tokens
+        self.visual_focus_token = visual_focus_token
+        self.visual_focus_temperature = visual_focus_temperature
         self.system_prompt = system_prompt
         self.origin = origin
         if self.text_config is not None and getattr(self.text_config, "tie_word_embeddings", False):
@@ -195,7 +190,9 @@ class VidlmConfig(PreTrainedConfig):
                 other way round), a modality memory without pooled embeddings, a ``center_visual_tokens`` other than
                 ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding``, ``visual_summary_token`` or
                 ``visual_motion`` that is not a bool or is asked of the ``global`` compressor, or a
-                ``visual_region_tokens`` that is not an int from 0 to the patch grid's side (0 for ``global``).
+                ``visual_region_tokens`` that is not an int from 0 to the patch grid's side (0 for ``global``), a
+                ``visual_focus_token`` that is not a bool or has no regions to weigh, a ``visual_focus_temperature``
+                that is not a positive number.
         """
         if self.center_visual_tokens not in (None, *CENTERINGS):
             known = ", ".join(repr(c) for c in CENTERINGS)
@@ -211,6 +208,13 @@ class VidlmConfig(PreTrainedConfig):
         regions, side = self.visual_region_tokens, 0 if kind == "global" else min(self.compressor_config.grid)
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= side:
             raise ValueError(f"visual_region_tokens must be an int from 0 to {side} (the grid's side), got {regions!r}")
+        if not isinstance(self.visual_focus_token, bool):
+            raise ValueError(f"visual_focus_token must be true or false, got {self.visual_focus_token!r}")
+        if self.visual_focus_token and not regions:
+            raise ValueError("visual_focus_token weighs the region summaries: it needs visual_region_tokens >= 1")
+        tau = self.visual_focus_temperature
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf"):
+            raise ValueError(f"visual_focus_temperature must be a positive number, got {tau!r}")
         if (kind == "global") != (self.projector == "topa_linear"):
             raise ValueError(
                 f"compressor.kind={kind!r} needs projector='topa_linear' and vice versa (got {self.projector!r})"
@@ -250,7 +254,7 @@ class VidlmConfig(PreTrainedConfig):
 
     def num_visual_tokens(self, num_frames: int) -> int:
         """LLM tokens of a clip of ``num_frames`` frames (:func:`vidlm.models.compressors.num_visual_tokens`)."""
-        appended = appended_tokens(self.visual_summary_token, self.visual_region_tokens)
+        appended = appended_tokens(self.visual_summary_token, self.visual_region_tokens, self.visual_focus_token)
         return num_visual_tokens(self.compressor_config, num_frames, appended)
 
     def context_overflow(
@@ -278,163 +282,6 @@ class VidlmConfig(PreTrainedConfig):
             f"{visual} visual tokens ({num_frames} frames) + {text_tokens} {text} = "
             f"{visual + text_tokens} > max_model_len {max_model_len}"
         )
-
-
-def encode_videos(
-    parts: nn.Module, config: VidlmConfig, videos: torch.Tensor | list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """The visual tokens of each video: tower -> [modality projection] -> projector -> compressor.
-
-    The one implementation behind the transformers model and the vLLM model (``parts`` is either; it has
-    ``vision_tower``, ``projector``, ``compressor`` and ``modality_memory``).
-
-    Args:
-        videos: ``(B, T, 3, S, S)`` or a list of ``(T_i, 3, S, S)`` float pixel values.
-
-    Returns:
-        one ``(num_visual_tokens(T_i), Dl)`` tensor per video, in the parts' dtype.
-
-    Raises:
-        ValueError: a video of another shape.
-    """
-    videos = list(videos)
-    lengths = [v.shape[0] for v in videos]
-    pooled, patches = parts.vision_tower(torch.cat(videos))  # (sum T, D), (sum T, h, w, Dv)
-    features = pooled if config.compressor_config.kind == "global" else patches
-    return tokens_from_features(parts, config, list(features.split(lengths)))
-
-
-def feature_column(config: VidlmConfig) -> str:
-    """Which output column of ``vidlm features`` a model trains on: ``embeddings`` (TOPA) or ``patch_features``."""
-    return "embeddings" if config.compressor_config.kind == "global" else "patch_features"
-
-
-def subsample_frames(features, max_frames: int):
-    """Rows of a feature sequence evenly subsampled to ``max_frames`` when longer, as TOPA's dataloaders do
-    (``video[(j * len(video)) // max_feats]`` for ``j < max_feats``); shorter sequences are returned unchanged.
-
-    Args:
-        features: ``(T, ...)`` array or tensor (one row per frame).
-        max_frames: the model's frame count (``VidlmConfig.sampling_config.max_frames_per_clip()``).
-
-    Returns:
-        ``(min(T, max_frames), ...)``, the same type.
-    """
-    t = len(features)
-    if t <= max_frames:
-        return features
-    return features[[(j * t) // max_frames for j in range(max_frames)]]
-
-
-def _less_mean(x: torch.Tensor) -> torch.Tensor:
-    """``(1, L, ...)`` less its mean over dim 1, place by place: over the ``T`` frames of ``(1, T, ...)`` features,
-    or over the ``N`` tokens of ``(1, N, Dl)`` visual tokens."""
-    return x - x.mean(dim=1, keepdim=True)
-
-
-def _across_frames(y: torch.Tensor, centring: str | None) -> torch.Tensor:
-    """``(1, T, ...)`` features at the compressor's input, centred across the frames as ``centring`` says
-    (:attr:`VidlmConfig.center_visual_tokens`): ``"frames"``, less their mean over the frames; ``"differences"``,
-    the first frame less that mean and each later frame less the previous one; anything else, unchanged."""
-    if centring == "frames":
-        return _less_mean(y)
-    if centring == "differences":
-        return torch.cat([y[:, :1] - y.mean(dim=1, keepdim=True), torch.diff(y, dim=1)], dim=1)
-    return y
-
-
-def tokens_from_features(
-    parts: nn.Module, config: VidlmConfig, features: list[torch.Tensor], text_features: bool = False
-) -> list[torch.Tensor]:
-    """The visual tokens of each video from its frozen tower's features (what ``vidlm features`` writes).
-
-    Training reads features from parquet, so the tower runs once, in the feature job; inference runs the tower
-    and then this same function (:func:`encode_videos`).
-
-    TOPA (the ``global`` compressor): every feature is L2-normalised first (TOPA's ``video / video.norm(...)``;
-    CLIP text features are unit-norm already), then, for image features and a model with a memory, projected
-    onto the memory of CLIP text features (TOPA eq. 2, :func:`~vidlm.models.modality_projection.modality_projection`).
-    Tideo text features (``text_features``) are what the model was pre-aligned on: they are not projected.
-    ``config.center_visual_tokens``: ``"frames"`` subtracts from the compressor's input (the projected patch
-    features, or the tower's with ``pool_before_projector``; the projected pooled embeddings for ``global``) their
-    mean over the clip's frames; ``"differences"`` there turns the frames into frame differences (the first frame
-    less the mean); ``"clip"`` subtracts from each video's tokens their mean over the video, last. Then
-    ``config.visual_position_embedding`` adds the learned ``(h, w, D)`` embedding to every frame's patch features
-    at the compressor's input. ``config.visual_summary_token`` appends, after all of that, the projector of the
-    maximum of the video's patch features over its frames and patches, plus their motion where the model has
-    ``visual_motion`` (:func:`~vidlm.models.caption_words.clip_summaries`), and then ``config.visual_region_tokens``
-    the region summaries (:class:`~vidlm.models.compressors.RegionSummaries`).
-
-    Args:
-        features: one tensor per video: ``(T, D)`` pooled embeddings for the ``global`` compressor (TOPA:
-            CLIP image features, or CLIP text features of a Tideo's textual frames), else ``(T, h*w, Dv)`` or
-            ``(T, h, w, Dv)`` patch features of the tower's ``vision_feature_layer``.
-        text_features: the features are CLIP *text* features (TOPA training on Tideos).
-
-    Returns:
-        one ``(num_visual_tokens(T), Dl)`` tensor per video, in the projector's dtype.
-
-    Raises:
-        ValueError: features whose shape does not fit the model (names the expected shape).
-    """
-    kind = config.compressor_config.kind
-    centring = config.center_visual_tokens
-    dtype = next(parts.projector.parameters()).dtype
-    g, _ = config.compressor_config.grid
-    out = []
-    for x in features:
-        if kind == "global":
-            width = config.projector_config.vision_dim
-            if x.ndim != 2 or x.shape[-1] != width:
-                raise ValueError(f"expected pooled features (T, {width}), got {tuple(x.shape)}")
-            x = F.normalize(x.float(), dim=-1)  # (T, D), unit norm
-            if parts.modality_memory is not None and not text_features:  # TOPA eq. 2, at inference
-                x = modality_projection(x, parts.modality_memory, tau=config.modality_temperature)
-            tokens = _across_frames(parts.projector(x.to(dtype)[None]), centring)  # (1, T, D) -> (1, T, Dl)
-        else:
-            x = x.to(dtype)
-            width = config.vision_config.hidden_size
-            if x.ndim == 3 and x.shape[1] == g * g:
-                x = x.reshape(x.shape[0], g, g, x.shape[-1])  # (T, h*w, Dv) -> (T, h, w, Dv)
-            if x.ndim != 4 or tuple(x.shape[1:]) != (g, g, width):
-                raise ValueError(
-                    f"expected patch features (T, {g * g}, {width}) or (T, {g}, {g}, {width}), got {tuple(x.shape)}"
-                )
-            # (1, T, h, w, Dv), or (1, T, h, w, Dl) projected first
-            y = _across_frames(x[None] if config.pool_before_projector else parts.projector(x[None]), centring)
-            if parts.visual_position_embedding is not None:
-                y = parts.visual_position_embedding(y)  # + (h, w, D) on every frame
-            tokens = parts.compressor(y)  # -> (1, N, D)
-            if config.pool_before_projector:
-                tokens = parts.projector(tokens)  # -> (1, N, Dl)
-        if centring == "clip":
-            tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
-        if config.visual_summary_token:
-            summary = clip_summaries(parts.projector, [x], parts.visual_motion)  # (1, Dl)
-            tokens = torch.cat([tokens, summary[None].to(tokens.dtype)], dim=1)  # (1, N + 1, Dl)
-        if parts.visual_regions is not None:
-            regions = parts.visual_regions(x, parts.projector)  # (R*R, Dl)
-            tokens = torch.cat([tokens, regions[None].to(tokens.dtype)], dim=1)  # (1, N + 1 + R*R, Dl)
-        out.append(tokens[0])
-    return out
-
-
-def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
-    """Create ``vision_tower``, ``projector``, ``compressor``, ``visual_*`` and ``modality_memory`` on ``parts``."""
-    parts.vision_tower = HFVisionTower(config.vision_config, config.vision_feature_layer, config.projection_dim)
-    parts.projector = build_projector(config.projector_config)
-    width = config.vision_config.hidden_size if config.pool_before_projector else config.text_config.hidden_size
-    parts.compressor = build_compressor(config.compressor_config, dim=width)
-    grid = config.compressor_config.grid
-    parts.visual_position_embedding = VisualPositionEmbedding(grid, width) if config.visual_position_embedding else None
-    dims = (grid, config.vision_config.hidden_size, config.text_config.hidden_size)
-    parts.visual_motion = VisualMotion(*dims) if config.visual_motion else None
-    regions = config.visual_region_tokens
-    parts.visual_regions = RegionSummaries(grid, regions, *dims[1:]) if regions else None
-    if config.modality_memory_size:
-        parts.register_buffer("modality_memory", torch.zeros(config.modality_memory_size, parts.vision_tower.embed_dim))
-    else:
-        parts.modality_memory = None
 
 
 class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -494,24 +341,44 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return encode_videos(self, self.config, pixel_values_videos)
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values_videos=None, video_features=None, text_features: bool = False
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos=None,
+        video_features=None,
+        text_features: bool = False,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings ``(B, L, Dl)`` with the visual tokens written over the placeholder positions.
 
         Args:
             input_ids: ``(B, L) int64``.
             pixel_values_videos: frames (see :meth:`get_video_features`), or
-            video_features: the tower's features instead (see :func:`tokens_from_features`), one per sequence.
+            video_features: the tower's features instead (see :func:`~vidlm.models.visual_tokens.tokens_from_features`),
+                one per sequence.
             text_features: ``video_features`` are CLIP text features (TOPA's Tideos): no modality projection.
+            labels, attention_mask: ``(B, L)``, where the question of a focus token ends
+                (:func:`~vidlm.models.visual_tokens.question_ids`).
 
         Raises:
             ValueError: the placeholders of a sequence do not match its video's token count.
         """
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, Dl)
+        questions = None
+        if self.visual_focus is not None:
+            questions = []
+            for b in range(input_ids.shape[0]):
+                ids = question_ids(
+                    input_ids[b],
+                    self.config.video_token_index,
+                    None if labels is None else labels[b],
+                    None if attention_mask is None else attention_mask[b],
+                )
+                questions.append((ids, self.get_input_embeddings()(ids)))
         if video_features is not None:
-            features = tokens_from_features(self, self.config, list(video_features), text_features)
+            features = tokens_from_features(self, self.config, list(video_features), text_features, questions)
         elif pixel_values_videos is not None:
-            features = self.get_video_features(pixel_values_videos)
+            features = encode_videos(self, self.config, pixel_values_videos, questions)
         else:
             return embeds
         mask = input_ids == self.config.video_token_index  # (B, L)
@@ -545,8 +412,8 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         Args:
             input_ids: ``(B, L) int64``, each sequence with its placeholder expanded to its video's tokens.
             pixel_values_videos: ``(B, T, 3, S, S) float`` or a list of ``(T_i, 3, S, S)``; only at prefill.
-            video_features: instead of frames, one tensor of tower features per sequence (training on the
-                parquet of ``vidlm features`` / ``vidlm textvid``; see :func:`tokens_from_features`).
+            video_features: instead of frames, one tensor of tower features per sequence (training on the parquet of
+                ``vidlm features`` / ``vidlm textvid``; see :func:`~vidlm.models.visual_tokens.tokens_from_features`).
             text_features: ``video_features`` are Tideos' CLIP text features (the TOPA recipe).
             caption_words: one ``(W_i,) int64`` tensor of caption token ids per video: the LLM does not run; the loss
                 is :func:`~vidlm.models.caption_words.vision_word_loss` of the videos' frames (the ``words``
@@ -565,7 +432,9 @@ class VidlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             loss = vision_word_loss(self, list(pixel_values_videos), caption_words, caption_sentences, empty_words)
             return CausalLMOutputWithPast(loss=loss)
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values_videos, video_features, text_features)
+            inputs_embeds = self.embed(
+                input_ids, pixel_values_videos, video_features, text_features, labels, attention_mask
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

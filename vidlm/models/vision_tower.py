@@ -171,7 +171,7 @@ class FrameEncoder(torch.nn.Module):
 
     Frames are preprocessed by :func:`vidlm.models.processing.preprocess_frames` with the model's input size and
     pixel statistics, then encoded by the model's :class:`HFVisionTower` with the model's weights: exactly what
-    :func:`vidlm.models.video_llm.encode_videos` does on frames.
+    :func:`vidlm.models.visual_tokens.encode_videos` does on frames.
 
     Args:
         config: which model's tower, and its precision.

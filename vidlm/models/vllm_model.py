@@ -13,7 +13,11 @@ process -- the engine core, its workers, and the engines inside Ray Data and Ray
   transformers path does.
 - The prompt's one placeholder (``VidlmConfig.video_token``: ``<video>``, ``<image>`` for PLLaVA) is replaced
   by ``num_visual_tokens(T)`` copies (vLLM's ``PromptReplacement``); :meth:`embed_multimodal` returns the visual
-  tokens from :func:`vidlm.models.video_llm.encode_videos`, the function the transformers model calls.
+  tokens from :func:`vidlm.models.visual_tokens.encode_videos`, the function the transformers model calls.
+- A model with a focus token (``VidlmConfig.visual_focus_token``) weighs its regions by the question: the prompt's
+  tokens after the placeholder (:func:`vidlm.models.visual_tokens.question_ids`), which the processor passes with the
+  video as the processor kwarg ``question_ids``. vLLM hashes processor kwargs with the video, so its processor cache
+  and prefix cache keep the visual tokens of a video apart per question.
 - The LLM is vLLM's own implementation of ``text_config``'s architecture (Llama, Qwen2...), so weights
   named ``language_model.*`` load unchanged.
 
@@ -23,6 +27,7 @@ Parity (greedy tokens identical, top-5 logprobs within 1e-3) is a test: ``tests/
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,7 +56,8 @@ from vllm.sequence import IntermediateTensors
 from vidlm.clips import ClipError
 from vidlm.decode import DecodeLimits, decode_clip
 from vidlm.models.processing import preprocess_frames
-from vidlm.models.video_llm import VidlmConfig, build_video_parts, encode_videos
+from vidlm.models.video_llm import VidlmConfig
+from vidlm.models.visual_tokens import build_video_parts, encode_videos, question_ids
 from vidlm.sampling import SamplingConfig, request_sampling
 
 __all__ = [
@@ -225,18 +231,36 @@ def _frames(item):
 class VidlmMultiModalProcessor(BaseMultiModalProcessor[VidlmProcessingInfo]):
     """Frames -> pixel values with vidlm's own preprocessing; ``<video>`` -> ``num_visual_tokens`` placeholders."""
 
+    def apply(self, inputs, timing_ctx):
+        """vLLM's processing, with the question of a focus token (the prompt's ids after the placeholder) among the
+        processor kwargs, which vLLM hashes with the video."""
+        config = self.info.get_hf_config()
+        if config.visual_focus_token:
+            prompt = torch.tensor(list(inputs.prompt), dtype=torch.long)
+            question = question_ids(prompt, config.video_token_index).tolist()
+            kwargs = {**inputs.hf_processor_mm_kwargs, "question_ids": question}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        return super().apply(inputs, timing_ctx)
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         config = self.info.get_hf_config()
         videos = [
             preprocess_frames(_frames(v), config.image_size, config.image_mean, config.image_std)
             for v in hf_data.get("videos", [])
         ]  # each (T, H, W, 3) uint8 -> (T, 3, S, S) float32
-        return BatchFeature({"pixel_values_videos": videos})
+        out = {"pixel_values_videos": videos}
+        if config.visual_focus_token:  # the prompt's one video: its question
+            question = torch.tensor(list(hf_kwargs.get("question_ids") or []), dtype=torch.long)
+            out["question_ids"] = [question for _ in videos]
+        return BatchFeature(out)
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+        fields = {"pixel_values_videos": MultiModalFieldConfig.batched("video")}
+        if "question_ids" in hf_inputs:
+            fields["question_ids"] = MultiModalFieldConfig.batched("video")
+        return fields
 
     def _get_prompt_updates(
         self,
@@ -291,13 +315,20 @@ class VidlmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, S
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """One ``(num_visual_tokens(T), Dl)`` tensor per video in ``pixel_values_videos``."""
+        """One ``(num_visual_tokens(T), Dl)`` tensor per video in ``pixel_values_videos`` (with a focus token, each
+        weighed by its ``question_ids``)."""
         videos = kwargs.pop("pixel_values_videos", None)
         if videos is None:
             return []
         if isinstance(videos, torch.Tensor):
             videos = list(videos)  # (B, T, 3, S, S) -> B x (T, 3, S, S)
-        return encode_videos(self, self.config, videos)
+        questions = None
+        if self.visual_focus is not None:
+            ids = kwargs.pop("question_ids", None)
+            ids = list(ids) if ids is not None else [torch.zeros(0, dtype=torch.long) for _ in videos]
+            embed = self.language_model.embed_input_ids
+            questions = [(q.long(), embed(q.long().to(videos[0].device))) for q in ids]
+        return encode_videos(self, self.config, videos, questions)
 
     def forward(
         self,
