@@ -197,7 +197,7 @@ class VidlmConfig(PreTrainedConfig):
         if self.center_visual_tokens not in (None, *CENTERINGS):
             known = ", ".join(repr(c) for c in CENTERINGS)
             raise ValueError(f"center_visual_tokens must be null, {known}, got {self.center_visual_tokens!r}")
-        patch_options = ("visual_position_embedding", "visual_summary_token", "visual_motion")
+        patch_options = ("visual_position_embedding", "visual_summary_token", "visual_motion", "visual_focus_token")
         for name in patch_options:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -208,8 +208,6 @@ class VidlmConfig(PreTrainedConfig):
         regions, side = self.visual_region_tokens, 0 if kind == "global" else min(self.compressor_config.grid)
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= side:
             raise ValueError(f"visual_region_tokens must be an int from 0 to {side} (the grid's side), got {regions!r}")
-        if not isinstance(self.visual_focus_token, bool):
-            raise ValueError(f"visual_focus_token must be true or false, got {self.visual_focus_token!r}")
         if self.visual_focus_token and not regions:
             raise ValueError("visual_focus_token weighs the region summaries: it needs visual_region_tokens >= 1")
         tau = self.visual_focus_temperature
