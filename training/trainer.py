@@ -313,19 +313,13 @@ def run_training(prepared: PreparedRun, out: str | os.PathLike) -> TrainSummary:
     )
 
 
-def _attach_data(model, config: TrainConfig, model_dir: str) -> None:
-    """What the run's data puts in the model, saved with the checkpoint and the export: ``data.memory`` (TOPA eq. 2's
-    memory) and, in a ``words`` run of a model with a focus token, its word weights from the run's captions
-    (:func:`training.data.manifest_word_weights`)."""
+def _attach_memory(model, config: TrainConfig) -> None:
+    """``data.memory`` into the model (TOPA eq. 2's memory, saved with the checkpoint and the export)."""
     if config.data.memory:
         from training.data import read_memory
         from vidlm.models.modality_projection import attach_modality_memory
 
         attach_modality_memory(model, read_memory(config.data.memory))
-    if config.recipe == "words" and model.visual_focus is not None:
-        from training.data import manifest_word_weights
-
-        model.visual_focus.word_weights.copy_(manifest_word_weights(config, model_dir))
 
 
 def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
@@ -333,6 +327,7 @@ def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
+    from training.data import manifest_word_weights
     from vidlm.models.lora import apply_trainable
     from vidlm.models.video_llm import VidlmForConditionalGeneration
 
@@ -341,7 +336,9 @@ def _build_engine(config: TrainConfig, model_dir: str, ds_config: dict):
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while from_pretrained runs: ZeRO-3 -> zero.Init
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = VidlmForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
-    _attach_data(model, config, model_dir)
+    _attach_memory(model, config)
+    if config.recipe == "words" and model.visual_focus is not None:  # saved with the checkpoint and the export
+        model.visual_focus.word_weights.copy_(manifest_word_weights(config, model_dir))
     model = apply_trainable(model, config.trainable)
     groups = parameter_groups(model, config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
@@ -546,7 +543,7 @@ def export_model(state_dict_path: Path, model_dir: str, config: TrainConfig, out
 
     unset_hf_deepspeed_config()  # a plain model on this rank, not ZeRO-3 partitions
     model = VidlmForConditionalGeneration.from_pretrained(model_dir)
-    _attach_data(model, config, model_dir)
+    _attach_memory(model, config)
     model = apply_trainable(model, config.trainable)
     state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
