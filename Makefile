@@ -62,9 +62,10 @@ CORPUS = $(if $(SEED),--seed $(SEED)) $(if $(NUM),--num $(NUM))
 tutorial: install
 	$(BIN)/python examples/tutorial.py --out runs/tutorial $(CORPUS)
 
-# The same loop once per compressor of the papers, on the same corpus (README "Tutorial"; four tutorial loops).
+# The same loop once per compressor of the papers, on one object per video (README "Tutorial"; four tutorial loops).
 tutorial-compressors: install
-	$(BIN)/python examples/tutorial.py --out runs/tutorial $(CORPUS) --compressors pllava,slowfast,topa,mean
+	$(BIN)/python examples/tutorial.py --out runs/tutorial-compressors $(CORPUS) --max-objects 1 --compressor pllava \
+		--region-tokens 0 --no-focus-token --compressors pllava,slowfast,topa,mean
 
 soak: install
 	$(BIN)/python bench/soak_serve.py

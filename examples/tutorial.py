@@ -1,17 +1,21 @@
 """The learning loop on planted videos, through vidlm's own commands (``make tutorial``; README "Tutorial").
 
-``python examples/tutorial.py --out runs/tutorial --seed 0 --num 1400 [--test-fraction 0.03] [--max-objects 1]
-[--center-visual-tokens clip|frames|differences] [--visual-position-embedding] [--region-tokens R] [--no-pretrain-tower]
+``python examples/tutorial.py --out runs/tutorial --seed 0 --num 1400 [--test-fraction 0.03] [--max-objects 3]
+[--compressor none|pllava|slowfast|topa|mean] [--center-visual-tokens clip|frames|differences]
+[--visual-position-embedding] [--region-tokens R] [--[no-]focus-token] [--no-pretrain-tower]
 [--compressors pllava,slowfast,topa,mean] [TRAIN_OVERRIDE ...]``
 
-1. ``vidlm planted``: videos whose content is known, train / test split by video, captions and questions;
+1. ``vidlm planted``: videos of one to three objects whose content is known, train / test split by video, captions
+   and questions;
 2. ``vidlm train --config training/configs/words_planted.yaml model=OUT/model`` (not with ``--no-pretrain-tower``):
    the tower and projector pre-trained on the training videos' frames and their captions' words (recipe ``words``),
-   900 steps of 16 clips, whose export the next step starts from;
-   ``vidlm train --config training/configs/video_planted.yaml model=OUT/words/export``: the tutorial's model
-   (:data:`MODEL`) trained on the training videos' frames (the LLM, the tower and projector frozen; with
-   ``--no-pretrain-tower``, from ``OUT/model`` with them trained too: ``trainable.vision_tower=full``,
-   ``trainable.projector=full``) on their captions and questions, each video once;
+   900 steps of 16 clips, whose export the next steps start from;
+   ``vidlm features`` of the training videos with that export's tower (its patch features, float32, the model's
+   frame sampling); ``vidlm train --config training/configs/video_planted.yaml model=OUT/words/export`` on them: the
+   tutorial's model (:data:`MODEL`) trained on the training videos' captions and questions (the LLM, its input
+   embeddings, the tower and projector frozen), each video once; with ``--no-pretrain-tower``, on the decoded frames
+   from ``OUT/model``, with the tower, projector and input embeddings trained too (``trainable.vision_tower=full``,
+   ``trainable.projector=full``, ``trainable.freeze_input_embeddings=false``);
 3. ``vidlm eval mc --option-text`` scoring (:func:`training.eval.evaluate_mc`) of the export and of the untrained
    model on the held-out videos' questions: each question asked open-ended, as the model was trained, the option
    whose words are likeliest its choice;
@@ -40,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "training/configs/video_planted.yaml"
 WORDS_RECIPE = "training/configs/words_planted.yaml"
+FEATURES = "pipelines/configs/features_tiny.yaml"
 
 MODEL = {
     "vision_config.patch_size": 16,
@@ -51,35 +56,37 @@ MODEL = {
     "text_config.num_key_value_heads": 4,
     "tie_word_embeddings": False,
     "text_config.tie_word_embeddings": False,
-    "compressor": {"kind": "pllava", "pooling_shape": (4, 7, 7)},
+    "compressor": {"kind": "none"},
     "center_visual_tokens": "clip",
     "visual_position_embedding": False,
     "visual_summary_token": True,
     "visual_motion": True,
-    "visual_region_tokens": 0,
-    "visual_focus_token": False,
+    "visual_region_tokens": 3,
+    "visual_focus_token": True,
 }
 """The tutorial's model: ``tiny-video`` with a finer, wider tower (16 px patches: a 14 x 14 grid; width 128, 4 heads:
 with 32 px patches the ``words`` stage teaches it less shape, 0.875 against 1.000), its LLM untied with 4 / 4 heads
 and initialised as transformers does (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity
-tests), adaptive structure pooling to ``(4, 7, 7)`` (pooling to 4 x 4 blurs a planted object's few pixels of motion
-between frames), its visual tokens centred per clip (``center_visual_tokens: clip``: with a tower of random weights,
-the tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip)
-and one summary token per clip (``visual_summary_token``: the projector of the maximum of the clip's patch features,
-plus their motion -- ``visual_motion``: each feature channel's spatial soft-argmax, from the first frame to the last,
-through a linear layer -- the vector the ``words`` stage aligns with the caption's words, from which the LLM reads
-shape and the sense of a motion; 197 visual tokens). ``--center-visual-tokens differences
---visual-position-embedding`` (frame differences, and a learned position embedding per patch after them) lets the
-LLM learn the sense of a motion from direction questions alone, and ``frames`` its axis; the tutorial's mix of
-captions and questions on one to three objects loses colour with either (docs/tutorial-findings.md). No region
-summaries (``visual_region_tokens: 0``): ``--region-tokens 3`` appends 3 x 3 of them, each region's colour, shape and
-motion in one token, for one to three objects (``--max-objects 3``; docs/tutorial-findings.md, "Several objects"), and
-``--focus-token`` one more, the regions weighed by the question's words (docs/tutorial-findings.md, "The lookup in the
-connector")."""
+tests), and no patch tokens (``compressor: none``): a clip is 11 tokens -- one summary token (``visual_summary_token``:
+the projector of the maximum of the clip's patch features, plus their motion -- ``visual_motion``: each feature
+channel's spatial soft-argmax, from the first frame to the last, through a linear layer -- the vector the ``words``
+stage aligns with the caption's words), 3 x 3 region summaries (``visual_region_tokens``: each region's colour, shape
+and motion in one token, which the ``words`` stage aligns with one sentence of the caption each) and a focus token
+(``visual_focus_token``: the regions weighed by the question's words, so that the LLM reads the object a question
+names from one token; docs/tutorial-findings.md, "Several objects" and "The lookup in the connector"). With the 196
+patch tokens of PLLaVA's pooling in front (``--compressor pllava``), one pass of the video recipe reads less shape
+from the same tokens (0.262 against 0.810, one to three objects). ``--compressor`` puts a paper's patch tokens in
+front (:data:`COMPRESSORS`), centred per clip (``center_visual_tokens: clip``: with a tower of random weights, the
+tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip);
+``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position
+embedding per patch after them) lets the LLM learn the sense of a motion from the patch tokens alone, and
+``frames`` its axis (docs/tutorial-findings.md). ``--region-tokens 0 --no-focus-token`` leaves the summary token
+alone, the model of one object per video (``--max-objects 1``)."""
 
 
 COMPRESSORS = {
-    "pllava": {},  # MODEL's own
+    "none": {},  # MODEL's own
+    "pllava": {"compressor": {"kind": "pllava", "pooling_shape": (4, 7, 7)}},
     "slowfast": {"compressor": {"kind": "slowfast", "slow_stride": 2, "slow_pool": 2, "pool_mode": "average"}},
     "topa": {
         "compressor": {"kind": "global"},
@@ -92,15 +99,16 @@ COMPRESSORS = {
     },
     "mean": {"compressor": {"kind": "mean"}},
 }
-"""The papers' compressors as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid), each with the summary token
-and its motion but TOPA's (so a patch compressor's direction is also the summary's): PLLaVA adaptive structure pooling
-to ``(4, 7, 7)`` (:data:`MODEL`'s own, 196 + 1 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to
-7 x 7: 49 tokens) and the others fast (pooled 4 x 4: 9 tokens), 116 + 1 tokens; TOPA's one token per frame (the pooled
-embedding, its linear projector; no patch grid, so neither a position embedding nor a summary token), 4 tokens;
-Video-ChatGPT's spatial and temporal means, 196 + 4 + 1 tokens."""
+"""The model's patch tokens as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid): none (:data:`MODEL`'s own,
+11 tokens), or the papers' compressors in front of :data:`MODEL`'s summary token, region summaries and focus token
+(11 tokens, unless ``--region-tokens`` / ``--focus-token`` change them) but TOPA's: PLLaVA adaptive structure pooling
+to ``(4, 7, 7)`` (196 + 11 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to 7 x 7: 49 tokens)
+and the others fast (pooled 4 x 4: 9 tokens), 116 + 11 tokens; TOPA's one token per frame (the pooled embedding, its
+linear projector; no patch grid, so no position embedding, summary token, regions or focus token), 4 tokens;
+Video-ChatGPT's spatial and temporal means, 196 + 4 + 11 tokens."""
 
 
-STEPS = ("planted", "words", "train", "recaption")
+STEPS = ("planted", "words", "features", "train", "recaption")
 """The ``vidlm`` commands the tutorial runs; step ``S`` writes its output to ``OUT/S.log``."""
 RUN_RECORD = "tutorial.json"
 """The options of the run an output folder holds (``OUT/tutorial.json``)."""
@@ -108,6 +116,7 @@ OUTPUTS = (
     "planted",
     "model",
     "words",
+    "features",
     "train",
     "captions",
     *COMPRESSORS,
@@ -156,27 +165,31 @@ def _vidlm(step: str, out: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
-def _model(out: Path, kind: str, center: str, position: bool, regions: int, focus: bool) -> str:
+def _overrides(kind: str, center: str, position: bool, regions: int, focus: bool) -> dict:
     """:data:`MODEL` with ``center_visual_tokens=center``, ``visual_position_embedding=position``,
     ``visual_region_tokens=regions``, ``visual_focus_token=focus`` and the compressor ``kind`` of :data:`COMPRESSORS`
-    (which may turn the embedding, the regions and the focus token off), saved in ``out / "model"``; its path."""
+    (which may turn the embedding, the regions and the focus token off): ``tiny-video``'s overrides."""
+    mine = {"center_visual_tokens": center, "visual_position_embedding": position, "visual_region_tokens": regions}
+    return MODEL | mine | {"visual_focus_token": focus} | COMPRESSORS[kind]
+
+
+def _model(out: Path, *options) -> str:
+    """The model of :func:`_overrides` ``(*options)``, saved in ``out / "model"``; its path."""
     from vidlm.models.presets import build_preset
 
-    mine = {"center_visual_tokens": center, "visual_position_embedding": position, "visual_region_tokens": regions}
-    mine["visual_focus_token"] = focus
-    model, tokenizer = build_preset("tiny-video", overrides=MODEL | mine | COMPRESSORS[kind])
+    model, tokenizer = build_preset("tiny-video", overrides=_overrides(*options))
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return str(out / "model")
 
 
-def _check_regions(regions: int, focus: bool) -> None:
-    """Raises ValueError: ``regions`` a side that :data:`MODEL`'s patch grid does not hold, or a focus token without
-    regions (``VidlmConfig``'s checks), before anything is planted."""
+def _check_model(*options) -> None:
+    """Raises ValueError: the model of :func:`_overrides` ``(*options)`` is one ``VidlmConfig`` refuses (regions the
+    patch grid does not hold, a focus token without regions, no patch tokens and nothing appended...), before
+    anything is planted."""
     from vidlm.models.presets import preset_config
 
-    mine = {"visual_region_tokens": regions, "visual_focus_token": focus}
-    preset_config("tiny-video", MODEL | mine).validate_parts()
+    preset_config("tiny-video", _overrides(*options)).validate_parts()
 
 
 def learn(
@@ -201,13 +214,20 @@ def learn(
     train = out / "train"
     train_data = f"data.train={planted / 'train.csv'}"
     seconds = {}
-    start, random_parts = model, ["trainable.vision_tower=full", "trainable.projector=full"]  # trained with the LLM
+    # the tower and projector trained with the LLM on the decoded frames, its input embeddings too
+    start, random_parts = model, ["trainable.vision_tower=full", "trainable.projector=full"]
+    random_parts.append("trainable.freeze_input_embeddings=false")
     if pretrain:
         words = out / "words"
         seed = [o for o in overrides if o.startswith("seed=")]
         args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *seed)
         seconds["words"] = _vidlm("words", out, *args, "export.dtype=float32")
         start, random_parts = str(words / "export"), []
+        sampling = [f"sampling.{k}={v}" for k, v in locate_model(start)[1].sampling.items()]  # the model's frames
+        args = ("features", str(planted / "train.csv"), "--out", str(out / "features"), "--config", FEATURES)
+        tower = (f"encode.tower.model={start}", "encode.dtype=float32")  # its frozen tower's numbers, exactly
+        seconds["features"] = _vidlm("features", out, *args, *sampling, *tower)
+        train_data = f"data.train={out / 'features' / 'features'}"
     seconds["train"] = _vidlm(
         "train",
         out,
@@ -279,7 +299,13 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1400, help="planted videos (--test-fraction of them held out)")
     parser.add_argument("--test-fraction", type=float, default=0.03, help="share of the videos held out")
     parser.add_argument(
-        "--max-objects", type=int, default=1, help="objects per video: 1 to this (planted's max_objects)"
+        "--max-objects", type=int, default=3, help="objects per video: 1 to this (planted's max_objects)"
+    )
+    parser.add_argument(
+        "--compressor",
+        choices=COMPRESSORS,
+        default="none",
+        help="the model's patch tokens: none (MODEL's own) or a paper's compressor (COMPRESSORS) in front of the rest",
     )
     parser.add_argument(
         "--center-visual-tokens",
@@ -328,7 +354,8 @@ def main() -> None:
     scenes = [f"max_objects={args.max_objects}", f"test_fraction={args.test_fraction}"]
     try:
         load_config(PlantedConfig, None, scenes)
-        _check_regions(args.region_tokens, args.focus_token)
+        options = (args.compressor, args.center_visual_tokens, args.visual_position_embedding, args.region_tokens)
+        _check_model(*options, args.focus_token)
         config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the caption prompt is the recipe's
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
@@ -356,6 +383,7 @@ def main() -> None:
         "test_fraction": args.test_fraction,
         "max_objects": args.max_objects,
     }
+    report["compressor"] = args.compressor
     report["center_visual_tokens"] = args.center_visual_tokens
     report["visual_position_embedding"] = args.visual_position_embedding
     report["region_tokens"] = args.region_tokens
@@ -363,26 +391,16 @@ def main() -> None:
     report["pretrain_tower"] = args.pretrain_tower
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
-    center, position, regions = args.center_visual_tokens, args.visual_position_embedding, args.region_tokens
-    focus = args.focus_token
-    pretrain = args.pretrain_tower
-    report |= learn(out, planted, _model(out, "pllava", center, position, regions, focus), overrides, prompt, pretrain)
+    report |= learn(out, planted, _model(out, *options, args.focus_token), overrides, prompt, args.pretrain_tower)
     _print(report)
     if kinds:
         report["compressors"] = {}
         for kind in kinds:
-            result = (
-                report
-                if kind == "pllava"
-                else learn(
-                    out / kind,
-                    planted,
-                    _model(out / kind, kind, center, position, regions, focus),
-                    overrides,
-                    prompt,
-                    pretrain,
-                )
-            )
+            if kind == args.compressor:
+                result = report
+            else:
+                model = _model(out / kind, kind, *options[1:], args.focus_token)  # only the compressor changes
+                result = learn(out / kind, planted, model, overrides, prompt, args.pretrain_tower)
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]
         _print_compressors(report)

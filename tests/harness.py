@@ -107,11 +107,19 @@ TINY_VARIANTS = {
         "visual_region_tokens": 2,
         "visual_focus_token": True,
     },
+    "none": {
+        "compressor": {"kind": "none"},
+        "visual_summary_token": True,
+        "visual_motion": True,
+        "visual_region_tokens": 3,
+        "visual_focus_token": True,
+    },
 }
 """Tiny-model variants, one per compressor (the ``tiny`` preset is PLLaVA pooling); ``slowfast`` turns its frames
 into frame differences with a visual position embedding and ``mean`` centres its tokens per clip
 (``center_visual_tokens`` ``"differences"`` and ``"clip"``) and appends a summary token with the clip's motion
-(``visual_motion``) and 2 x 2 region summaries (``visual_region_tokens``), so the vLLM parity tests cover each."""
+(``visual_motion``), 2 x 2 region summaries (``visual_region_tokens``) and a focus token; ``none`` has no patch
+tokens, only those three (the tutorial's model), so the vLLM parity tests cover each."""
 
 
 RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}

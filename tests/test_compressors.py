@@ -13,6 +13,7 @@ from vidlm.models.compressors import (
     AdaptiveStructurePooling,
     CompressorConfig,
     NFrame,
+    NoPatchTokens,
     SlowFast,
     SpatialTemporalMean,
     build_compressor,
@@ -24,7 +25,7 @@ from vidlm.models.modality_projection import modality_projection
 from vidlm.models.presets import PLLAVA_POOLING_SHAPE
 
 
-@pytest.mark.parametrize("kind", ["nframe", "pllava", "slowfast", "mean"])
+@pytest.mark.parametrize("kind", ["nframe", "pllava", "slowfast", "mean", "none"])
 @pytest.mark.parametrize("t", [1, 4, 16, 20])
 def test_output_shape_matches_num_visual_tokens(kind, t):
     cfg = CompressorConfig(kind=kind, pooling_shape=(4, 3, 3), grid=(6, 6))
@@ -70,6 +71,12 @@ def test_nframe_and_mean_by_hand():
     assert torch.equal(NFrame()(x), x.reshape(1, 12, 4))
     y = SpatialTemporalMean()(x)
     assert torch.allclose(y[0, 0], x[0, :, 0, 0].mean(0)) and torch.allclose(y[0, 4], x[0, 0].mean((0, 1)))
+
+
+def test_none_gives_no_patch_tokens_and_only_the_appended_ones_are_counted():
+    assert NoPatchTokens()(torch.randn(2, 4, 6, 6, 8)).shape == (2, 0, 8)
+    none = CompressorConfig(kind="none", grid=(14, 14))
+    assert num_visual_tokens(none, 16) == 0 and num_visual_tokens(none, 4, summary_tokens=11) == 11
 
 
 def test_bad_input_shape_names_the_expected_layout():

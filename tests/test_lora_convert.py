@@ -54,6 +54,14 @@ def test_what_trains_is_configuration(tmp_path):
     frozen = apply_trainable(model, TrainableConfig(projector="frozen", llm="full"))
     assert not frozen.visual_position_embedding.weight.requires_grad
 
+    model, _ = build_preset("tiny", {"tie_word_embeddings": False, "text_config.tie_word_embeddings": False})
+    kept = apply_trainable(model, TrainableConfig(llm="full", freeze_input_embeddings=True))
+    trainable = {n for n, p in kept.named_parameters() if p.requires_grad}
+    assert "language_model.lm_head.weight" in trainable and any("q_proj" in n for n in trainable)
+    assert not kept.language_model.get_input_embeddings().weight.requires_grad
+    with pytest.raises(ValueError, match="freeze_input_embeddings needs llm: full"):
+        TrainableConfig(llm="lora", freeze_input_embeddings=True)
+
 
 @pytest.mark.parametrize("alpha", [4.0, 32.0])
 def test_merged_weights_equal_w0_plus_scaled_ba(tmp_path, alpha):

@@ -78,6 +78,35 @@ def test_region_tokens_follow_the_summary_token_and_are_saved_with_the_model(tmp
     assert torch.allclose(tokens[-4:], expected, atol=1e-5) and torch.allclose(tokens[:-4], rest, atol=1e-6)
 
 
+def test_no_patch_tokens_leaves_the_summary_regions_and_focus_token(tmp_path):
+    """``compressor.kind: none``: a clip's tokens are the summary token, the region summaries and the focus token,
+    the same as the last ones of the model with patch tokens in front, counted alike by the config and the processor;
+    a model that would leave a clip no token, or embed patch tokens it has not, is refused."""
+    from vidlm.models.processing import VidlmProcessor
+
+    overrides = {"visual_summary_token": True, "visual_motion": True, "visual_region_tokens": 2}
+    overrides["visual_focus_token"] = True
+    model, tokenizer = build_preset("tiny", {**overrides, "compressor": {"kind": "none"}})
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VidlmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor = VidlmProcessor.from_pretrained(tmp_path)
+    assert loaded.config.num_visual_tokens(4) == 1 + 4 + 1 == processor.num_visual_tokens(4)
+    with_patches = build_preset("tiny", overrides)[0].eval()
+    with_patches.load_state_dict(loaded.state_dict())
+    clip = loaded.preprocess(np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        tokens = loaded.get_video_features([clip])[0]
+        all_tokens = with_patches.get_video_features([clip])[0]
+    assert tokens.shape == (6, loaded.config.text_config.hidden_size)
+    assert torch.allclose(tokens, all_tokens[-6:], atol=1e-6)
+    tiny = build_preset("tiny")[0].config.to_dict()
+    with pytest.raises(ValueError, match="compressor.kind='none' leaves a clip no tokens"):
+        VidlmConfig(**{**tiny, "compressor": {"kind": "none"}})
+    with pytest.raises(ValueError, match="compressor.kind='none' has none"):
+        VidlmConfig(**{**tiny, **overrides, "compressor": {"kind": "none"}, "visual_position_embedding": True})
+
+
 @pytest.mark.parametrize("value", [-1, 9, True, 1.5, "2", None])
 def test_region_tokens_must_be_an_int_that_fits_the_grid(value):
     tiny = build_preset("tiny")[0].config.to_dict()  # 8 x 8 patch grid

@@ -2,8 +2,10 @@
 as a user runs it -- ``vidlm planted`` -> ``vidlm train`` (Ray Train, DeepSpeed) -> the export scored by ``vidlm eval
 mc --option-text`` and captioning the held-out videos through vLLM (``vidlm recaption --model EXPORT``).
 
-The tutorial's model and recipe without its ``words`` stage (``--no-pretrain-tower``: the tower and projector trained
-from random weights with the LLM), 800 videos of one object (40 held out: ``--test-fraction 0.05``) seen once in
+The tutorial's recipe without its ``words`` stage (``--no-pretrain-tower``: the tower and projector trained from random
+weights with the LLM) on its model with PLLaVA's adaptive structure pooling in front of the summary token and neither
+region summaries nor a focus token (``--compressor pllava --region-tokens 0 --no-focus-token``: the regions and the
+focus token need the ``words`` stage), 800 videos of one object (40 held out: ``--test-fraction 0.05``) seen once in
 micro-batches of 8 (the recipe's: about 475 steps; in micro-batches of 16 a random tower loses colour, 0.85) instead of
 1,400 videos after 900 steps of the ``words`` stage. Fewer videos do not learn colour from a random tower: 400 (225
 steps, 4 minutes) answered it at 0.200, 560 at twice the learning rate (325 steps, 5 minutes) at 0.475. Asserted: colour
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("--max-objects", "4", "max_objects"),
         ("--region-tokens", "15", "visual_region_tokens must be an int from 0 to 14"),  # a 14 x 14 patch grid
         ("--focus-token", "--region-tokens=0", "visual_focus_token weighs the region summaries"),
+        ("--visual-position-embedding", "--compressor=none", "compressor.kind='none' has none"),
     ],
 )  # the other values vidlm planted refuses: tests/test_planted.py
 def test_the_tutorial_refuses_bad_scene_and_model_options_before_it_plants(tmp_path, option, value, message):
@@ -52,6 +55,7 @@ def test_the_tutorial_loop_learns_colour_and_count_and_vllm_captions_name_the_co
     argv = [
         *("--out", str(out), "--seed", "0", "--num", "800"),
         *("--test-fraction", "0.05", "--max-objects", "1", "--no-pretrain-tower"),
+        *("--compressor", "pllava", "--region-tokens", "0", "--no-focus-token"),
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # vLLM's default, as a user runs it (conftest.py)
     run = subprocess.run(

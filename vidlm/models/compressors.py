@@ -23,6 +23,8 @@ that method, so the model, the recaption job's context check and the capacity pl
 - ``mean``: Video-ChatGPT's spatial and temporal means (Video-ChatGPT §3): ``h*w`` temporal-mean tokens
   followed by ``T`` spatial-mean tokens.
 - ``global``: one token per frame, the frame's pooled CLIP embedding (TOPA §3.2); input ``(B, T, 1, 1, D)``.
+- ``none``: no patch tokens: the clip reaches the LLM only through the tokens the model appends after the
+  compressor's (its summary, region summaries and focus token, :func:`appended_tokens`).
 
 Input everywhere: ``(B, T, h, w, D)`` features after the projector; output ``(B, N, D)``, same dtype.
 """
@@ -44,6 +46,7 @@ __all__ = [
     "CompressorConfig",
     "GlobalFrames",
     "NFrame",
+    "NoPatchTokens",
     "RegionSummaries",
     "SlowFast",
     "SpatialTemporalMean",
@@ -65,7 +68,7 @@ NewlinePosition = Literal["none", "grid", "frame", "one_token"]
 class CompressorConfig(Section):
     """Which compressor, with its numbers."""
 
-    kind: Literal["nframe", "pllava", "slowfast", "mean", "global"] = "pllava"
+    kind: Literal["nframe", "pllava", "slowfast", "mean", "global", "none"] = "pllava"
     pooling_shape: tuple[int, int, int] | None = None
     """``pllava`` (required there): output ``(T', h', w')`` of the 3-D adaptive average pooling; the paper's shape
     is :data:`vidlm.models.presets.PLLAVA_POOLING_SHAPE`."""
@@ -106,6 +109,18 @@ class NFrame(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, d = _check(x)
         return x.reshape(b, t * h * w, d)  # (B, T, h, w, D) -> (B, T*h*w, D)
+
+
+class NoPatchTokens(nn.Module):
+    """No patch tokens: ``(B, T, h, w, D) -> (B, 0, D)``; the model's appended tokens are the clip's only ones."""
+
+    @staticmethod
+    def num_tokens(t: int, h: int, w: int) -> int:
+        return 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, _, _, d = _check(x)
+        return x.new_zeros(b, 0, d)
 
 
 class AdaptiveStructurePooling(nn.Module):
@@ -476,7 +491,7 @@ def build_compressor(config: CompressorConfig, dim: int | None = None) -> nn.Mod
         return AdaptiveStructurePooling(config.pooling_shape)
     if config.kind == "slowfast":
         return SlowFast(config.slow_stride, config.slow_pool, config.pool_mode, config.newline, dim)
-    return {"nframe": NFrame, "mean": SpatialTemporalMean, "global": GlobalFrames}[config.kind]()
+    return {"nframe": NFrame, "mean": SpatialTemporalMean, "global": GlobalFrames, "none": NoPatchTokens}[config.kind]()
 
 
 def appended_tokens(summary_token: bool, region_tokens: int, focus_token: bool = False) -> int:

@@ -1,8 +1,8 @@
 """What trains, LoRA through peft, and PLLaVA's post-training LoRA-alpha mixing.
 
-- :class:`TrainableConfig` says what trains per part (``vision_tower: frozen``, ``projector: full``,
-  ``llm: lora``); :func:`apply_trainable` sets ``requires_grad`` and wraps the LLM's target projections
-  with peft LoRA (only modules under ``language_model``).
+- :class:`TrainableConfig` says what trains per part (``vision_tower: frozen``, ``projector: full``, ``llm: lora``, and
+  with ``llm: full`` whether its input embeddings do); :func:`apply_trainable` sets ``requires_grad`` and wraps the
+  LLM's target projections with peft LoRA (only modules under ``language_model``).
 - Post-training optimisation (PLLaVA §3.4): a LoRA adapter trained at ``alpha = 32`` is loaded at a
   smaller alpha (4 in the paper) and merged, ``W = W0 + (alpha / r) * B @ A``, trading some of the
   fine-tuned behaviour for the base LLM's language ability. :func:`merge_lora` does it with peft's
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vidlm.config import Section
 
@@ -44,7 +44,17 @@ class TrainableConfig(Section):
     vision_tower: Literal["frozen", "full"] = "frozen"
     projector: Literal["frozen", "full"] = "full"
     llm: Literal["frozen", "full", "lora"] = "lora"
+    freeze_input_embeddings: bool = False
+    """With ``llm: full``, the LLM's input embeddings (``embed_tokens``; with tied embeddings, its LM head too) stay
+    frozen: the question words a focus token weighs the regions by (``VidlmConfig.visual_focus_token``) then stay the
+    vectors the ``words`` recipe aligned the regions with, and the optimizer holds ``V x D`` fewer weights."""
     lora: LoraSettings = LoraSettings()
+
+    @model_validator(mode="after")
+    def _embeddings_of_a_full_llm(self) -> TrainableConfig:
+        if self.freeze_input_embeddings and self.llm != "full":
+            raise ValueError(f"freeze_input_embeddings needs llm: full (with llm: {self.llm} they do not train)")
+        return self
 
 
 def lora_config(settings: LoraSettings, modules_to_save: tuple[str, ...] = ()):
@@ -88,6 +98,8 @@ def apply_trainable(model, config: TrainableConfig):
     for part in connector:
         getattr(model, part).requires_grad_(config.projector == "full")
     model.language_model.requires_grad_(config.llm == "full")
+    if config.freeze_input_embeddings:
+        model.language_model.get_input_embeddings().requires_grad_(False)
     if config.llm != "lora":
         return model
     from peft import get_peft_model

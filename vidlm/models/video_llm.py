@@ -74,7 +74,8 @@ class VidlmConfig(PreTrainedConfig):
         pool_before_projector: compress the patch features before the projector (llava-hf LLaVA-NeXT-Video's
             order) instead of after it (PLLaVA §3.3 and LLaVA-Video's ``get_2dPool``).
         compressor: :class:`~vidlm.models.compressors.CompressorConfig` fields except ``grid``, which comes
-            from the tower (``image_size // patch_size``).
+            from the tower (``image_size // patch_size``); ``kind: none``: no patch tokens, the clip's tokens are
+            the ones appended after them (``visual_summary_token``, ``visual_region_tokens``, ``visual_focus_token``).
         sampling: :class:`~vidlm.sampling.SamplingConfig` fields: how many frames of a clip the model sees.
         video_token: the placeholder string in prompts.
         video_token_index: its token id (a token of the tokenizer, so the LLM has an embedding row for it).
@@ -192,7 +193,8 @@ class VidlmConfig(PreTrainedConfig):
                 ``visual_motion`` that is not a bool or is asked of the ``global`` compressor, or a
                 ``visual_region_tokens`` that is not an int from 0 to the patch grid's side (0 for ``global``), a
                 ``visual_focus_token`` that is not a bool or has no regions to weigh, a ``visual_focus_temperature``
-                that is not a positive number.
+                that is not a positive number, or a ``none`` compressor with no token appended (a clip of no tokens)
+                or with a ``visual_position_embedding`` (no patch tokens to embed).
         """
         if self.center_visual_tokens not in (None, *CENTERINGS):
             known = ", ".join(repr(c) for c in CENTERINGS)
@@ -208,6 +210,11 @@ class VidlmConfig(PreTrainedConfig):
         regions, side = self.visual_region_tokens, 0 if kind == "global" else min(self.compressor_config.grid)
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= side:
             raise ValueError(f"visual_region_tokens must be an int from 0 to {side} (the grid's side), got {regions!r}")
+        appended = appended_tokens(self.visual_summary_token, regions, self.visual_focus_token)
+        if kind == "none" and not appended:
+            raise ValueError("compressor.kind='none' leaves a clip no tokens: it needs visual_summary_token or regions")
+        if kind == "none" and self.visual_position_embedding:
+            raise ValueError("visual_position_embedding embeds patch tokens: compressor.kind='none' has none")
         if self.visual_focus_token and not regions:
             raise ValueError("visual_focus_token weighs the region summaries: it needs visual_region_tokens >= 1")
         tau = self.visual_focus_temperature
