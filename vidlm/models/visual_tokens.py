@@ -202,16 +202,13 @@ def tokens_from_features(
                 raise ValueError(
                     f"expected patch features (T, {g * g}, {width}) or (T, {g}, {g}, {width}), got {tuple(x.shape)}"
                 )
-            if kind == "none":  # no patch tokens: nothing to project
-                tokens = x.new_zeros(1, 0, config.text_config.hidden_size)  # (1, 0, Dl)
-            else:
-                # (1, T, h, w, Dv), or (1, T, h, w, Dl) projected first
-                y = _across_frames(x[None] if config.pool_before_projector else parts.projector(x[None]), centring)
-                if parts.visual_position_embedding is not None:
-                    y = parts.visual_position_embedding(y)  # + (h, w, D) on every frame
-                tokens = parts.compressor(y)  # -> (1, N, D)
-                if config.pool_before_projector:
-                    tokens = parts.projector(tokens)  # -> (1, N, Dl)
+            # (1, T, h, w, Dv), or (1, T, h, w, Dl) projected first
+            y = _across_frames(x[None] if config.pool_before_projector else parts.projector(x[None]), centring)
+            if parts.visual_position_embedding is not None:
+                y = parts.visual_position_embedding(y)  # + (h, w, D) on every frame
+            tokens = parts.compressor(y)  # -> (1, N, D); N = 0 for ``none``
+            if config.pool_before_projector:
+                tokens = parts.projector(tokens)  # -> (1, N, Dl)
         if centring == "clip":
             tokens = _less_mean(tokens)  # (1, N, Dl), zero mean over the clip's N tokens
         if config.visual_summary_token:
