@@ -47,6 +47,7 @@ WORDS_RECIPE = "training/configs/words_planted.yaml"
 FEATURES = "pipelines/configs/features_tiny.yaml"
 
 MODEL = {
+    "vision_config.image_size": 192,
     "vision_config.patch_size": 16,
     "vision_config.hidden_size": 128,
     "vision_config.intermediate_size": 512,
@@ -64,8 +65,10 @@ MODEL = {
     "visual_region_tokens": 3,
     "visual_focus_token": True,
 }
-"""The tutorial's model: ``tiny-video`` with a finer, wider tower (16 px patches: a 14 x 14 grid; width 128, 4 heads:
-with 32 px patches the ``words`` stage teaches it less shape, 0.875 against 1.000), its LLM untied with 4 / 4 heads
+"""The tutorial's model: ``tiny-video`` with a finer, wider tower on the planted videos' own 192 px (16 px patches: a
+12 x 12 grid, each region of a 3 x 3 split 4 x 4 patches; width 128, 4 heads: with 32 px patches the ``words`` stage
+teaches it less shape, 0.875 against 1.000; at 224 px, the frames upsampled to a 14 x 14 grid, it teaches less in more
+time, docs/tutorial-findings.md "The tower's input size"), its LLM untied with 4 / 4 heads
 and initialised as transformers does (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity
 tests), and no patch tokens (``compressor: none``): a clip is 11 tokens -- one summary token (``visual_summary_token``:
 the projector of the maximum of the clip's patch features, plus their motion -- ``visual_motion``: each feature
@@ -99,13 +102,13 @@ COMPRESSORS = {
     },
     "mean": {"compressor": {"kind": "mean"}},
 }
-"""The model's patch tokens as overrides of :data:`MODEL` (4 frames of a 14 x 14 patch grid): none (:data:`MODEL`'s own,
+"""The model's patch tokens as overrides of :data:`MODEL` (4 frames of a 12 x 12 patch grid): none (:data:`MODEL`'s own,
 11 tokens), or the papers' compressors in front of :data:`MODEL`'s summary token, region summaries and focus token
 (11 tokens, unless ``--region-tokens`` / ``--focus-token`` change them) but TOPA's: PLLaVA adaptive structure pooling
-to ``(4, 7, 7)`` (196 + 11 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to 7 x 7: 49 tokens)
-and the others fast (pooled 4 x 4: 9 tokens), 116 + 11 tokens; TOPA's one token per frame (the pooled embedding, its
+to ``(4, 7, 7)`` (196 + 11 tokens); LLaVA-Video SlowFast with every 2nd frame slow (pooled 2 x 2 to 6 x 6: 36 tokens)
+and the others fast (pooled 4 x 4: 9 tokens), 90 + 11 tokens; TOPA's one token per frame (the pooled embedding, its
 linear projector; no patch grid, so no position embedding, summary token, regions or focus token), 4 tokens;
-Video-ChatGPT's spatial and temporal means, 196 + 4 + 11 tokens."""
+Video-ChatGPT's spatial and temporal means, 144 + 4 + 11 tokens."""
 
 
 STEPS = ("planted", "words", "features", "train", "recaption")
@@ -193,11 +196,18 @@ def _check_model(*options) -> None:
 
 
 def learn(
-    out: Path, planted: Path, model: str, overrides: list[str], caption_prompt: str, pretrain: bool = False
+    out: Path,
+    planted: Path,
+    model: str,
+    overrides: list[str],
+    caption_prompt: str,
+    pretrain: bool = False,
+    words_steps: int | None = None,
 ) -> dict:
     """Steps 2-4 of the module for ``model``: train on ``planted`` (``pretrain``: its tower and projector on the
     captions' words first, then the LLM with those frozen, as the recipe has it; otherwise the tower is trained
-    with the rest), then score the export and ``model`` itself.
+    with the rest), then score the export and ``model`` itself. ``words_steps``: the ``words`` stage's steps (the
+    recipe's own if ``None``).
 
     Returns:
         ``mc_accuracy`` / ``untrained_mc_accuracy`` (task type -> accuracy by the options' own words, ``vidlm eval
@@ -219,8 +229,9 @@ def learn(
     random_parts.append("trainable.freeze_input_embeddings=false")
     if pretrain:
         words = out / "words"
-        seed = [o for o in overrides if o.startswith("seed=")]
-        args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *seed)
+        stage = [o for o in overrides if o.startswith("seed=")]
+        stage += [f"optim.max_steps={words_steps}"] if words_steps else []
+        args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *stage)
         seconds["words"] = _vidlm("words", out, *args, "export.dtype=float32")
         start, random_parts = str(words / "export"), []
         sampling = [f"sampling.{k}={v}" for k, v in locate_model(start)[1].sampling.items()]  # the model's frames
@@ -338,10 +349,19 @@ def main() -> None:
         help=f"pre-train the tower and projector on the captions' words first ({WORDS_RECIPE})",
     )
     parser.add_argument(
+        "--words-steps",
+        type=int,
+        help=f"steps of the words stage (its optim.max_steps; {WORDS_RECIPE}'s own by default)",
+    )
+    parser.add_argument(
         "--compressors", default="", help=f"comma-separated, of {', '.join(COMPRESSORS)}: also compare these"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     args = parser.parse_args()
+    if args.words_steps is not None and (args.words_steps < 1 or not args.pretrain_tower):
+        parser.error(
+            f"--words-steps {args.words_steps}: a positive step count of the words stage (not with --no-pretrain-tower)"
+        )
     kinds = [k for k in args.compressors.split(",") if k]
     if unknown := set(kinds) - set(COMPRESSORS):
         parser.error(f"unknown compressors {sorted(unknown)}; known: {', '.join(COMPRESSORS)}")
@@ -391,7 +411,8 @@ def main() -> None:
     report["pretrain_tower"] = args.pretrain_tower
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
-    report |= learn(out, planted, _model(out, *options, args.focus_token), overrides, prompt, args.pretrain_tower)
+    stages = (args.pretrain_tower, args.words_steps)
+    report |= learn(out, planted, _model(out, *options, args.focus_token), overrides, prompt, *stages)
     _print(report)
     if kinds:
         report["compressors"] = {}
@@ -400,7 +421,7 @@ def main() -> None:
                 result = report
             else:
                 model = _model(out / kind, kind, *options[1:], args.focus_token)  # only the compressor changes
-                result = learn(out / kind, planted, model, overrides, prompt, args.pretrain_tower)
+                result = learn(out / kind, planted, model, overrides, prompt, *stages)
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]
         _print_compressors(report)
