@@ -65,26 +65,26 @@ MODEL = {
     "visual_region_tokens": 3,
     "visual_focus_token": True,
 }
-"""The tutorial's model: ``tiny-video`` with a finer, wider tower on the planted videos' own 192 px (16 px patches: a
-12 x 12 grid, each region of a 3 x 3 split 4 x 4 patches; width 128, 4 heads: with 32 px patches the ``words`` stage
+"""The tutorial's model: ``tiny-video`` with a finer, wider tower on the planted videos' own 192 px (16 px patches: a 12
+x 12 grid, each region of a 3 x 3 split 4 x 4 patches; width 128, 4 heads: with 32 px patches the ``words`` stage
 teaches it less shape, 0.875 against 1.000; at 224 px, the frames upsampled to a 14 x 14 grid, it teaches less in more
-time, docs/tutorial-findings.md "The tower's input size"), its LLM untied with 4 / 4 heads
-and initialised as transformers does (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity
-tests), and no patch tokens (``compressor: none``): a clip is 11 tokens -- one summary token (``visual_summary_token``:
-the projector of the maximum of the clip's patch features, plus their motion -- ``visual_motion``: each feature
-channel's spatial soft-argmax, from the first frame to the last, through a linear layer -- the vector the ``words``
-stage aligns with the caption's words), 3 x 3 region summaries (``visual_region_tokens``: each region's colour, shape
-and motion in one token, which the ``words`` stage aligns with one sentence of the caption each) and a focus token
-(``visual_focus_token``: the regions weighed by the question's words, so that the LLM reads the object a question
-names from one token; docs/tutorial-findings.md, "Several objects" and "The lookup in the connector"). With the 196
-patch tokens of PLLaVA's pooling in front (``--compressor pllava``), one pass of the video recipe reads less shape
-from the same tokens (0.262 against 0.810, one to three objects). ``--compressor`` puts a paper's patch tokens in
-front (:data:`COMPRESSORS`), centred per clip (``center_visual_tokens: clip``: with a tower of random weights, the
-tokens' shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip);
-``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position
-embedding per patch after them) lets the LLM learn the sense of a motion from the patch tokens alone, and
-``frames`` its axis (docs/tutorial-findings.md). ``--region-tokens 0 --no-focus-token`` leaves the summary token
-alone, the model of one object per video (``--max-objects 1``)."""
+time, docs/tutorial-findings.md "The tower's input size"), its LLM untied with 4 / 4 heads and initialised as
+transformers does (``tiny``'s wide 0.2 makes greedy tokens of a random model vary for the parity tests), and no patch
+tokens (``compressor: none``): a clip is 11 tokens -- one summary token (``visual_summary_token``: the projector of the
+maximum of the clip's patch features, plus their motion -- ``visual_motion``: each feature channel's spatial
+soft-argmax, from the first frame to the last, through a linear layer -- the vector the ``words`` stage aligns with the
+caption's words), 3 x 3 region summaries (``visual_region_tokens``: each region's colour, shape and motion in one token,
+which the ``words`` stage aligns with one sentence of the caption each) and a focus token (``visual_focus_token``: the
+regions weighed by the question's words, so that the LLM reads the object a question names from one token;
+docs/tutorial-findings.md, "Several objects" and "The lookup in the connector"). With the 196 patch tokens of PLLaVA's
+pooling in front (``--compressor pllava``), one pass of the video recipe reads less shape from the same tokens (0.262
+against 0.810 with the 224 px tower, one to three objects). ``--compressor`` puts a paper's patch tokens in front
+(:data:`COMPRESSORS`), centred per clip (``center_visual_tokens: clip``: with a tower of random weights, the tokens'
+shared part -- the background -- outweighs the objects, and the LLM reads the same input for every clip);
+``--center-visual-tokens differences --visual-position-embedding`` (frame differences, and a learned position embedding
+per patch after them) lets the LLM learn the sense of a motion from the patch tokens alone, and ``frames`` its axis
+(docs/tutorial-findings.md). ``--region-tokens 0 --no-focus-token`` leaves the summary token alone, the model of one
+object per video (``--max-objects 1``)."""
 
 
 COMPRESSORS = {
