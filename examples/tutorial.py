@@ -201,13 +201,11 @@ def learn(
     model: str,
     overrides: list[str],
     caption_prompt: str,
-    pretrain: bool = False,
-    words_steps: int | None = None,
+    words: list[str] | None = None,
 ) -> dict:
-    """Steps 2-4 of the module for ``model``: train on ``planted`` (``pretrain``: its tower and projector on the
-    captions' words first, then the LLM with those frozen, as the recipe has it; otherwise the tower is trained
-    with the rest), then score the export and ``model`` itself. ``words_steps``: the ``words`` stage's steps (the
-    recipe's own if ``None``).
+    """Steps 2-4 of the module for ``model``: train on ``planted`` (given ``words``, the overrides of the ``words``
+    stage: its tower and projector on the captions' words first, then the LLM with those frozen, as the recipe has it;
+    otherwise the tower is trained with the rest), then score the export and ``model`` itself.
 
     Returns:
         ``mc_accuracy`` / ``untrained_mc_accuracy`` (task type -> accuracy by the options' own words, ``vidlm eval
@@ -227,13 +225,11 @@ def learn(
     # the tower and projector trained with the LLM on the decoded frames, its input embeddings too
     start, random_parts = model, ["trainable.vision_tower=full", "trainable.projector=full"]
     random_parts.append("trainable.freeze_input_embeddings=false")
-    if pretrain:
-        words = out / "words"
-        stage = [o for o in overrides if o.startswith("seed=")]
-        stage += [f"optim.max_steps={words_steps}"] if words_steps else []
-        args = ("train", "--config", WORDS_RECIPE, "--out", str(words), train_data, f"model={model}", *stage)
+    if words is not None:
+        folder = out / "words"
+        args = ("train", "--config", WORDS_RECIPE, "--out", str(folder), train_data, f"model={model}", *words)
         seconds["words"] = _vidlm("words", out, *args, "export.dtype=float32")
-        start, random_parts = str(words / "export"), []
+        start, random_parts = str(folder / "export"), []
         sampling = [f"sampling.{k}={v}" for k, v in locate_model(start)[1].sampling.items()]  # the model's frames
         args = ("features", str(planted / "train.csv"), "--out", str(out / "features"), "--config", FEATURES)
         tower = (f"encode.tower.model={start}", "encode.dtype=float32")  # its frozen tower's numbers, exactly
@@ -358,10 +354,8 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     args = parser.parse_args()
-    if args.words_steps is not None and (args.words_steps < 1 or not args.pretrain_tower):
-        parser.error(
-            f"--words-steps {args.words_steps}: a positive step count of the words stage (not with --no-pretrain-tower)"
-        )
+    if args.words_steps is not None and not args.pretrain_tower:
+        parser.error("--words-steps: the steps of the words stage, not with --no-pretrain-tower")
     kinds = [k for k in args.compressors.split(",") if k]
     if unknown := set(kinds) - set(COMPRESSORS):
         parser.error(f"unknown compressors {sorted(unknown)}; known: {', '.join(COMPRESSORS)}")
@@ -371,12 +365,17 @@ def main() -> None:
     from vidlm.config import ConfigError, load_config
 
     overrides = [f"seed={args.seed}", *args.overrides]
+    steps = [f"optim.max_steps={args.words_steps}"] if args.words_steps is not None else []
+    seeds = [o for o in overrides if o.startswith("seed=")]
+    words = [*seeds, *steps] if args.pretrain_tower else None  # the words stage's overrides
     scenes = [f"max_objects={args.max_objects}", f"test_fraction={args.test_fraction}"]
     try:
         load_config(PlantedConfig, None, scenes)
         options = (args.compressor, args.center_visual_tokens, args.visual_position_embedding, args.region_tokens)
         _check_model(*options, args.focus_token)
         config = load_config(TrainConfig, str(REPO / RECIPE), overrides)  # the caption prompt is the recipe's
+        if words is not None:
+            load_config(TrainConfig, str(REPO / WORDS_RECIPE), words)
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
     out = args.out.resolve()
@@ -411,8 +410,7 @@ def main() -> None:
     report["pretrain_tower"] = args.pretrain_tower
     report["planted_seconds"] = round(time.perf_counter() - started, 1)
     prompt = config.data.caption_prompt
-    stages = (args.pretrain_tower, args.words_steps)
-    report |= learn(out, planted, _model(out, *options, args.focus_token), overrides, prompt, *stages)
+    report |= learn(out, planted, _model(out, *options, args.focus_token), overrides, prompt, words)
     _print(report)
     if kinds:
         report["compressors"] = {}
@@ -421,7 +419,7 @@ def main() -> None:
                 result = report
             else:
                 model = _model(out / kind, kind, *options[1:], args.focus_token)  # only the compressor changes
-                result = learn(out / kind, planted, model, overrides, prompt, *stages)
+                result = learn(out / kind, planted, model, overrides, prompt, words)
             report["compressors"][kind] = {k: result[k] for k in ("visual_tokens", "mc_accuracy", "seconds")}
             report["compressors"][kind]["captions_all"] = result["caption_attribute_accuracy"]["all"]
         _print_compressors(report)

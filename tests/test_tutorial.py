@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("--region-tokens", "13", "visual_region_tokens must be an int from 0 to 12"),  # a 12 x 12 patch grid
         ("--focus-token", "--region-tokens=0", "visual_focus_token weighs the region summaries"),
         ("--visual-position-embedding", "--compressor=none", "compressor.kind='none' has none"),
-        ("--words-steps", "0", "a positive step count of the words stage"),
+        ("--words-steps", "0", "optim.max_steps: Input should be greater than 0"),  # the words recipe's bound
         ("--no-pretrain-tower", "--words-steps=5", "not with --no-pretrain-tower"),
     ],
 )  # the other values vidlm planted refuses: tests/test_planted.py
