@@ -56,7 +56,7 @@ cluster-local: install
 bench-cluster: install
 	$(BIN)/python bench/node_loss.py
 
-# The learning loop on planted videos (README "Tutorial"; ~14 minutes here): planted -> words -> features -> train ->
+# The learning loop on planted videos (README "Tutorial"; ~13 minutes here): planted -> words -> features -> train ->
 # eval mc and recaption -> report.json. SEED= and NUM= change the corpus (examples/tutorial.py's defaults otherwise).
 CORPUS = $(if $(SEED),--seed $(SEED)) $(if $(NUM),--num $(NUM))
 tutorial: install

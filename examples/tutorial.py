@@ -63,6 +63,7 @@ MODEL = {
     "visual_summary_token": True,
     "visual_motion": True,
     "visual_region_tokens": 3,
+    "visual_region_order": "appearance",
     "visual_focus_token": True,
 }
 """The tutorial's model: ``tiny-video`` with a finer, wider tower on the planted videos' own 192 px (16 px patches: a 12
@@ -74,7 +75,9 @@ tokens (``compressor: none``): a clip is 11 tokens -- one summary token (``visua
 maximum of the clip's patch features, plus their motion -- ``visual_motion``: each feature channel's spatial
 soft-argmax, from the first frame to the last, through a linear layer -- the vector the ``words`` stage aligns with the
 caption's words), 3 x 3 region summaries (``visual_region_tokens``: each region's colour, shape and motion in one token,
-which the ``words`` stage aligns with one sentence of the caption each) and a focus token (``visual_focus_token``: the
+which the ``words`` stage aligns with one sentence of the caption each; ``visual_region_order: appearance``: those of
+the objects first, in the order they appear, so that the caption's k-th sentence reads the k-th region,
+docs/tutorial-findings.md "The captions' order") and a focus token (``visual_focus_token``: the
 regions weighed by the question's words, so that the LLM reads the object a question names from one token;
 docs/tutorial-findings.md, "Several objects" and "The lookup in the connector"). With the 196 patch tokens of PLLaVA's
 pooling in front (``--compressor pllava``), one pass of the video recipe reads less shape from the same tokens (0.262

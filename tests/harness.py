@@ -112,6 +112,7 @@ TINY_VARIANTS = {
         "visual_summary_token": True,
         "visual_motion": True,
         "visual_region_tokens": 3,
+        "visual_region_order": "appearance",
         "visual_focus_token": True,
     },
 }
@@ -119,7 +120,8 @@ TINY_VARIANTS = {
 into frame differences with a visual position embedding and ``mean`` centres its tokens per clip
 (``center_visual_tokens`` ``"differences"`` and ``"clip"``) and appends a summary token with the clip's motion
 (``visual_motion``), 2 x 2 region summaries (``visual_region_tokens``) and a focus token; ``none`` has no patch
-tokens, only those three (the tutorial's model), so the vLLM parity tests cover each."""
+tokens, only those three, its regions in the order their objects appear (``visual_region_order: appearance``; the
+tutorial's model), so the vLLM parity tests cover each."""
 
 
 RECAPTION_PROMPTS = {"caption": "Describe the video.", "short": "Name the main object in one word."}

@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from vidlm.models.caption_words import WORD_TEMPERATURE, caption_sentences, region_word_loss
-from vidlm.models.compressors import RegionSummaries
+from vidlm.models.compressors import RegionSummaries, appearance_order
 from vidlm.models.presets import build_preset
 from vidlm.models.video_llm import VidlmConfig, VidlmForConditionalGeneration
 
 
 def test_regions_are_adaptive_pooling_s_bins():
-    regions = RegionSummaries((14, 14), regions=3, dim=2, out_dim=4)
+    regions = RegionSummaries((14, 14), regions=3, dim=2, out_dim=4, order="grid")
     assert regions.bins(14) == [(0, 5), (4, 10), (9, 14)]  # torch's adaptive pooling: floor(i h / R), ceil(...)
-    assert RegionSummaries((8, 8), regions=2, dim=2, out_dim=4).bins(8) == [(0, 4), (4, 8)]
+    assert RegionSummaries((8, 8), regions=2, dim=2, out_dim=4, order="grid").bins(8) == [(0, 4), (4, 8)]
     with pytest.raises(ValueError, match="3 regions a side do not fit a 2 x 4 patch grid"):
-        RegionSummaries((2, 4), regions=3, dim=2, out_dim=4)
+        RegionSummaries((2, 4), regions=3, dim=2, out_dim=4, order="grid")
 
 
 def test_a_region_s_motion_is_the_velocity_of_its_channels_over_the_frames_they_are_in():
@@ -29,15 +29,15 @@ def test_a_region_s_motion_is_the_velocity_of_its_channels_over_the_frames_they_
     moves right (the least-squares slope of x, -1 and +1, against times 0, 1/3, 2/3, 1: 2.4) and stays in its row; one
     that is only in the last two frames of the bottom-right region, moving down a row, is timed from those frames
     (mean time 5/6, slope 2 / (1/3) = 6); reversed frames reverse both velocities; a region without them, none."""
-    regions = RegionSummaries((4, 4), regions=2, dim=2, out_dim=4)
+    regions = RegionSummaries((4, 4), regions=2, dim=2, out_dim=4, order="grid")
     with torch.no_grad():
         regions.presence_bias.fill_(-10.0)  # a frame where a channel is not counts (almost) nothing
     x = torch.zeros(4, 4, 4, 2)  # (T, h, w, Dv)
     x[:2, 0, 0, 0] = x[2:, 0, 1, 0] = 50.0
     x[2, 2, 3, 1] = x[3, 3, 3, 1] = 50.0
     with torch.no_grad():
-        maxima, motion = regions.measure(x)
-        _, back = regions.measure(x.flip(0))
+        maxima, motion, _ = regions.measure(x)
+        _, back, _ = regions.measure(x.flip(0))
     assert maxima.shape == (4, 2) and motion.shape == (4, 6)
     assert torch.equal(maxima[0], torch.tensor([50.0, 0.0])) and torch.equal(maxima[3], torch.tensor([0.0, 50.0]))
     vx, vy, when = motion[:, :2], motion[:, 2:4], motion[:, 4:]
@@ -49,6 +49,31 @@ def test_a_region_s_motion_is_the_velocity_of_its_channels_over_the_frames_they_
     assert motion[1, :4].abs().max() < 1e-4 and motion[2, :4].abs().max() < 1e-4
     with pytest.raises(ValueError, match=r"expected patch features \(T, 4, 4, 2\)"):
         regions.measure(torch.zeros(4, 4, 3, 2))
+
+
+def test_appearance_order_puts_the_regions_of_objects_first_in_the_order_they_appear():
+    """A 3 x 3 split of a 6 x 6 grid over a textured background: an object in region 4 from the first of 4 frames, one
+    in region 8 from the second, one in region 2 in the last frame only, and a faint one (a third as strong) in region
+    6 from the first: the tokens of regions 4, 8, 2 come first, then the rest in row-major order (6 among them);
+    the same regions' tokens as the row-major model's, permuted. A clip whose regions are all alike keeps row-major
+    order; an unknown order is refused."""
+    generator = torch.Generator().manual_seed(0)
+    x = 0.1 * torch.randn(4, 6, 6, 3, generator=generator)  # (T, h, w, Dv): background texture
+    for region, first, channel, strength in ((4, 0, 0, 3.0), (8, 1, 1, 3.0), (2, 3, 2, 3.0), (6, 0, 1, 1.0)):
+        row, column = divmod(region, 3)
+        x[first:, 2 * row, 2 * column + 1, channel] += strength
+    appearance = RegionSummaries((6, 6), regions=3, dim=3, out_dim=4, order="appearance")
+    grid = RegionSummaries((6, 6), regions=3, dim=3, out_dim=4, order="grid")
+    grid.load_state_dict(appearance.state_dict())
+    projector = nn.Linear(3, 4)
+    expected = [4, 8, 2, 0, 1, 3, 5, 6, 7]
+    with torch.no_grad():
+        assert appearance.measure(x)[2].tolist() == expected
+        assert grid.measure(x)[2].tolist() == list(range(9))
+        assert torch.equal(appearance(x, projector), grid(x, projector)[expected])
+    assert appearance_order(torch.ones(9, 4, 3)).tolist() == list(range(9))
+    with pytest.raises(ValueError, match="visual_region_order must be one of grid, appearance, got 'spiral'"):
+        RegionSummaries((6, 6), regions=3, dim=3, out_dim=4, order="spiral")
 
 
 def test_region_tokens_follow_the_summary_token_and_are_saved_with_the_model(tmp_path):
@@ -105,6 +130,12 @@ def test_no_patch_tokens_leaves_the_summary_regions_and_focus_token(tmp_path):
         VidlmConfig(**{**tiny, "compressor": {"kind": "none"}})
     with pytest.raises(ValueError, match="compressor.kind='none' has none"):
         VidlmConfig(**{**tiny, **overrides, "compressor": {"kind": "none"}, "visual_position_embedding": True})
+
+
+def test_an_unknown_region_order_is_refused():
+    tiny = build_preset("tiny")[0].config.to_dict()
+    with pytest.raises(ValueError, match="visual_region_order must be one of 'grid', 'appearance', got 'time'"):
+        VidlmConfig(**{**tiny, "visual_region_tokens": 2, "visual_region_order": "time"})
 
 
 @pytest.mark.parametrize("value", [-1, 9, True, 1.5, "2", None])

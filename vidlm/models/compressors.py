@@ -47,11 +47,13 @@ __all__ = [
     "GlobalFrames",
     "NFrame",
     "NoPatchTokens",
+    "REGION_ORDERS",
     "RegionSummaries",
     "SlowFast",
     "SpatialTemporalMean",
     "VisualMotion",
     "VisualPositionEmbedding",
+    "appearance_order",
     "pool_2d",
     "pooled_grid",
     "spatial_soft_argmax",
@@ -367,6 +369,11 @@ class VisualMotion(nn.Module):
         return self.linear(moved.to(self.linear.weight.dtype))  # (Dl,)
 
 
+REGION_ORDERS = ("grid", "appearance")
+"""The orders of :class:`RegionSummaries`' tokens (``VidlmConfig.visual_region_order``): row-major, or the order the
+regions' objects appear in (:func:`appearance_order`)."""
+
+
 class RegionSummaries(nn.Module):
     """A clip's region summaries: one ``Dl`` token per region of an ``R x R`` split of the patch grid
     (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_region_tokens`), each the clip's summary
@@ -383,11 +390,16 @@ class RegionSummaries(nn.Module):
     channel), so an object that appears late is timed from the frames it is in -- with the channel's weighted mean
     time (when it is there): ``(3, Dv)``, through the linear layer.
 
+    The tokens come in the regions' row-major order (``order="grid"``), or in the order their objects appear
+    (``"appearance"``, :func:`appearance_order`), so that the k-th sentence of a caption that tells the objects in
+    that order reads the k-th token.
+
     Args:
         grid: ``(h, w)``, the tower's patch grid, ``h, w >= regions``.
         regions: ``R``, regions per side.
         dim: Dv, the patch features' width.
         out_dim: Dl, the LLM's width.
+        order: one of :data:`REGION_ORDERS`.
 
     Shapes:
         ``(T, h, w, Dv)`` float and the projector ``Dv -> Dl`` -> ``(R * R, Dl)``, in the projector's dtype;
@@ -395,15 +407,18 @@ class RegionSummaries(nn.Module):
         ``linear (3 Dv -> Dl)``.
 
     Raises:
-        ValueError: features of another shape (``forward``); a grid smaller than ``R`` (``__init__``).
+        ValueError: features of another shape (``forward``); a grid smaller than ``R`` or an ``order`` not in
+            :data:`REGION_ORDERS` (``__init__``).
     """
 
-    def __init__(self, grid: tuple[int, int], regions: int, dim: int, out_dim: int):
+    def __init__(self, grid: tuple[int, int], regions: int, dim: int, out_dim: int, *, order: str):
         super().__init__()
         h, w = grid
         if not 1 <= regions <= min(h, w):
             raise ValueError(f"visual_region_tokens: {regions} regions a side do not fit a {h} x {w} patch grid")
-        self.grid, self.regions, self.dim = (h, w), regions, dim
+        if order not in REGION_ORDERS:
+            raise ValueError(f"visual_region_order must be one of {', '.join(REGION_ORDERS)}, got {order!r}")
+        self.grid, self.regions, self.dim, self.order = (h, w), regions, dim, order
         self.log_scale = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-dim parameter
         self.presence_scale = nn.Parameter(torch.ones(dim))
         self.presence_bias = nn.Parameter(torch.zeros(dim))
@@ -413,16 +428,17 @@ class RegionSummaries(nn.Module):
         """Adaptive pooling's ``R`` bins ``(start, end)`` of ``size`` rows or columns."""
         return [(i * size // self.regions, -(-(i + 1) * size // self.regions)) for i in range(self.regions)]
 
-    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each region's maximum and motion, ``(T, h, w, Dv) -> (R * R, Dv), (R * R, 3 Dv)`` float32: the motion is
-        each channel's velocity in x (``[:Dv]``), in y (``[Dv:2 Dv]``; grid units, -1 to 1 across the region, per
-        clip) and its mean time (``[2 Dv:]``, 0 the first frame, 1 the last)."""
+    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each region's maximum and motion, and the tokens' order: ``(T, h, w, Dv) -> (R * R, Dv), (R * R, 3 Dv)``
+        float32 and ``(R * R,)`` int64 (row-major region indices; :func:`appearance_order`'s for ``"appearance"``).
+        The motion is each channel's velocity in x (``[:Dv]``), in y (``[Dv:2 Dv]``; grid units, -1 to 1 across the
+        region, per clip) and its mean time (``[2 Dv:]``, 0 the first frame, 1 the last)."""
         h, w = self.grid
         if x.ndim != 4 or tuple(x.shape[1:]) != (h, w, self.dim):
             raise ValueError(f"expected patch features (T, {h}, {w}, {self.dim}), got {tuple(x.shape)}")
         x = x.float()
         time = torch.linspace(0, 1, x.shape[0], device=x.device)[:, None]  # (T, 1)
-        maxima, motions = [], []
+        maxima, motions, peaks = [], [], []
         for top, bottom in self.bins(h):
             for left, right in self.bins(w):
                 region = x[:, top:bottom, left:right]  # (T, hr, wr, Dv)
@@ -435,14 +451,44 @@ class RegionSummaries(nn.Module):
                 centre = (presence[:, None] * positions).sum(0)  # (2, Dv)
                 slope = (presence * spread)[:, None] * (positions - centre)  # (T, 2, Dv)
                 velocity = slope.sum(0) / ((presence * spread * spread).sum(0) + 1e-3)  # (2, Dv)
+                peaks.append(peak)
                 maxima.append(peak.max(dim=0).values)
                 motions.append(torch.cat([velocity.flatten(), when]))  # (3 Dv,)
-        return torch.stack(maxima), torch.stack(motions)
+        if self.order == "appearance":
+            order = appearance_order(torch.stack(peaks))
+        else:
+            order = torch.arange(len(peaks), device=x.device)
+        return torch.stack(maxima), torch.stack(motions), order
 
     def forward(self, x: torch.Tensor, projector: nn.Module) -> torch.Tensor:
-        maxima, motions = self.measure(x)
+        maxima, motions, order = self.measure(x)
         summaries = projector(maxima.to(next(projector.parameters()).dtype))  # (R*R, Dl)
-        return summaries + self.linear(motions.to(self.linear.weight.dtype)).to(summaries.dtype)
+        tokens = summaries + self.linear(motions.to(self.linear.weight.dtype)).to(summaries.dtype)
+        return tokens[order]
+
+
+def appearance_order(peaks: torch.Tensor) -> torch.Tensor:
+    """The regions in the order their objects appear, then the regions that hold none, in row-major order.
+
+    A region's activity in a frame is how far its maximum patch features lie from the frame's background: the
+    Euclidean distance of its ``(Dv,)`` maximum from the median of all regions' maxima in that frame (most regions
+    of a clip hold no object). A region holds an object where its highest activity over the frames is at least half
+    the clip's highest; those regions come first, in the order of their activity-weighted mean time (0 the first
+    frame, 1 the last; an object that appears later is active in later frames only), ties in row-major order.
+    No region active (all alike): row-major order.
+
+    Args:
+        peaks: ``(N, T, Dv)`` float, each of ``N`` regions' maximum patch features per frame.
+
+    Returns:
+        ``(N,)`` int64, a permutation of the region indices.
+    """
+    activity = (peaks - peaks.median(dim=0).values).norm(dim=-1)  # (N, T)
+    strength = activity.max(dim=1).values  # (N,)
+    time = torch.linspace(0, 1, peaks.shape[1], device=peaks.device)
+    when = (activity * time).sum(dim=1) / activity.sum(dim=1).clamp_min(1e-12)  # (N,)
+    key = torch.where(strength >= 0.5 * strength.max(), when, torch.full_like(when, 2.0))  # inactive: after all
+    return torch.sort(key, stable=True).indices
 
 
 class QuestionFocus(nn.Module):

@@ -36,7 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
 from vidlm.models.caption_words import vision_word_loss
-from vidlm.models.compressors import CompressorConfig, appended_tokens, num_visual_tokens
+from vidlm.models.compressors import REGION_ORDERS, CompressorConfig, appended_tokens, num_visual_tokens
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
 from vidlm.models.projector import ProjectorConfig
 from vidlm.models.visual_tokens import build_video_parts, encode_videos, question_ids, tokens_from_features
@@ -113,6 +113,10 @@ class VidlmConfig(PreTrainedConfig):
             of the patch grid, each the summary of that region with its motion
             (:class:`~vidlm.models.compressors.RegionSummaries`): where a clip holds several objects, each one's
             colour, shape and motion in one token (``0``: none). Not for the ``global`` compressor.
+        visual_region_order: the region summaries' order, one of :data:`~vidlm.models.compressors.REGION_ORDERS`:
+            ``"grid"`` row-major, ``"appearance"`` the regions that hold an object first, in the order the objects
+            appear (:func:`~vidlm.models.compressors.appearance_order`), so that a caption telling the objects in
+            that order reads its k-th object from the k-th region token. Without regions, nothing to order.
         visual_focus_token: append, after the region summaries, one token: the regions weighed by their match to the
             question's words (:class:`~vidlm.models.compressors.QuestionFocus`), so that the LLM reads the object a
             question names from one token. The question is the prompt's tokens after the video's placeholders (up to the
@@ -148,6 +152,7 @@ class VidlmConfig(PreTrainedConfig):
         visual_summary_token: bool = False,
         visual_motion: bool = False,
         visual_region_tokens: int = 0,
+        visual_region_order: str = "grid",
         visual_focus_token: bool = False,
         visual_focus_temperature: float = 0.02,
         system_prompt: str | None = None,
@@ -173,6 +178,7 @@ class VidlmConfig(PreTrainedConfig):
         self.visual_summary_token = visual_summary_token
         self.visual_motion = visual_motion
         self.visual_region_tokens = visual_region_tokens
+        self.visual_region_order = visual_region_order
         self.visual_focus_token = visual_focus_token
         self.visual_focus_temperature = visual_focus_temperature
         self.system_prompt = system_prompt
@@ -192,6 +198,7 @@ class VidlmConfig(PreTrainedConfig):
                 ``None`` and :data:`CENTERINGS`, or a ``visual_position_embedding``, ``visual_summary_token`` or
                 ``visual_motion`` that is not a bool or is asked of the ``global`` compressor, or a
                 ``visual_region_tokens`` that is not an int from 0 to the patch grid's side (0 for ``global``), a
+                ``visual_region_order`` not in :data:`~vidlm.models.compressors.REGION_ORDERS`, a
                 ``visual_focus_token`` that is not a bool or has no regions to weigh, a ``visual_focus_temperature``
                 that is not a positive number, or a ``none`` compressor with no token appended (a clip of no tokens)
                 or with a ``visual_position_embedding`` (no patch tokens to embed).
@@ -210,6 +217,9 @@ class VidlmConfig(PreTrainedConfig):
         regions, side = self.visual_region_tokens, 0 if kind == "global" else min(self.compressor_config.grid)
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= side:
             raise ValueError(f"visual_region_tokens must be an int from 0 to {side} (the grid's side), got {regions!r}")
+        if self.visual_region_order not in REGION_ORDERS:
+            known = ", ".join(repr(o) for o in REGION_ORDERS)
+            raise ValueError(f"visual_region_order must be one of {known}, got {self.visual_region_order!r}")
         appended = appended_tokens(self.visual_summary_token, regions, self.visual_focus_token)
         if kind == "none" and not appended:
             raise ValueError("compressor.kind='none' leaves a clip no tokens: it needs visual_summary_token or regions")

@@ -239,7 +239,8 @@ def build_video_parts(parts: nn.Module, config: VidlmConfig) -> None:
     dims = (grid, config.vision_config.hidden_size, config.text_config.hidden_size)
     parts.visual_motion = VisualMotion(*dims) if config.visual_motion else None
     regions = config.visual_region_tokens
-    parts.visual_regions = RegionSummaries(grid, regions, *dims[1:]) if regions else None
+    order = config.visual_region_order
+    parts.visual_regions = RegionSummaries(grid, regions, *dims[1:], order=order) if regions else None
     focus = config.visual_focus_token
     vocab = config.text_config.vocab_size
     parts.visual_focus = QuestionFocus(vocab, config.visual_focus_temperature) if focus else None
