@@ -72,7 +72,7 @@ def test_appearance_order_puts_the_regions_of_objects_first_in_the_order_they_ap
         assert grid.measure(x)[2].tolist() == list(range(9))
         assert torch.equal(appearance(x, projector), grid(x, projector)[expected])
     assert appearance_order(torch.ones(9, 4, 3)).tolist() == list(range(9))
-    with pytest.raises(ValueError, match="visual_region_order must be one of grid, appearance, got 'spiral'"):
+    with pytest.raises(ValueError, match="visual_region_order must be one of 'grid', 'appearance', got 'spiral'"):
         RegionSummaries((6, 6), regions=3, dim=3, out_dim=4, order="spiral")
 
 

@@ -417,7 +417,8 @@ class RegionSummaries(nn.Module):
         if not 1 <= regions <= min(h, w):
             raise ValueError(f"visual_region_tokens: {regions} regions a side do not fit a {h} x {w} patch grid")
         if order not in REGION_ORDERS:
-            raise ValueError(f"visual_region_order must be one of {', '.join(REGION_ORDERS)}, got {order!r}")
+            known = ", ".join(repr(o) for o in REGION_ORDERS)
+            raise ValueError(f"visual_region_order must be one of {known}, got {order!r}")
         self.grid, self.regions, self.dim, self.order = (h, w), regions, dim, order
         self.log_scale = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-dim parameter
         self.presence_scale = nn.Parameter(torch.ones(dim))
@@ -471,11 +472,11 @@ def appearance_order(peaks: torch.Tensor) -> torch.Tensor:
     """The regions in the order their objects appear, then the regions that hold none, in row-major order.
 
     A region's activity in a frame is how far its maximum patch features lie from the frame's background: the
-    Euclidean distance of its ``(Dv,)`` maximum from the median of all regions' maxima in that frame (most regions
-    of a clip hold no object). A region holds an object where its highest activity over the frames is at least half
-    the clip's highest; those regions come first, in the order of their activity-weighted mean time (0 the first
-    frame, 1 the last; an object that appears later is active in later frames only), ties in row-major order.
-    No region active (all alike): row-major order.
+    Euclidean distance of its ``(Dv,)`` maximum from the median of all regions' maxima in that frame (per channel; the
+    lower middle value for an even count; most regions of a clip hold no object). A region holds an object where its
+    highest activity over the frames is at least half the clip's highest; those regions come first, in the order of
+    their activity-weighted mean time (0 the first frame, 1 the last; an object that appears later is active in later
+    frames only), ties in row-major order. No region active (all alike): row-major order.
 
     Args:
         peaks: ``(N, T, Dv)`` float, each of ``N`` regions' maximum patch features per frame.
