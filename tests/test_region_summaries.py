@@ -4,6 +4,7 @@ and the ``words`` recipe's matching of a caption's sentences to them."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -132,10 +133,12 @@ def test_no_patch_tokens_leaves_the_summary_regions_and_focus_token(tmp_path):
         VidlmConfig(**{**tiny, **overrides, "compressor": {"kind": "none"}, "visual_position_embedding": True})
 
 
-def test_an_unknown_region_order_is_refused():
+@pytest.mark.parametrize("value", ["time", "", "Appearance", " grid", None, 1, True, ["grid"]])
+def test_an_unknown_region_order_is_refused(value):
     tiny = build_preset("tiny")[0].config.to_dict()
-    with pytest.raises(ValueError, match="visual_region_order must be one of 'grid', 'appearance', got 'time'"):
-        VidlmConfig(**{**tiny, "visual_region_tokens": 2, "visual_region_order": "time"})
+    message = f"visual_region_order must be one of 'grid', 'appearance', got {value!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VidlmConfig(**{**tiny, "visual_region_tokens": 2, "visual_region_order": value})
 
 
 @pytest.mark.parametrize("value", [-1, 9, True, 1.5, "2", None])

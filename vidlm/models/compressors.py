@@ -54,6 +54,7 @@ __all__ = [
     "VisualMotion",
     "VisualPositionEmbedding",
     "appearance_order",
+    "check_region_order",
     "pool_2d",
     "pooled_grid",
     "spatial_soft_argmax",
@@ -374,6 +375,13 @@ REGION_ORDERS = ("grid", "appearance")
 regions' objects appear in (:func:`appearance_order`)."""
 
 
+def check_region_order(order: object) -> None:
+    """Raises ValueError naming ``visual_region_order`` and :data:`REGION_ORDERS`: ``order`` is none of them."""
+    if not isinstance(order, str) or order not in REGION_ORDERS:
+        known = ", ".join(repr(o) for o in REGION_ORDERS)
+        raise ValueError(f"visual_region_order must be one of {known}, got {order!r}")
+
+
 class RegionSummaries(nn.Module):
     """A clip's region summaries: one ``Dl`` token per region of an ``R x R`` split of the patch grid
     (:attr:`~vidlm.models.video_llm.VidlmConfig.visual_region_tokens`), each the clip's summary
@@ -416,9 +424,7 @@ class RegionSummaries(nn.Module):
         h, w = grid
         if not 1 <= regions <= min(h, w):
             raise ValueError(f"visual_region_tokens: {regions} regions a side do not fit a {h} x {w} patch grid")
-        if order not in REGION_ORDERS:
-            known = ", ".join(repr(o) for o in REGION_ORDERS)
-            raise ValueError(f"visual_region_order must be one of {known}, got {order!r}")
+        check_region_order(order)
         self.grid, self.regions, self.dim, self.order = (h, w), regions, dim, order
         self.log_scale = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-dim parameter
         self.presence_scale = nn.Parameter(torch.ones(dim))

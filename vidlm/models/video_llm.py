@@ -36,7 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto import CONFIG_MAPPING
 
 from vidlm.models.caption_words import vision_word_loss
-from vidlm.models.compressors import REGION_ORDERS, CompressorConfig, appended_tokens, num_visual_tokens
+from vidlm.models.compressors import CompressorConfig, appended_tokens, check_region_order, num_visual_tokens
 from vidlm.models.processing import VidlmProcessor, preprocess_frames
 from vidlm.models.projector import ProjectorConfig
 from vidlm.models.visual_tokens import build_video_parts, encode_videos, question_ids, tokens_from_features
@@ -217,9 +217,7 @@ class VidlmConfig(PreTrainedConfig):
         regions, side = self.visual_region_tokens, 0 if kind == "global" else min(self.compressor_config.grid)
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= side:
             raise ValueError(f"visual_region_tokens must be an int from 0 to {side} (the grid's side), got {regions!r}")
-        if self.visual_region_order not in REGION_ORDERS:
-            known = ", ".join(repr(o) for o in REGION_ORDERS)
-            raise ValueError(f"visual_region_order must be one of {known}, got {self.visual_region_order!r}")
+        check_region_order(self.visual_region_order)
         appended = appended_tokens(self.visual_summary_token, regions, self.visual_focus_token)
         if kind == "none" and not appended:
             raise ValueError("compressor.kind='none' leaves a clip no tokens: it needs visual_summary_token or regions")
